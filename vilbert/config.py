@@ -1,0 +1,149 @@
+"""Model configuration: one dataclass, named presets stored as JSON files.
+
+Field names follow the official ViLBERT `BertConfig` (vilbert-multi-task) so that its JSON
+files (e.g. `bert_base_6layer_6conect.json`) load with `ViLBertConfig.from_official_json`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+ARCHS = ("vilbert", "vlbert")
+FUSIONS = ("mul", "sum")
+
+
+@dataclass
+class ViLBertConfig:
+    arch: str = "vilbert"  # "vilbert" (two streams + co-attention) or "vlbert" (single stream)
+
+    # text stream (BERT)
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+
+    # visual stream
+    v_feature_size: int = 2048  # detector region feature width
+    v_target_size: int = 1601  # detector classes incl. background (column 0)
+    v_hidden_size: int = 1024
+    v_num_hidden_layers: int = 6
+    v_num_attention_heads: int = 8
+    v_intermediate_size: int = 1024
+    v_hidden_dropout_prob: float = 0.1
+    v_attention_probs_dropout_prob: float = 0.1
+
+    # co-attention
+    bi_hidden_size: int = 1024
+    bi_num_attention_heads: int = 8
+    # Kept for fidelity with the official JSON; the official connection layer's FFNs use
+    # `intermediate_size` (text side) and `v_intermediate_size` (visual side), and so do we.
+    bi_intermediate_size: int = 1024
+    # Co-attention layer k runs after visual layer v_biattention_id[k]-1 and text layer
+    # t_biattention_id[k]-1 (the official BertEncoder schedule).
+    v_biattention_id: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4, 5])
+    t_biattention_id: list[int] = field(default_factory=lambda: [6, 7, 8, 9, 10, 11])
+    with_coattention: bool = True  # False: the co-attention layers are skipped (ablation)
+
+    fusion_method: str = "mul"  # how h_IMG and h_CLS are combined for alignment
+    task_specific_tokens: bool = False  # vilbert-multi-task: a task token after [CLS]
+    num_task_tokens: int = 20
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        if self.fusion_method not in FUSIONS:
+            raise ValueError(f"fusion_method must be one of {FUSIONS}, got {self.fusion_method!r}")
+        for name, width, heads in [
+            ("text", self.hidden_size, self.num_attention_heads),
+            ("visual", self.v_hidden_size, self.v_num_attention_heads),
+            ("co-attention", self.bi_hidden_size, self.bi_num_attention_heads),
+        ]:
+            if width % heads:
+                raise ValueError(f"{name} width {width} is not divisible by {heads} heads")
+        if self.arch == "vilbert":
+            self._check_schedule()
+
+    def _check_schedule(self):
+        v_ids, t_ids = list(self.v_biattention_id), list(self.t_biattention_id)
+        if len(v_ids) != len(t_ids):
+            raise ValueError("v_biattention_id and t_biattention_id must have the same length")
+        for ids, n, name in [(v_ids, self.v_num_hidden_layers, "v"), (t_ids, self.num_hidden_layers, "t")]:
+            if ids != sorted(ids) or any(i < 0 or i > n for i in ids):
+                raise ValueError(f"{name}_biattention_id {ids} must be increasing within [0, {n}]")
+
+    @property
+    def num_coattention_layers(self) -> int:
+        return len(self.v_biattention_id) if self.arch == "vilbert" else 0
+
+    # ---- (de)serialisation -------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ViLBertConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown config fields: {unknown}")
+        return cls(**d)
+
+    def save_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "ViLBertConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def from_official_json(cls, path: str | Path) -> "ViLBertConfig":
+        """Read an official vilbert-multi-task / vilbert_beta config JSON."""
+        return cls.from_official_dict(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def from_official_dict(cls, d: dict) -> "ViLBertConfig":
+        for key, expected in [("hidden_act", "gelu"), ("v_hidden_act", "gelu")]:
+            if d.get(key, expected) != expected:
+                raise ValueError(f"official config {key}={d[key]!r} is not supported (only gelu)")
+        if d.get("bi_attention_type", 1) != 1:
+            raise ValueError("only bi_attention_type 1 (the released models) is supported")
+        if d.get("dynamic_attention", False):
+            raise ValueError("dynamic_attention models are not supported")
+        d = dict(d)
+        if "pooling_method" in d:  # the released JSON calls fusion "pooling_method"
+            d.setdefault("fusion_method", d.pop("pooling_method"))
+        ignored = {
+            "hidden_act", "v_hidden_act", "bi_attention_type", "dynamic_attention", "v_initializer_range",
+            "fast_mode", "in_batch_pairs", "fixed_t_layer", "fixed_v_layer", "objective",
+            "visualization", "model", "visual_target", "num_negative", "predict_feature",
+            "num_locs", "bi_hidden_dropout_prob",
+        }
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known - ignored)
+        if unknown:
+            raise ValueError(f"unknown official config fields: {unknown}")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def preset_names() -> list[str]:
+    files = resources.files("vilbert") / "presets"
+    return sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".json"))
+
+
+def load_preset(name: str, **overrides) -> ViLBertConfig:
+    """Load a named preset (`vilbert-base`, `vilbert-tiny`, `vlbert-base`, `vlbert-tiny`)."""
+    path = resources.files("vilbert") / "presets" / f"{name}.json"
+    if not path.is_file():
+        raise ValueError(f"unknown preset {name!r}; available: {', '.join(preset_names())}")
+    d = json.loads(path.read_text())
+    d.update(overrides)
+    return ViLBertConfig.from_dict(d)
