@@ -1,0 +1,153 @@
+"""Loading and saving weights.
+
+* the project's own format: a directory with `model.safetensors` + `config.json`;
+* a Hugging Face BERT directory (config.json + weights, any format transformers reads), to
+  initialise the text stream and the masked-language head.
+Official ViLBERT checkpoints are converted by `vilbert.official`.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import ViLBertConfig
+from .pretraining import ViLBert
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+@dataclass
+class LoadReport:
+    """What happened when foreign weights were loaded into a model."""
+
+    loaded: list[str] = field(default_factory=list)  # our parameter names that received weights
+    missing: list[str] = field(default_factory=list)  # our parameters left at their initial value
+    unused: list[str] = field(default_factory=list)  # source keys deliberately not used
+
+    def summary(self) -> str:
+        return f"loaded {len(self.loaded)} tensors, {len(self.missing)} missing, {len(self.unused)} unused"
+
+
+def save_pretrained(model: ViLBert, directory: str | Path, metadata: dict | None = None) -> Path:
+    """Write `model.safetensors` and `config.json` (config + task heads + free-form metadata)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    doc = {
+        "config": model.config.to_dict(),
+        "task_heads": {k: list(v) for k, v in model.task_heads.spec.items()},
+        "metadata": metadata or {},
+    }
+    (directory / CONFIG_NAME).write_text(json.dumps(doc, indent=2) + "\n")
+    return directory
+
+
+def read_checkpoint_config(directory: str | Path) -> dict:
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found (expected a directory written by save_pretrained)")
+    return json.loads(path.read_text())
+
+
+def load_pretrained(directory: str | Path, map_location: str | torch.device = "cpu") -> ViLBert:
+    """Inverse of `save_pretrained`; strict (every tensor must match)."""
+    doc = read_checkpoint_config(directory)
+    model = ViLBert(ViLBertConfig.from_dict(doc["config"]), {k: tuple(v) for k, v in doc["task_heads"].items()})
+    state = load_file(str(Path(directory) / WEIGHTS_NAME), device=str(map_location))
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"{directory}: checkpoint does not match its config: missing {result.missing_keys}, "
+            f"unexpected {result.unexpected_keys}"
+        )
+    model.checkpoint_metadata = doc.get("metadata", {})
+    return model
+
+
+# ---- Hugging Face BERT -> text stream --------------------------------------------------------
+
+def text_layer_prefix(config: ViLBertConfig) -> str:
+    return "backbone.encoder.text_layers" if config.arch == "vilbert" else "backbone.layers"
+
+
+# BERT layer internals; shared with the official converter (whose text layers use BERT names).
+BERT_LAYER_RULES = [
+    (r"attention\.self\.(query|key|value)\.(weight|bias)", r"attention.\1.\2"),
+    (r"attention\.output\.dense\.(weight|bias)", r"attention_output.dense.\1"),
+    (r"attention\.output\.LayerNorm\.(weight|bias)", r"attention_output.norm.\1"),
+    (r"intermediate\.dense\.(weight|bias)", r"ffn.intermediate.\1"),
+    (r"output\.dense\.(weight|bias)", r"ffn.output.dense.\1"),
+    (r"output\.LayerNorm\.(weight|bias)", r"ffn.output.norm.\1"),
+]
+
+BERT_EMBEDDING_RULES = [
+    (r"(word|position|token_type)_embeddings\.weight", r"\1_embeddings.weight"),
+    (r"LayerNorm\.(weight|bias)", r"norm.\1"),
+]
+
+MLM_HEAD_RULES = [
+    (r"predictions\.transform\.dense\.(weight|bias)", r"mlm_head.transform.dense.\1"),
+    (r"predictions\.transform\.LayerNorm\.(weight|bias)", r"mlm_head.transform.norm.\1"),
+    (r"predictions\.bias", r"mlm_head.bias"),
+]
+
+
+def apply_rules(name: str, rules) -> str | None:
+    for pattern, repl in rules:
+        if re.fullmatch(pattern, name):
+            return re.sub(pattern, repl, name)
+    return None
+
+
+def map_bert_key(key: str, config: ViLBertConfig) -> str | None:
+    """A key of transformers' BertForPreTraining / BertModel -> our name, or None if unused."""
+    key = key.removeprefix("bert.")
+    if key.startswith("embeddings."):
+        sub = apply_rules(key[len("embeddings."):], BERT_EMBEDDING_RULES)
+        return f"backbone.embeddings.{sub}" if sub else None
+    m = re.fullmatch(r"encoder\.layer\.(\d+)\.(.+)", key)
+    if m:
+        sub = apply_rules(m.group(2), BERT_LAYER_RULES)
+        return f"{text_layer_prefix(config)}.{m.group(1)}.{sub}" if sub else None
+    if key.startswith("cls."):
+        return apply_rules(key[len("cls."):], MLM_HEAD_RULES)
+    return None
+
+
+def load_bert_weights(model: ViLBert, bert_dir: str | Path) -> LoadReport:
+    """Initialise the text stream (embeddings, text layers) and the MLM head from a local BERT.
+
+    Uses `transformers` to read the directory (safetensors or .bin, with its safe loader).
+    Returns a report of what landed; raises if a BERT tensor has the wrong shape or if BERT has
+    more layers than the text stream."""
+    from transformers import BertForPreTraining
+
+    bert_dir = Path(bert_dir)
+    if not (bert_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{bert_dir}: not a BERT directory (no config.json)")
+    bert = BertForPreTraining.from_pretrained(str(bert_dir), local_files_only=True)
+    source = bert.state_dict()
+    ours = model.state_dict()
+    report = LoadReport()
+    with torch.no_grad():
+        for key, tensor in source.items():
+            name = map_bert_key(key, model.config)
+            if name is None or name == "mlm_head.word_embeddings.weight":
+                report.unused.append(key)
+                continue
+            if name not in ours:
+                raise ValueError(f"{bert_dir}: BERT tensor {key} maps to {name}, which this model lacks")
+            if ours[name].shape != tensor.shape:
+                raise ValueError(f"{bert_dir}: {key} has shape {tuple(tensor.shape)}, model expects {tuple(ours[name].shape)}")
+            ours[name].copy_(tensor)
+            report.loaded.append(name)
+    loaded = set(report.loaded)
+    report.missing = sorted(k for k in ours if k not in loaded)
+    return report

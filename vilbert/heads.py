@@ -1,0 +1,89 @@
+"""Pretraining heads (masked language, masked region, alignment) and their losses."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class PredictionTransform(nn.Module):
+    """dense -> GELU -> LayerNorm, before a prediction decoder."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.dense = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(F.gelu(self.dense(x)))
+
+
+class MaskedLanguageHead(nn.Module):
+    """Transform + decoder tied to the word embeddings + output bias."""
+
+    def __init__(self, config, word_embeddings: nn.Embedding):
+        super().__init__()
+        self.transform = PredictionTransform(config.hidden_size, config.layer_norm_eps)
+        # Tied to the input embeddings; kept out of the module tree so the weight is saved once.
+        self.__dict__["word_embeddings"] = word_embeddings
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.transform(x), self.word_embeddings.weight, self.bias)  # (..., V)
+
+
+class MaskedRegionHead(nn.Module):
+    """Predicts the detector's class distribution (logits over v_target_size classes)."""
+
+    def __init__(self, config, dim: int):
+        super().__init__()
+        self.transform = PredictionTransform(dim, config.layer_norm_eps)
+        self.decoder = nn.Linear(dim, config.v_target_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.transform(x))  # (..., C)
+
+
+def fuse(pooled_text: torch.Tensor, pooled_image: torch.Tensor, method: str) -> torch.Tensor:
+    """h_CLS and h_IMG -> one vector: elementwise product ("mul") or sum ("sum")."""
+    return pooled_text * pooled_image if method == "mul" else pooled_text + pooled_image
+
+
+class AlignmentHead(nn.Module):
+    """fuse(h_CLS, h_IMG) -> dropout -> Linear(2). Class 0 = aligned, 1 = not aligned (official)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.fusion_method = config.fusion_method
+        self.dropout = nn.Dropout(0.1)
+        self.classifier = nn.Linear(config.bi_hidden_size, 2)
+
+    def forward(self, pooled_text: torch.Tensor, pooled_image: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(fuse(pooled_text, pooled_image, self.fusion_method)))  # (B, 2)
+
+
+# ---- losses -------------------------------------------------------------------------------
+
+def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the given (already selected) masked tokens; 0 when there are none.
+
+    logits (N, V), labels (N,)."""
+    if labels.numel() == 0:
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.float(), labels)
+
+
+def masked_region_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """KL(target || softmax(logits)) summed over classes, averaged over the given regions.
+
+    logits (N, C), target (N, C) (a distribution per row). Zero when N == 0 (no division by 0)."""
+    if target.shape[0] == 0:
+        return logits.sum() * 0.0
+    log_pred = F.log_softmax(logits.float(), dim=-1)
+    kl = F.kl_div(log_pred, target.float(), reduction="none").sum(-1)  # (N,)
+    return kl.mean()
+
+
+def alignment_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """2-way cross-entropy; logits (B, 2), labels (B,) with 0 = aligned."""
+    return F.cross_entropy(logits.float(), labels)

@@ -1,0 +1,155 @@
+"""The two backbones: ViLBERT (two streams + co-attention) and VL-BERT (single stream).
+
+Both take the same inputs and return a `BackboneOutput`, so heads, trainer and tasks do not
+care which one they hold.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import ViLBertConfig
+from .embeddings import ImageEmbeddings, TextEmbeddings
+from .layers import CoAttentionLayer, Pooler, TransformerLayer, key_padding_mask
+
+
+@dataclass
+class BackboneOutput:
+    text: torch.Tensor  # (B, T, D) final text hidden states
+    image: torch.Tensor  # (B, R, Dv) final visual hidden states, position 0 = [IMG]
+    pooled_text: torch.Tensor  # (B, Dbi) h_CLS after the pooler
+    pooled_image: torch.Tensor  # (B, Dbi) h_IMG after the pooler
+
+
+def _text_layer(c: ViLBertConfig) -> TransformerLayer:
+    return TransformerLayer(
+        c.hidden_size, c.num_attention_heads, c.intermediate_size,
+        c.hidden_dropout_prob, c.attention_probs_dropout_prob, c.layer_norm_eps,
+    )
+
+
+def _visual_layer(c: ViLBertConfig) -> TransformerLayer:
+    return TransformerLayer(
+        c.v_hidden_size, c.v_num_attention_heads, c.v_intermediate_size,
+        c.v_hidden_dropout_prob, c.v_attention_probs_dropout_prob, c.layer_norm_eps,
+    )
+
+
+def _default_inputs(input_ids, image_feat, token_type_ids, attention_mask, image_mask):
+    if token_type_ids is None:
+        token_type_ids = torch.zeros_like(input_ids)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if image_mask is None:
+        image_mask = torch.ones(image_feat.shape[:2], dtype=torch.long, device=image_feat.device)
+    return token_type_ids, attention_mask, image_mask
+
+
+class ViLBertEncoder(nn.Module):
+    """Text layers, visual layers and co-attention layers run in the official order: before
+    co-attention layer k, the text stream runs up to layer t_biattention_id[k] and the visual
+    stream up to layer v_biattention_id[k]; the remaining layers of each stream run at the end."""
+
+    def __init__(self, config: ViLBertConfig):
+        super().__init__()
+        c = config
+        self.text_layers = nn.ModuleList(_text_layer(c) for _ in range(c.num_hidden_layers))
+        self.visual_layers = nn.ModuleList(_visual_layer(c) for _ in range(c.v_num_hidden_layers))
+        self.co_layers = nn.ModuleList(CoAttentionLayer(c) for _ in range(len(c.v_biattention_id)))
+        self.schedule = list(zip(c.t_biattention_id, c.v_biattention_id))
+        self.with_coattention = c.with_coattention
+
+    def forward(self, text, text_mask, image, image_mask):
+        t_start = v_start = 0
+        for co_layer, (t_end, v_end) in zip(self.co_layers, self.schedule):
+            for layer in self.text_layers[t_start:t_end]:
+                text = layer(text, text_mask)
+            for layer in self.visual_layers[v_start:v_end]:
+                image = layer(image, image_mask)
+            if self.with_coattention:
+                image, text = co_layer(image, image_mask, text, text_mask)
+            t_start, v_start = t_end, v_end
+        for layer in self.visual_layers[v_start:]:
+            image = layer(image, image_mask)
+        for layer in self.text_layers[t_start:]:
+            text = layer(text, text_mask)
+        return text, image
+
+
+class ViLBertModel(nn.Module):
+    """ViLBERT backbone: text BERT stream, visual stream, co-attention, two poolers."""
+
+    def __init__(self, config: ViLBertConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = TextEmbeddings(config)
+        self.image_embeddings = ImageEmbeddings(config, config.v_hidden_size)
+        self.encoder = ViLBertEncoder(config)
+        self.text_pooler = Pooler(config.hidden_size, config.bi_hidden_size)
+        self.image_pooler = Pooler(config.v_hidden_size, config.bi_hidden_size)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        image_feat: torch.Tensor,  # (B, R, F)
+        image_loc: torch.Tensor,  # (B, R, 5)
+        token_type_ids: torch.Tensor | None = None,  # (B, T)
+        attention_mask: torch.Tensor | None = None,  # (B, T) 1 = token
+        image_mask: torch.Tensor | None = None,  # (B, R) 1 = region
+        task_ids: torch.Tensor | None = None,  # (B, 1), only with task-specific tokens
+    ) -> BackboneOutput:
+        token_type_ids, attention_mask, image_mask = _default_inputs(
+            input_ids, image_feat, token_type_ids, attention_mask, image_mask
+        )
+        if self.embeddings.task_embeddings is not None:
+            attention_mask = torch.cat([attention_mask[:, :1], attention_mask], dim=1)  # task token is real
+        text = self.embeddings(input_ids, token_type_ids, task_ids)  # (B, T, D)
+        image = self.image_embeddings(image_feat, image_loc)  # (B, R, Dv)
+        text, image = self.encoder(text, key_padding_mask(attention_mask), image, key_padding_mask(image_mask))
+        return BackboneOutput(text, image, self.text_pooler(text), self.image_pooler(image))
+
+
+class VLBertModel(nn.Module):
+    """VL-BERT-style single stream: [CLS] text [SEP] followed by the visual elements.
+
+    Every element's input is token embedding + segment embedding + position embedding + visual
+    feature embedding (seed notes on VL-BERT): text tokens get the whole-image ([IMG]) feature
+    embedding; visual elements get a learned [IMG] token embedding, a visual segment embedding and
+    their own region feature embedding (regions have no sequence position).
+    """
+
+    def __init__(self, config: ViLBertConfig):
+        super().__init__()
+        self.config = config
+        D = config.hidden_size
+        self.embeddings = TextEmbeddings(config)
+        self.image_embeddings = ImageEmbeddings(config, D)
+        self.img_token = nn.Parameter(torch.zeros(D))
+        self.visual_segment = nn.Parameter(torch.zeros(D))
+        self.layers = nn.ModuleList(_text_layer(config) for _ in range(config.num_hidden_layers))
+        self.text_pooler = Pooler(D, config.bi_hidden_size)
+        self.image_pooler = Pooler(D, config.bi_hidden_size)
+
+    def forward(self, input_ids, image_feat, image_loc, token_type_ids=None, attention_mask=None,
+                image_mask=None, task_ids=None) -> BackboneOutput:
+        token_type_ids, attention_mask, image_mask = _default_inputs(
+            input_ids, image_feat, token_type_ids, attention_mask, image_mask
+        )
+        visual = self.image_embeddings.project(image_feat, image_loc)  # (B, R, D)
+        text = self.embeddings(input_ids, token_type_ids, task_ids, extra=visual[:, :1])  # (B, T, D)
+        if self.embeddings.task_embeddings is not None:
+            attention_mask = torch.cat([attention_mask[:, :1], attention_mask], dim=1)
+        image = self.image_embeddings.dropout(self.embeddings.norm(visual + self.img_token + self.visual_segment))
+        T = text.shape[1]
+        x = torch.cat([text, image], dim=1)  # (B, T+R, D)
+        mask = key_padding_mask(torch.cat([attention_mask.bool(), image_mask.bool()], dim=1))
+        for layer in self.layers:
+            x = layer(x, mask)
+        text, image = x[:, :T], x[:, T:]
+        return BackboneOutput(text, image, self.text_pooler(text), self.image_pooler(image))
+
+
+def build_backbone(config: ViLBertConfig) -> nn.Module:
+    return {"vilbert": ViLBertModel, "vlbert": VLBertModel}[config.arch](config)
