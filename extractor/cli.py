@@ -1,0 +1,112 @@
+"""`vilbert-extract IMAGES OUT`: region features for a folder of images or img2dataset shards."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+import torch
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _rank_and_world(rank, num_workers):
+    """--rank/--num-workers win; otherwise torchrun's RANK/WORLD_SIZE; otherwise 0 of 1."""
+    if rank is None:
+        rank = int(os.environ.get("RANK", 0))
+    if num_workers is None:
+        num_workers = int(os.environ.get("WORLD_SIZE", 1))
+    if not 0 <= rank < num_workers:
+        raise click.BadParameter(f"rank {rank} must be in 0..{num_workers - 1}")
+    return rank, num_workers
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.argument("images", type=click.Path(exists=True))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Detector weights: py-bottom-up-attention .pkl or HF frcnn-vg-finetuned "
+                   "pytorch_model.bin. Without it: LOUD warning + seeded random weights.")
+@click.option("--config", "config_name", type=click.Choice(["r101", "tiny"]), default="r101",
+              help="Detector architecture (tiny = test-sized network).")
+@click.option("--attributes/--no-attributes", default=False,
+              help="Build the 400-attribute head (needs the _attr weights) and store attr_prob.")
+@click.option("--backend", type=click.Choice(["torch", "detectron2"]), default="torch",
+              help="detectron2 needs `pip install detectron2` (see docs/extractor.md).")
+@click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+@click.option("--batch-size", type=click.IntRange(min=1), default=4)
+@click.option("--precision", type=click.Choice(sorted(PRECISIONS)), default="fp32",
+              help="Autocast dtype for the network (box selection always runs in fp32).")
+@click.option("--workers", type=click.IntRange(min=0), default=2,
+              help="DataLoader processes decoding images in parallel.")
+@click.option("--captions", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Conceptual-Captions style TSV: caption<TAB>url-or-filename. Otherwise sidecar "
+                   "KEY.txt files (or the .txt inside img2dataset shards) are used.")
+@click.option("--min-boxes", type=click.IntRange(min=1), default=10)
+@click.option("--max-boxes", type=click.IntRange(min=1), default=36)
+@click.option("--conf-threshold", type=float, default=0.2)
+@click.option("--gt-boxes", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="JSON {name: [[x1,y1,x2,y2],...]} or COCO file: features for exactly these boxes.")
+@click.option("--preview", type=click.IntRange(min=0), default=0,
+              help="Write this many PNGs with boxes and class names to OUT/preview/.")
+@click.option("--class-names", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Class names for --preview, one per line (e.g. VG objects_vocab.txt).")
+@click.option("--shard-size", type=click.IntRange(min=1), default=1000, help="Samples per shard.")
+@click.option("--prefix", default="shard", help="Shard file prefix: PREFIX-000000.tar.")
+@click.option("--num-workers", "num_workers", type=click.IntRange(min=1), default=None,
+              help="Total number of extraction processes (default: $WORLD_SIZE or 1).")
+@click.option("--rank", type=click.IntRange(min=0), default=None,
+              help="This process's index among --num-workers (default: $RANK or 0).")
+@click.option("--seed", type=int, default=20240601, help="Seed of the random init (no --weights).")
+@click.option("--throttle", type=float, default=0.0, hidden=True)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def extract(images, out, weights, config_name, attributes, backend, device, batch_size, precision,
+            workers, captions, min_boxes, max_boxes, conf_threshold, gt_boxes, preview,
+            class_names, shard_size, prefix, num_workers, rank, seed, throttle, quiet):
+    """Extract bottom-up-attention region features from IMAGES (a folder of images, a folder of
+    img2dataset .tar shards, or one .tar) into WebDataset shards in OUT (docs/shard-format.md).
+
+    Re-running the same command resumes: images already in complete shards are skipped."""
+    from extractor.config import get_config
+    from extractor.detector import build_detector
+    from extractor.gt_boxes import GroundTruthBoxes
+    from extractor.pipeline import ExtractionSettings, run_extraction
+    from extractor.select import RegionSelector
+    from extractor.sources import discover_inputs, split_for_rank
+    from extractor.weights import WeightsError
+    from extractor.writer import ShardWriter
+
+    if min_boxes > max_boxes:
+        raise click.BadParameter(f"--min-boxes {min_boxes} > --max-boxes {max_boxes}")
+    rank, world = _rank_and_world(rank, num_workers)
+    config = get_config(config_name, use_attributes=attributes)
+    try:
+        if backend == "detectron2":
+            from extractor.backend_detectron2 import build_detectron2_detector
+
+            detector = build_detectron2_detector(config, weights, device, seed)
+        else:
+            detector = build_detector(config, weights, device=device, seed=seed)
+    except (WeightsError, ImportError) as error:
+        raise click.ClickException(str(error)) from error
+    detector.autocast_dtype = PRECISIONS[precision]
+    boxes = GroundTruthBoxes.from_file(gt_boxes) if gt_boxes else None
+    records = split_for_rank(discover_inputs(images, captions, exclude=out), rank, world)
+    writer = ShardWriter(out, prefix=prefix, shard_size=shard_size, rank=rank, world_size=world)
+    settings = ExtractionSettings(batch_size=batch_size, workers=workers, preview=preview,
+                                  class_names=class_names, throttle_s=throttle, progress=not quiet)
+    summary = run_extraction(detector, records, writer,
+                             RegionSelector(min_boxes, max_boxes, conf_threshold), settings, boxes)
+    summary.update(rank=rank, num_workers=world, out=str(out))
+    click.echo(f"done {summary['done']}, skipped {summary['skipped']}, failed {summary['failed']} "
+               f"(see {os.path.join(out, 'errors.jsonl')}); {summary['images_per_second']} images/s")
+    click.echo(json.dumps(summary), err=True)
+    return summary
+
+
+def main(argv=None):
+    """Entry point; returns the summary dict when called from Python (standalone_mode=False)."""
+    if argv is None:
+        return extract.main(args=sys.argv[1:], prog_name="vilbert-extract")
+    return extract.main(args=list(argv), prog_name="vilbert-extract", standalone_mode=False)

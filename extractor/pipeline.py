@@ -1,0 +1,159 @@
+"""The extraction loop: inputs -> parallel decoding -> batched detection -> selection -> shards."""
+from __future__ import annotations
+
+import io
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from extractor.detector import BottomUpDetector
+from extractor.gt_boxes import GroundTruthBoxes
+from extractor.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_image
+from extractor.preview import draw_preview, load_class_names
+from extractor.roi_heads import RegionOutputs
+from extractor.select import RegionSelector, background_first
+from extractor.sources import InputRecord
+from extractor.writer import ShardWriter
+
+
+@dataclass
+class ExtractionSettings:
+    batch_size: int = 4
+    workers: int = 0
+    preview: int = 0
+    class_names: Optional[str] = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    throttle_s: float = 0.0  # testing aid: sleep per batch so a kill can land mid-run
+    progress: bool = True
+
+
+class DecodingDataset(Dataset):
+    """Map-style, so DataLoader workers decode in parallel while batches keep input order."""
+
+    def __init__(self, records: List[InputRecord], max_pixels: int):
+        self.records, self.max_pixels = records, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> Dict:
+        record = self.records[index]
+        item = {"index": index, "pixels": None, "reason": None, "mode": None, "frames": 1}
+        try:
+            decoded = decode_image(record.read_bytes(), self.max_pixels)
+            item.update(pixels=decoded.pixels, mode=decoded.original_mode, frames=decoded.frames)
+        except ImageRejected as error:
+            item["reason"] = str(error)
+        except OSError as error:
+            item["reason"] = f"cannot read file: {error}"
+        return item
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def encode_sample(record: InputRecord, width: int, height: int, boxes: np.ndarray,
+                  features: np.ndarray, cls_prob: np.ndarray, attr_prob: Optional[np.ndarray],
+                  header: Dict) -> Dict[str, bytes]:
+    """Shard members of one sample, exactly as docs/shard-format.md describes."""
+    info = dict(image_id=record.key, width=width, height=height, num_boxes=int(len(boxes)),
+                source=record.source, **header)
+    if record.meta.get("url"):
+        info["url"] = record.meta["url"]
+    members = {"json": json.dumps(info).encode("utf-8")}
+    if record.caption:
+        members["txt"] = record.caption.encode("utf-8")
+    members["features.npy"] = _npy_bytes(features.astype(np.float16))
+    members["boxes.npy"] = _npy_bytes(boxes.astype(np.float32))
+    members["cls_prob.npy"] = _npy_bytes(cls_prob.astype(np.float16))
+    if attr_prob is not None:
+        members["attr_prob.npy"] = _npy_bytes(attr_prob.astype(np.float16))
+    return members
+
+
+def select_regions(output: RegionOutputs, scale: float, width: int, height: int,
+                   selector: Optional[RegionSelector]):
+    """-> boxes (N, 4) original pixels, features (N, D), cls_prob (N, C+1) bg first, attr or None."""
+    cls_prob = background_first(output.cls_probs)
+    attr = None if output.attr_probs is None else background_first(output.attr_probs)
+    if selector is None:  # --gt-boxes: keep every given box, in the given order
+        index = torch.arange(len(output.boxes), device=output.boxes.device)
+    else:
+        index = selector(output.boxes, cls_prob[:, 1:]).indices
+    boxes = (output.boxes[index] / scale).cpu()
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+    return (boxes.numpy(), output.features[index].cpu().numpy(), cls_prob[index].cpu().numpy(),
+            None if attr is None else attr[index].cpu().numpy())
+
+
+def run_extraction(detector: BottomUpDetector, records: List[InputRecord], writer: ShardWriter,
+                   selector: RegionSelector, settings: ExtractionSettings,
+                   gt_boxes: Optional[GroundTruthBoxes] = None) -> Dict:
+    """Extract every record not already done; returns the summary counts."""
+    seen, todo, skipped, failed = set(), [], 0, 0
+    for record in records:
+        if record.key in writer.done_keys or record.source in writer.error_sources:
+            skipped += 1
+        elif record.key in seen:
+            writer.log_error(record.key, record.source, f"duplicate image key {record.key!r}")
+            failed += 1
+        else:
+            seen.add(record.key)
+            todo.append(record)
+    header = dict(detector=detector.config.name, weights_hash=detector.weights_hash,
+                  mode="gt-boxes" if gt_boxes else "detected")
+    if gt_boxes is None:
+        header.update(min_boxes=selector.min_boxes, max_boxes=selector.max_boxes,
+                      conf_threshold=selector.conf_threshold)
+    names = load_class_names(settings.class_names, detector.config.num_classes) \
+        if settings.preview else []
+    loader = DataLoader(DecodingDataset(todo, settings.max_pixels), batch_size=settings.batch_size,
+                        num_workers=settings.workers, collate_fn=list)
+    done, previews, started = 0, 0, time.time()
+    bar = tqdm(total=len(todo), unit="img", disable=not settings.progress, desc="extract")
+    for batch in loader:
+        good = []
+        for item in batch:
+            record = todo[item["index"]]
+            boxes = gt_boxes.lookup(record) if gt_boxes is not None and item["pixels"] is not None \
+                else None
+            if item["pixels"] is not None and gt_boxes is not None and (boxes is None or not len(boxes)):
+                item["reason"], item["pixels"] = "no ground-truth boxes for this image", None
+            if item["pixels"] is None:
+                writer.log_error(record.key, record.source, item["reason"])
+                failed += 1
+            else:
+                good.append((item, record, boxes))
+        if good:
+            given = [g[2] for g in good] if gt_boxes is not None else None
+            outputs, scales = detector([g[0]["pixels"] for g in good], given)
+            for (item, record, _), output, scale in zip(good, outputs, scales):
+                height, width = item["pixels"].shape[:2]
+                boxes, features, cls_prob, attr = select_regions(
+                    output, scale, width, height, None if gt_boxes is not None else selector)
+                writer.write(record.key, encode_sample(record, width, height, boxes, features,
+                                                       cls_prob, attr, header))
+                done += 1
+                if previews < settings.preview:
+                    draw_preview(item["pixels"], boxes, cls_prob, names,
+                                 Path(writer.out_dir) / "preview" / f"{record.key}.png")
+                    previews += 1
+        bar.update(len(batch))
+        if settings.throttle_s:
+            time.sleep(settings.throttle_s)
+    bar.close()
+    writer.close()
+    elapsed = time.time() - started
+    return dict(done=done, skipped=skipped, failed=failed, shards_written=writer.shards_written,
+                seconds=round(elapsed, 3), images_per_second=round(done / elapsed, 3) if elapsed else 0.0)

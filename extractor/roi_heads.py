@@ -1,0 +1,85 @@
+"""Res5 ROI head: ROIPool 14x14 on res4, res5, mean-pool, class/box predictor, optional attributes.
+Parameter names follow py-bottom-up-attention: `roi_heads.res5.*`, `roi_heads.box_predictor.*`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import roi_pool
+
+from extractor.config import DetectorConfig
+from extractor.resnet import make_res5_head
+
+
+@dataclass
+class RegionOutputs:
+    """Per-image head outputs for a set of boxes (all in resized-image pixels)."""
+
+    boxes: torch.Tensor  # (R, 4)
+    features: torch.Tensor  # (R, D) mean-pooled res5
+    cls_probs: torch.Tensor  # (R, C + 1), background LAST (detectron2 / HF convention)
+    box_deltas: torch.Tensor  # (R, 4C) class-specific regression (unused by the bottom-up rule)
+    attr_probs: Optional[torch.Tensor] = None  # (R, A + 1), "no attribute" LAST
+
+
+class FastRCNNOutputLayers(nn.Module):
+    def __init__(self, config: DetectorConfig):
+        super().__init__()
+        dim = config.feature_dim
+        self.cls_score = nn.Linear(dim, config.num_classes + 1)
+        reg_classes = 1 if config.cls_agnostic_bbox_reg else config.num_classes
+        self.bbox_pred = nn.Linear(dim, reg_classes * 4)
+        self.use_attributes = config.use_attributes
+        if config.use_attributes:
+            self.cls_embedding = nn.Embedding(config.num_classes + 1, config.attr_embed_dim)
+            self.fc_attr = nn.Linear(dim + config.attr_embed_dim, config.attr_hidden_dim)
+            self.attr_score = nn.Linear(config.attr_hidden_dim, config.num_attributes + 1)
+
+    def forward(self, pooled: torch.Tensor):  # (R, D)
+        class_logits = self.cls_score(pooled)  # (R, C + 1)
+        box_deltas = self.bbox_pred(pooled)  # (R, 4C)
+        attr_logits = None
+        if self.use_attributes:
+            predicted_class = class_logits.argmax(dim=-1)  # (R,)
+            joint = torch.cat([pooled, self.cls_embedding(predicted_class).to(pooled.dtype)], dim=-1)
+            attr_logits = self.attr_score(F.relu(self.fc_attr(joint)))  # (R, A + 1)
+        return class_logits, box_deltas, attr_logits
+
+
+class Res5ROIHeads(nn.Module):
+    def __init__(self, config: DetectorConfig, stride: int = 16):
+        super().__init__()
+        self.config = config
+        self.spatial_scale = 1.0 / stride
+        self.res5 = make_res5_head(config)
+        self.box_predictor = FastRCNNOutputLayers(config)
+
+    def pooled_features(self, features: torch.Tensor, boxes: List[torch.Tensor]) -> torch.Tensor:
+        """features (B, C4, h, w); boxes [(R_i, 4)] -> mean-pooled res5 features (sum R_i, D)."""
+        if sum(len(b) for b in boxes) == 0:
+            return features.new_zeros((0, self.config.feature_dim))
+        rois = torch.cat([torch.cat([b.new_full((len(b), 1), float(i)), b], dim=1)
+                          for i, b in enumerate(boxes)]).float()  # (R, 5)
+        size = self.config.pooler_resolution
+        pooled = roi_pool(features.float(), rois, output_size=(size, size),  # no bf16 CPU kernel
+                          spatial_scale=self.spatial_scale)
+        return self.res5(pooled).mean(dim=(2, 3))  # (R, D)
+
+    @torch.no_grad()
+    def forward(self, features: torch.Tensor, boxes: List[torch.Tensor]) -> List[RegionOutputs]:
+        pooled = self.pooled_features(features, boxes)
+        class_logits, box_deltas, attr_logits = self.box_predictor(pooled)
+        cls_probs = class_logits.float().softmax(dim=-1)
+        attr_probs = None if attr_logits is None else attr_logits.float().softmax(dim=-1)
+        outputs, start = [], 0
+        for image_boxes in boxes:
+            stop = start + len(image_boxes)
+            outputs.append(RegionOutputs(
+                boxes=image_boxes, features=pooled[start:stop].float(),
+                cls_probs=cls_probs[start:stop], box_deltas=box_deltas[start:stop].float(),
+                attr_probs=None if attr_probs is None else attr_probs[start:stop]))
+            start = stop
+        return outputs

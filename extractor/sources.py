@@ -1,0 +1,130 @@
+"""Input discovery: an image folder (captions from sidecar .txt files or a Conceptual-Captions style
+TSV), img2dataset tar shards (KEY.jpg / KEY.txt / KEY.json), or both. Produces a deterministic,
+sorted list of records that can be split across ranks and read back from any process."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from extractor.images import IMAGE_EXTENSIONS
+
+
+@dataclass
+class InputRecord:
+    key: str  # stable image id, safe as a WebDataset key (no dots, no slashes)
+    source: str  # human-readable origin: file path, or "shard.tar:member"
+    path: str  # file to read (the image itself, or the tar holding it)
+    offset: int = -1  # byte offset of the member inside `path` when it is a tar; -1 for plain files
+    size: int = -1
+    caption: Optional[str] = None
+    meta: Dict = field(default_factory=dict)
+
+    def read_bytes(self) -> bytes:
+        with open(self.path, "rb") as handle:
+            if self.offset < 0:
+                return handle.read()
+            handle.seek(self.offset)
+            return handle.read(self.size)
+
+
+def safe_key(name: str) -> str:
+    """'photos/a b.v2' -> 'photos_a_b_v2': WebDataset splits keys at the first dot."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", name)
+
+
+def read_caption_tsv(path: str) -> Dict[str, str]:
+    """`caption<TAB>url-or-filename` lines -> {basename: caption}; a header line is skipped."""
+    captions: Dict[str, str] = {}
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for line_number, line in enumerate(handle, 1):
+            parts = line.rstrip("\n").split("\t")
+            if len(parts) < 2:
+                continue
+            caption, target = parts[0].strip(), parts[1].strip()
+            if line_number == 1 and target.lower() in ("url", "filename", "file", "image"):
+                continue
+            captions[os.path.basename(target.split("?")[0])] = caption
+    return captions
+
+
+def _is_under(path: Path, folder: Optional[Path]) -> bool:
+    return folder is not None and (path.resolve() == folder or folder in path.resolve().parents)
+
+
+def _folder_records(root: Path, captions: Dict[str, str], exclude: Optional[Path]
+                    ) -> List[InputRecord]:
+    records = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        if path.suffix.lower() not in IMAGE_EXTENSIONS or _is_under(path, exclude):
+            continue
+        relative = path.relative_to(root)
+        caption = captions.get(path.name)
+        sidecar = path.with_suffix(".txt")
+        if caption is None and sidecar.is_file():
+            caption = sidecar.read_text(encoding="utf-8", errors="replace").strip()
+        records.append(InputRecord(key=safe_key(str(relative.with_suffix(""))), source=str(path),
+                                   path=str(path), caption=caption))
+    return records
+
+
+def _split_member_name(name: str) -> Tuple[str, str]:
+    directory, base = os.path.split(name)
+    stem, _, extension = base.partition(".")
+    return os.path.join(directory, stem), "." + extension.lower()
+
+
+def _tar_records(tar_path: Path) -> List[InputRecord]:
+    images: Dict[str, tarfile.TarInfo] = {}
+    texts: Dict[str, str] = {}
+    metas: Dict[str, Dict] = {}
+    order: List[str] = []
+    with tarfile.open(tar_path, "r:") as archive:
+        for member in archive:
+            if not member.isfile():
+                continue
+            stem, extension = _split_member_name(member.name)
+            if extension in IMAGE_EXTENSIONS and stem not in images:
+                images[stem] = member
+                order.append(stem)
+            elif extension == ".txt":
+                texts[stem] = archive.extractfile(member).read().decode("utf-8", "replace").strip()
+            elif extension == ".json":
+                try:
+                    metas[stem] = json.loads(archive.extractfile(member).read())
+                except ValueError:
+                    metas[stem] = {}
+    return [InputRecord(key=safe_key(stem), source=f"{tar_path}:{images[stem].name}",
+                        path=str(tar_path), offset=images[stem].offset_data,
+                        size=images[stem].size, caption=texts.get(stem), meta=metas.get(stem, {}))
+            for stem in order]
+
+
+def discover_inputs(images: str, captions_tsv: Optional[str] = None,
+                    exclude: Optional[str] = None) -> List[InputRecord]:
+    """All inputs under `images` (a folder, or one .tar), in a deterministic order; files under
+    `exclude` (the output folder, when it sits inside the input folder) are ignored."""
+    excluded = Path(exclude).resolve() if exclude else None
+    root = Path(images)
+    if not root.exists():
+        raise FileNotFoundError(f"{images}: no such file or directory")
+    if root.is_file():
+        if root.suffix != ".tar":
+            raise ValueError(f"{images}: expected a folder of images or an img2dataset .tar shard")
+        return _tar_records(root)
+    captions = read_caption_tsv(captions_tsv) if captions_tsv else {}
+    records = _folder_records(root, captions, excluded)
+    for tar_path in sorted(p for p in root.rglob("*.tar") if not _is_under(p, excluded)):
+        records.extend(_tar_records(tar_path))
+    return records
+
+
+def split_for_rank(records: List[InputRecord], rank: int, world_size: int) -> List[InputRecord]:
+    """Rank r of W takes records r, r+W, r+2W, ... of the deterministic order."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+    return records[rank::world_size]

@@ -1,0 +1,158 @@
+"""Loading detector weights safely and strictly.
+
+* `.pkl` — detectron2 pickle (`{"model": {name: ndarray}}`, as py-bottom-up-attention's
+  `faster_rcnn_from_caffe[_attr].pkl`), read with a restricted unpickler that admits only
+  containers, numbers, strings and numpy arrays; anything else is refused without being executed.
+* `.bin` / `.pth` / `.pt` — torch state dict (e.g. `unc-nlp/frcnn-vg-finetuned/pytorch_model.bin`)
+  read with `torch.load(weights_only=True)` and mapped to our names (HF stores BatchNorm counters
+  and the anchor generator's cell anchors, which we recompute and check).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import io
+import pickle
+from pathlib import Path
+from typing import Dict, Mapping
+
+import numpy as np
+import torch
+
+# numpy moved its internals from numpy.core to numpy._core in 2.0; pickles name either
+_NUMPY_GLOBALS = {
+    ("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"),
+}
+_SAFE_GLOBALS = {("collections", "OrderedDict"), ("_codecs", "encode")}  # OrderedDict; py2 bytes
+
+
+class WeightsError(ValueError):
+    """A weight file that cannot be used, with the file and the reason in the message."""
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, stream, path: str):
+        super().__init__(stream, encoding="latin1")
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        if module in ("numpy", "numpy.core", "numpy._core") and name in ("ndarray", "dtype"):
+            return getattr(np, name)
+        if module.startswith(("numpy.core.", "numpy._core.")) and \
+                (module.rsplit(".", 1)[1], name) in _NUMPY_GLOBALS:
+            submodule = importlib.import_module("numpy._core." + module.rsplit(".", 1)[1]) \
+                if hasattr(np, "_core") else importlib.import_module(module)
+            return getattr(submodule, name)
+        if (module, name) in _SAFE_GLOBALS:
+            import _codecs
+            import collections
+
+            return {"OrderedDict": collections.OrderedDict, "encode": _codecs.encode}[name]
+        raise WeightsError(f"{self.path}: refusing to unpickle global {module}.{name}; only dicts, "
+                           "lists, numbers, strings and numpy arrays are allowed in a weight pickle")
+
+
+def read_detectron2_pickle(path: str) -> Dict[str, np.ndarray]:
+    try:
+        with open(path, "rb") as handle:
+            data = _RestrictedUnpickler(io.BytesIO(handle.read()), path).load()
+    except WeightsError:
+        raise
+    except Exception as error:  # corrupt / not a pickle
+        raise WeightsError(f"{path}: not a readable detectron2 pickle ({error})") from error
+    if isinstance(data, dict) and "model" in data and isinstance(data["model"], dict):
+        data = data["model"]
+    if not isinstance(data, dict):
+        raise WeightsError(f"{path}: expected a dict of name -> array, got {type(data).__name__}")
+    return dict(data)
+
+
+def read_torch_state_dict(path: str) -> Dict[str, torch.Tensor]:
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise WeightsError(f"{path}: not loadable with torch.load(weights_only=True) ({error})") from error
+    if isinstance(data, dict) and isinstance(data.get("model"), dict):
+        data = data["model"]
+    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    if not isinstance(data, dict):
+        raise WeightsError(f"{path}: expected a state dict, got {type(data).__name__}")
+    return dict(data)
+
+
+def read_weight_file(path: str) -> Dict[str, torch.Tensor]:
+    """Read `.pkl`, `.bin`, `.pth`, `.pt` into name -> float tensor (names not yet mapped)."""
+    file = Path(path)
+    if not file.is_file():
+        raise WeightsError(f"{path}: weight file not found")
+    if file.suffix == ".pkl":
+        raw = read_detectron2_pickle(path)
+    elif file.suffix in (".bin", ".pth", ".pt"):
+        raw = read_torch_state_dict(path)
+    else:
+        raise WeightsError(f"{path}: unknown weight format {file.suffix!r} (use .pkl, .bin, .pth or .pt)")
+    tensors = {}
+    for name, value in raw.items():
+        if not isinstance(name, str):
+            raise WeightsError(f"{path}: non-string parameter name {name!r}")
+        if isinstance(value, np.ndarray):
+            value = torch.from_numpy(np.ascontiguousarray(value))
+        if not isinstance(value, torch.Tensor):
+            continue  # detectron2 pickles carry metadata such as "__author__"
+        tensors[name] = value
+    return tensors
+
+
+def map_to_detector_names(tensors: Mapping[str, torch.Tensor], expected_anchors: torch.Tensor,
+                          path: str) -> Dict[str, torch.Tensor]:
+    """HF frcnn / older checkpoints -> our names: gamma/beta -> weight/bias, drop BatchNorm
+    `num_batches_tracked`, check-and-drop `proposal_generator.anchor_generator.cell_anchors.*`."""
+    mapped = {}
+    for name, tensor in tensors.items():
+        if name.endswith("num_batches_tracked"):
+            continue
+        if name.startswith("proposal_generator.anchor_generator.cell_anchors"):
+            if tensor.shape != expected_anchors.shape or not torch.allclose(
+                    tensor.float(), expected_anchors, atol=1e-3):
+                raise WeightsError(f"{path}: {name} differs from the configured anchors "
+                                   f"(sizes/aspect ratios); file has shape {tuple(tensor.shape)}")
+            continue
+        if name.endswith(".gamma"):
+            name = name[: -len("gamma")] + "weight"
+        elif name.endswith(".beta"):
+            name = name[: -len("beta")] + "bias"
+        mapped[name] = tensor
+    return mapped
+
+
+def file_sha256_prefix(path: str, length: int = 16) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:length]
+
+
+def load_detector_weights(model: torch.nn.Module, path: str) -> None:
+    """Strictly load `path` into `model`; unknown, missing or mis-shaped names raise WeightsError."""
+    tensors = read_weight_file(path)
+    anchors = model.proposal_generator.base_anchors.detach().cpu()
+    tensors = map_to_detector_names(tensors, anchors, path)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    mismatched = sorted(f"{n}: file {tuple(tensors[n].shape)} vs model {tuple(own[n].shape)}"
+                        for n in set(own) & set(tensors) if tensors[n].shape != own[n].shape)
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing: {', '.join(missing[:20])}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected: {', '.join(unexpected[:20])}")
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatches: {'; '.join(mismatched[:20])}")
+    if problems:
+        raise WeightsError(f"{path}: does not match detector {model.config.name!r} "
+                           f"(use_attributes={model.config.use_attributes}): " + " | ".join(problems))
+    model.load_state_dict({n: t.to(own[n].dtype) for n, t in tensors.items()}, strict=True)
+    model.weights_hash = file_sha256_prefix(path)

@@ -1,0 +1,127 @@
+"""The detector: detectron2 parameter names, bottom-up architecture details, real R101 config."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from extractor.boxes import apply_deltas, cell_anchors
+from extractor.config import r101_config, tiny_config
+from extractor.detector import BottomUpDetector, build_detector, resize_scale
+from extractor.resnet import BasicStem, FrozenBatchNorm2d
+
+
+def test_parameter_names_follow_detectron2():
+    names = set(BottomUpDetector(tiny_config(use_attributes=True)).state_dict())
+    for expected in [
+        "backbone.stem.conv1.weight", "backbone.stem.conv1.norm.running_var",
+        "backbone.res2.0.shortcut.weight", "backbone.res2.0.conv1.norm.weight",
+        "backbone.res2.0.conv1.norm.bias", "backbone.res2.0.conv1.norm.running_mean",
+        "backbone.res4.0.conv3.weight", "proposal_generator.rpn_head.conv.weight",
+        "proposal_generator.rpn_head.objectness_logits.bias",
+        "proposal_generator.rpn_head.anchor_deltas.weight", "roi_heads.res5.0.shortcut.norm.bias",
+        "roi_heads.res5.0.conv2.weight", "roi_heads.box_predictor.cls_score.weight",
+        "roi_heads.box_predictor.bbox_pred.bias", "roi_heads.box_predictor.cls_embedding.weight",
+        "roi_heads.box_predictor.fc_attr.weight", "roi_heads.box_predictor.attr_score.bias",
+    ]:
+        assert expected in names, expected
+    assert not any("num_batches_tracked" in n or "anchor" in n and "deltas" not in n for n in names)
+
+
+def test_r101_shapes_match_the_published_network():
+    model = BottomUpDetector(r101_config(use_attributes=True))
+    shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    assert len([n for n in shapes if n.startswith("backbone.res4.") and n.endswith("conv1.weight")]) == 23
+    assert shapes["proposal_generator.rpn_head.conv.weight"] == (512, 1024, 3, 3)  # hidden 512
+    assert shapes["proposal_generator.rpn_head.objectness_logits.weight"] == (12, 512, 1, 1)
+    assert shapes["roi_heads.box_predictor.cls_score.weight"] == (1601, 2048)
+    assert shapes["roi_heads.box_predictor.bbox_pred.weight"] == (6400, 2048)
+    assert shapes["roi_heads.box_predictor.cls_embedding.weight"] == (1601, 256)
+    assert shapes["roi_heads.box_predictor.fc_attr.weight"] == (512, 2304)
+    assert shapes["roi_heads.box_predictor.attr_score.weight"] == (401, 512)
+    res5 = model.roi_heads.res5
+    assert res5[0].conv1.stride == (1, 1) and res5[0].shortcut.stride == (1, 1)
+    assert all(block.conv2.dilation == (2, 2) and block.conv2.padding == (2, 2) for block in res5)
+
+
+def test_frozen_batchnorm_formula():
+    norm = FrozenBatchNorm2d(2)
+    norm.weight.copy_(torch.tensor([2.0, 1.0]))
+    norm.bias.copy_(torch.tensor([1.0, 0.0]))
+    norm.running_mean.copy_(torch.tensor([3.0, 0.0]))
+    norm.running_var.copy_(torch.tensor([4.0 - 1e-5, 1.0 - 1e-5]))
+    x = torch.tensor([5.0, 7.0]).view(1, 2, 1, 1)
+    assert torch.allclose(norm(x).flatten(), torch.tensor([2 * (5 - 3) / 2 + 1, 7.0]), atol=1e-5)
+
+
+def test_caffe_maxpool_uses_ceil_mode_and_no_padding():
+    stem = BasicStem(4, caffe_maxpool=True)
+    assert stem(torch.zeros(1, 3, 100, 100)).shape[-2:] == (25, 25)  # conv 50 -> ceil((50-3)/2)+1
+    assert BasicStem(4, caffe_maxpool=False)(torch.zeros(1, 3, 100, 100)).shape[-2:] == (25, 25)
+    assert stem(torch.zeros(1, 3, 98, 98)).shape[-2:] == (24, 24)  # 49 -> ceil(46/2)+1 = 24
+    assert BasicStem(4, caffe_maxpool=False)(torch.zeros(1, 3, 98, 98)).shape[-2:] == (25, 25)
+
+
+def test_test_scale_rule():
+    assert resize_scale(300, 400, 600, 1000) == 2.0  # shortest edge to 600
+    assert resize_scale(100, 500, 600, 1000) == 2.0  # 600 would make the long edge 3000 -> 1000/500
+
+
+def test_anchors_and_delta_decoding_by_hand():
+    anchors = cell_anchors([64.0], [0.5, 1.0, 2.0])
+    assert torch.allclose(anchors[1], torch.tensor([-32.0, -32.0, 32.0, 32.0]))
+    width = float(np.sqrt(64 * 64 / 0.5))
+    assert torch.allclose(anchors[0], torch.tensor([-width / 2, -width / 4, width / 2, width / 4]))
+    box = torch.tensor([[0.0, 0.0, 10.0, 20.0]])
+    deltas = torch.tensor([[0.1, 0.0, np.log(2.0), 0.0]])
+    # centre x 5 + 0.1*10 = 6; width 20 -> x 6 +- 10; y unchanged
+    assert torch.allclose(apply_deltas(deltas, box, (1, 1, 1, 1)), torch.tensor([[-4.0, 0.0, 16.0, 20.0]]))
+
+
+def test_tiny_detector_outputs(tiny_detector):
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (48, 64, 3), dtype=np.uint8), rng.integers(0, 255, (30, 20, 3), dtype=np.uint8)]
+    outputs, scales = tiny_detector(images)
+    assert scales == [pytest.approx(2.0), pytest.approx(96 / 20)]
+    for output in outputs:
+        count = len(output.boxes)
+        assert 10 <= count <= tiny_detector.config.rpn_post_nms_topk
+        assert output.features.shape == (count, 256)
+        assert output.cls_probs.shape == (count, 1601) and output.attr_probs.shape == (count, 401)
+        assert torch.allclose(output.cls_probs.sum(1), torch.ones(count), atol=1e-4)
+    # deterministic seeded random init: same weights, same outputs
+    again, _ = tiny_detector(images)
+    assert torch.equal(again[0].features, outputs[0].features)
+    # given boxes (original pixels) -> exactly those boxes, scaled into the resized image
+    given, _ = tiny_detector(images[:1], [np.array([[0, 0, 32, 24], [10, 10, 60, 40]], np.float32)])
+    assert torch.allclose(given[0].boxes, torch.tensor([[0.0, 0, 64, 48], [20, 20, 120, 80]]))
+
+
+def test_no_weights_warns_loudly():
+    with pytest.warns(UserWarning, match="NO DETECTOR WEIGHTS"):
+        model = build_detector(tiny_config())
+    assert model.weights_hash == "random-init"
+
+
+@pytest.mark.parametrize("precision", [torch.bfloat16])
+def test_autocast_runs(tiny_detector, precision):
+    tiny_detector.autocast_dtype = precision
+    try:
+        outputs, _ = tiny_detector([np.full((40, 40, 3), 128, np.uint8)])
+    finally:
+        tiny_detector.autocast_dtype = None
+    assert torch.isfinite(outputs[0].features).all()
+
+
+def test_real_r101_runs_once_on_a_small_image():
+    config = r101_config().replace(test_min_size=128, test_max_size=192, rpn_post_nms_topk=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build_detector(config)
+    image = np.asarray(__import__("extract_helpers").make_image(64, 48))
+    outputs, scales = model([image])
+    assert scales == [pytest.approx(128 / 48)]
+    assert outputs[0].features.shape[1] == 2048 and outputs[0].cls_probs.shape[1] == 1601
+    assert 1 <= len(outputs[0].boxes) <= 10 and torch.isfinite(outputs[0].features).all()
