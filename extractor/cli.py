@@ -34,8 +34,8 @@ def _rank_and_world(rank, num_workers):
               help="Build the 400-attribute head (needs the _attr weights) and store attr_prob.")
 @click.option("--backend", type=click.Choice(["torch", "detectron2"]), default="torch",
               help="detectron2 needs `pip install detectron2` (see docs/extractor.md).")
-@click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-@click.option("--batch-size", type=click.IntRange(min=1), default=4)
+@click.option("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, help="Images per forward pass.")
 @click.option("--precision", type=click.Choice(sorted(PRECISIONS)), default="fp32",
               help="Autocast dtype for the network (box selection always runs in fp32).")
 @click.option("--workers", type=click.IntRange(min=0), default=2,
@@ -43,9 +43,11 @@ def _rank_and_world(rank, num_workers):
 @click.option("--captions", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Conceptual-Captions style TSV: caption<TAB>url-or-filename. Otherwise sidecar "
                    "KEY.txt files (or the .txt inside img2dataset shards) are used.")
-@click.option("--min-boxes", type=click.IntRange(min=1), default=10)
-@click.option("--max-boxes", type=click.IntRange(min=1), default=36)
-@click.option("--conf-threshold", type=float, default=0.2)
+@click.option("--min-boxes", type=click.IntRange(min=1), default=10,
+              help="At least this many regions per image (best scores, even below the threshold).")
+@click.option("--max-boxes", type=click.IntRange(min=1), default=36, help="At most this many regions per image.")
+@click.option("--conf-threshold", type=float, default=0.2,
+              help="Keep regions whose best class score survives per-class NMS (IoU 0.3) at >= this.")
 @click.option("--gt-boxes", type=click.Path(exists=True, dir_okay=False), default=None,
               help="JSON {name: [[x1,y1,x2,y2],...]} or COCO file: features for exactly these boxes.")
 @click.option("--preview", type=click.IntRange(min=0), default=0,
@@ -80,6 +82,8 @@ def extract(images, out, weights, config_name, attributes, backend, device, batc
     if min_boxes > max_boxes:
         raise click.BadParameter(f"--min-boxes {min_boxes} > --max-boxes {max_boxes}")
     rank, world = _rank_and_world(rank, num_workers)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     config = get_config(config_name, use_attributes=attributes)
     try:
         if backend == "detectron2":

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torchvision.ops import batched_nms
+from torchvision.ops import batched_nms, box_iou
 
 
 @dataclass
@@ -48,19 +48,33 @@ class RegionSelector:
         keep = batched_nms(boxes[proposal_ids].float(), scores.float(), class_ids, self.nms_iou)
         return best.scatter_reduce(0, proposal_ids[keep], scores[keep], reduce="amax")
 
+    def best_surviving_scores_all_pairs(self, boxes: torch.Tensor, class_scores: torch.Tensor
+                                        ) -> torch.Tensor:
+        """Same rule over every (proposal, class) pair, as one greedy NMS run for all classes at
+        once on a shared IoU matrix (per-class loops cost ~C kernel calls).  -> (R,)"""
+        count, classes = class_scores.shape
+        overlaps = box_iou(boxes.float(), boxes.float()) > self.nms_iou  # (R, R)
+        order = torch.argsort(class_scores, dim=0, descending=True, stable=True)  # (R, C)
+        columns = torch.arange(classes, device=boxes.device)
+        suppressed = torch.zeros((classes, count), dtype=torch.bool, device=boxes.device)
+        kept = torch.zeros_like(suppressed)  # (C, R)
+        for rank in range(count):
+            candidate = order[rank]  # (C,) the rank-th best proposal of every class
+            alive = ~suppressed[columns, candidate]
+            kept[columns, candidate] = alive
+            suppressed |= alive[:, None] & overlaps[candidate]
+        return torch.where(kept.T, class_scores, torch.zeros_like(class_scores)).amax(dim=1)
+
     def __call__(self, boxes: torch.Tensor, fg_class_scores: torch.Tensor) -> Selection:
         """boxes (R, 4) proposals; fg_class_scores (R, C) class probabilities WITHOUT background."""
         count = boxes.shape[0]
         if count == 0:
             return Selection(torch.zeros(0, dtype=torch.long), torch.zeros(0))
         wanted = min(self.min_boxes, count)
-        # cheap pass at the threshold; then lower floors (exact, see above) if too few reach it
-        kth_max = fg_class_scores.max(dim=1).values.kthvalue(count - wanted + 1).values.item()
-        start = min(self.conf_threshold, kth_max)
-        for floor in (self.conf_threshold, start, start / 2, start / 8, start / 64, 0.0):
-            best = self.best_surviving_scores(boxes, fg_class_scores, floor)
-            if floor == 0.0 or int((best >= floor).sum()) >= wanted:
-                break
+        # cheap pass: only pairs above the threshold; exact whenever enough proposals reach it
+        best = self.best_surviving_scores(boxes, fg_class_scores, self.conf_threshold)
+        if int((best >= self.conf_threshold).sum()) < wanted:
+            best = self.best_surviving_scores_all_pairs(boxes, fg_class_scores)
         order = torch.argsort(best, descending=True, stable=True)
         confident = int((best >= self.conf_threshold).sum())
         count_kept = max(min(confident, self.max_boxes), wanted)

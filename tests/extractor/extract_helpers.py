@@ -23,3 +23,26 @@ def write_images(folder, count: int, size=(64, 48), captions: bool = True):
         if captions:
             (folder / f"img{index:03d}.txt").write_text(f"caption number {index}")
     return folder
+
+
+def read_shards(out_dir):
+    """{key: {extension: value}} over every complete shard, .npy loaded with allow_pickle=False."""
+    import io
+    import json
+    import tarfile
+    from pathlib import Path
+
+    samples = {}
+    for shard in sorted(Path(out_dir).glob("*.tar")):
+        with tarfile.open(shard) as archive:
+            for member in archive.getmembers():
+                key, extension = member.name.split(".", 1)
+                payload = archive.extractfile(member).read()
+                if extension.endswith(".npy"):
+                    value = np.load(io.BytesIO(payload), allow_pickle=False)
+                elif extension == "json":
+                    value = json.loads(payload)
+                else:
+                    value = payload.decode("utf-8")
+                samples.setdefault(key, {})[extension] = value
+    return samples

@@ -66,3 +66,14 @@ def test_matches_brute_force_reference(seed, temperature):
 def test_invalid_limits():
     with pytest.raises(ValueError, match="min_boxes <= max_boxes"):
         RegionSelector(min_boxes=40, max_boxes=36)
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_all_pairs_path_equals_batched_nms(seed):
+    generator = torch.Generator().manual_seed(seed)
+    xy = torch.rand(50, 2, generator=generator) * 60
+    boxes = torch.cat([xy, xy + torch.rand(50, 2, generator=generator) * 30 + 1], dim=1)
+    scores = torch.rand(50, 12, generator=generator)
+    selector = RegionSelector()
+    assert torch.allclose(selector.best_surviving_scores_all_pairs(boxes, scores),
+                          selector.best_surviving_scores(boxes, scores, floor=0.0))

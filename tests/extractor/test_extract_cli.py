@@ -1,0 +1,156 @@
+"""`vilbert-extract` end to end with the tiny config on generated images."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from extract_helpers import make_image, read_shards, write_images
+from extractor.cli import main
+
+TINY = ["--config", "tiny", "--workers", "0", "--quiet", "--device", "cpu"]
+
+
+def test_folder_with_captions_errors_preview_and_resume(tmp_path):
+    images = write_images(tmp_path / "images", 5, captions=False)
+    (images / "img000.txt").write_text("sidecar caption")
+    (images / "captions.tsv").write_text("caption\turl\na cat on a mat\thttp://x.org/img001.jpg?w=1\n")
+    (images / "empty.jpg").write_bytes(b"")
+    (images / "page.png").write_text("<html>")
+    out = tmp_path / "out"
+    args = [str(images), str(out), *TINY, "--shard-size", "2", "--captions", str(images / "captions.tsv"),
+            "--preview", "2", "--batch-size", "3"]
+    summary = main(args)
+    assert (summary["done"], summary["skipped"], summary["failed"]) == (5, 0, 2)
+    samples = read_shards(out)
+    assert sorted(samples) == [f"img{i:03d}" for i in range(5)]
+    assert samples["img000"]["txt"] == "sidecar caption" and samples["img001"]["txt"] == "a cat on a mat"
+    assert "txt" not in samples["img002"]
+    for key, sample in samples.items():
+        info, count = sample["json"], sample["json"]["num_boxes"]
+        assert info["image_id"] == key and (info["width"], info["height"]) == (64, 48)
+        assert info["detector"] == "bottom-up-attention-tiny" and info["weights_hash"] == "random-init"
+        assert 10 <= count <= 36
+        assert sample["features.npy"].dtype == np.float16 and sample["features.npy"].shape == (count, 256)
+        boxes = sample["boxes.npy"]
+        assert boxes.dtype == np.float32 and boxes.shape == (count, 4)
+        assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= 64).all() and (boxes[:, 3] <= 48).all()
+        assert (boxes[:, 2] >= boxes[:, 0]).all() and (boxes[:, 3] >= boxes[:, 1]).all()
+        probs = sample["cls_prob.npy"]
+        assert probs.dtype == np.float16 and probs.shape == (count, 1601)
+        assert np.allclose(probs.astype(np.float32).sum(1), 1.0, atol=2e-2)
+        assert "attr_prob.npy" not in sample
+    assert json.loads((out / "sizes.json").read_text()) == {
+        "shard-000000.tar": 2, "shard-000001.tar": 2, "shard-000002.tar": 1}
+    errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert {e["path"].rsplit("/", 1)[1]: e["reason"] for e in errors} == {
+        "empty.jpg": "empty file (0 bytes)", "page.png": "not an image (unrecognised format)"}
+    assert len(list((out / "preview").glob("*.png"))) == 2
+    # the shards are plain WebDataset
+    keys = [s["__key__"] for s in wds.WebDataset(sorted(str(p) for p in out.glob("*.tar")), shardshuffle=False)]
+    assert sorted(keys) == sorted(samples)
+    # re-run: nothing redone, nothing logged twice
+    again = main(args)
+    assert (again["done"], again["skipped"], again["failed"]) == (0, 7, 0)
+    assert len((out / "errors.jsonl").read_text().splitlines()) == 2
+
+
+def _img2dataset_tar(path, count):
+    with tarfile.open(path, "w") as archive:
+        for index in range(count):
+            key = f"0000{index:05d}"
+            buffer = io.BytesIO()
+            make_image(50, 40, seed=index).save(buffer, format="JPEG")
+            members = {"jpg": buffer.getvalue(), "txt": f"caption {index}".encode(),
+                       "json": json.dumps({"url": f"http://example.org/{index}.jpg", "key": key}).encode()}
+            for extension, payload in members.items():
+                info = tarfile.TarInfo(f"{key}.{extension}")
+                info.size = len(payload)
+                archive.addfile(info, io.BytesIO(payload))
+
+
+def test_img2dataset_tar_attributes_and_bf16(tmp_path):
+    _img2dataset_tar(tmp_path / "00000.tar", 3)
+    out = tmp_path / "out"
+    summary = main([str(tmp_path / "00000.tar"), str(out), *TINY, "--attributes", "--precision", "bf16",
+                    "--min-boxes", "5", "--max-boxes", "7", "--conf-threshold", "0.9"])
+    assert summary["done"] == 3
+    samples = read_shards(out)
+    assert sorted(samples) == ["000000000", "000000001", "000000002"]
+    sample = samples["000000001"]
+    assert sample["txt"] == "caption 1" and sample["json"]["url"] == "http://example.org/1.jpg"
+    assert sample["json"]["source"].endswith("00000.tar:000000001.jpg")
+    assert sample["json"]["num_boxes"] == 5  # nothing reaches 0.9 with random weights: min_boxes
+    assert sample["attr_prob.npy"].shape == (5, 401) and sample["attr_prob.npy"].dtype == np.float16
+
+
+def test_gt_boxes_from_coco(tmp_path):
+    images = write_images(tmp_path / "images", 2)
+    coco = {"images": [{"id": 7, "file_name": "train/img000.jpg"}],
+            "annotations": [{"id": 1, "image_id": 7, "bbox": [0, 0, 30, 20]},
+                            {"id": 2, "image_id": 7, "bbox": [10, 5, 60, 50]}]}
+    (tmp_path / "coco.json").write_text(json.dumps(coco))
+    out = tmp_path / "out"
+    summary = main([str(images), str(out), *TINY, "--gt-boxes", str(tmp_path / "coco.json")])
+    assert (summary["done"], summary["failed"]) == (1, 1)
+    sample = read_shards(out)["img000"]
+    assert sample["json"]["mode"] == "gt-boxes" and sample["json"]["num_boxes"] == 2
+    assert np.allclose(sample["boxes.npy"], [[0, 0, 30, 20], [10, 5, 64, 48]])  # clipped to 64x48
+    assert sample["features.npy"].shape == (2, 256) and sample["cls_prob.npy"].shape == (2, 1601)
+    reasons = [json.loads(l)["reason"] for l in (out / "errors.jsonl").read_text().splitlines()]
+    assert reasons == ["no ground-truth boxes for this image"]
+
+
+def test_ranks_split_inputs_into_disjoint_shards(tmp_path, monkeypatch):
+    images = write_images(tmp_path / "images", 5)
+    out = tmp_path / "out"
+    first = main([str(images), str(out), *TINY, "--num-workers", "2", "--rank", "0", "--shard-size", "2"])
+    monkeypatch.setenv("RANK", "1")  # torchrun style
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    second = main([str(images), str(out), *TINY, "--shard-size", "2"])
+    assert (first["done"], second["done"]) == (3, 2) and second["rank"] == 1
+    shards = {p.name: set(read_shards_one(p)) for p in out.glob("*.tar")}
+    assert sorted(shards) == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    assert shards["shard-000001.tar"] == {"img001", "img003"}  # rank 1 took inputs 1 and 3
+    assert set().union(*shards.values()) == {f"img{i:03d}" for i in range(5)}
+
+
+def read_shards_one(path):
+    with tarfile.open(path) as archive:
+        return {name.split(".", 1)[0] for name in archive.getnames()}
+
+
+def test_parallel_decoding_workers_keep_results_identical(tmp_path):
+    images = write_images(tmp_path / "images", 4)
+    serial = main([str(images), str(tmp_path / "a"), *TINY])
+    parallel = main([str(images), str(tmp_path / "b"), *TINY[:2], "--workers", "2", "--quiet", "--batch-size", "2"])
+    assert serial["done"] == parallel["done"] == 4
+    a, b = read_shards(tmp_path / "a"), read_shards(tmp_path / "b")
+    for key in a:
+        assert np.array_equal(a[key]["boxes.npy"], b[key]["boxes.npy"])
+
+
+def test_help_lists_defaults():
+    from click.testing import CliRunner
+
+    from extractor.cli import extract
+
+    result = CliRunner().invoke(extract, ["--help"], terminal_width=100)
+    assert result.exit_code == 0
+    for text in ("IMAGES OUT", "--batch-size", "[default: 4;", "--min-boxes", "[default: 10;",
+                 "--max-boxes", "[default: 36;", "--conf-threshold", "[default: 0.2]", "--gt-boxes",
+                 "--precision", "--preview", "--shard-size", "[default: 1000;", "--rank"):
+        assert text in result.output, text
+
+
+def test_bad_weights_file_is_a_clear_error(tmp_path):
+    images = write_images(tmp_path / "images", 1)
+    (tmp_path / "w.pkl").write_bytes(b"garbage")
+    from click import ClickException
+
+    with pytest.raises(ClickException, match="w.pkl: not a readable detectron2 pickle"):
+        main([str(images), str(tmp_path / "out"), *TINY, "--weights", str(tmp_path / "w.pkl")])
