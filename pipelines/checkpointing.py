@@ -1,0 +1,83 @@
+"""Atomic training checkpoints: `OUT/checkpoints/step-00001000/`.
+
+Each holds the model (`model.safetensors` + `config.json`, loadable with
+`vilbert.load_pretrained`) and `trainer_state.pt` (optimizer, scheduler, grad scaler, step counters
+and RNG states; tensors and plain containers only, read back with `weights_only=True`). A
+checkpoint is written into a hidden temporary directory and renamed into place, so a directory
+with a final name is always complete; a crash mid-save leaves the previous one untouched.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vilbert import ViLBert, load_pretrained, save_pretrained
+
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+STATE_NAME = "trainer_state.pt"
+
+
+def rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in
+                  zip(("kind", "keys", "pos", "has_gauss", "cached"), np.random.get_state())},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_tuples(state["python"]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuples(x):
+    """random.setstate wants tuples where a round trip may give lists."""
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under root, oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)), key=lambda p: p.name)
+
+
+def save_checkpoint(root: Path, step: int, model: ViLBert, trainer_state: dict, metadata: dict, keep_last: int) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_pretrained(model, tmp, metadata=metadata)
+    torch.save(trainer_state, tmp / STATE_NAME)
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():  # re-saving the same step (e.g. after a resume): replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp-step-*"):  # leftovers of killed saves
+        if stale != tmp:
+            shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, map_location="cpu") -> tuple[ViLBert, dict]:
+    model = load_pretrained(path, map_location=map_location)
+    state = torch.load(path / STATE_NAME, map_location=map_location, weights_only=True)
+    return model, state
