@@ -2,39 +2,29 @@
 tests can call those `main` functions directly and `--help` stays fast."""
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import sys
 
 
-def _not_built(name: str) -> int:
-    print(f"{name}: not built yet (see the project's open issues)", file=sys.stderr)
-    return 2
+def _delegate(module: str, command: str, argv):
+    if importlib.util.find_spec(module) is None:
+        print(f"{command}: not built yet (see the project's open issues)", file=sys.stderr)
+        sys.exit(2)
+    return importlib.import_module(module).main(argv)
 
 
 def extract_main(argv=None):
-    try:
-        from extractor.cli import main
-    except ImportError:
-        sys.exit(_not_built("vilbert-extract"))
-    return main(argv)
+    return _delegate("extractor.cli", "vilbert-extract", argv)
 
 
 def train_main(argv=None):
-    try:
-        from pipelines.train_cli import main
-    except ImportError:
-        sys.exit(_not_built("vilbert-train"))
-    return main(argv)
+    return _delegate("pipelines.train_cli", "vilbert-train", argv)
 
 
 def eval_main(argv=None):
-    try:
-        from pipelines.eval_cli import main
-    except ImportError:
-        sys.exit(_not_built("vilbert-eval"))
-    return main(argv)
+    return _delegate("pipelines.eval_cli", "vilbert-eval", argv)
 
 
 def demo_main(argv=None):
-    from pipelines.demo import main
-
-    return main(argv)
+    return _delegate("pipelines.demo", "vilbert-demo", argv)
