@@ -154,3 +154,16 @@ def test_bad_weights_file_is_a_clear_error(tmp_path):
 
     with pytest.raises(ClickException, match="w.pkl: not a readable detectron2 pickle"):
         main([str(images), str(tmp_path / "out"), *TINY, "--weights", str(tmp_path / "w.pkl")])
+
+
+def test_detectron2_backend_without_detectron2_is_a_clear_error(tmp_path):
+    try:
+        import detectron2  # noqa: F401
+        pytest.skip("detectron2 is installed")
+    except ImportError:
+        pass
+    from click import ClickException
+
+    images = write_images(tmp_path / "images", 1)
+    with pytest.raises(ClickException, match="--backend detectron2 needs detectron2"):
+        main([str(images), str(tmp_path / "out"), *TINY, "--backend", "detectron2"])
