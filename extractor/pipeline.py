@@ -97,10 +97,8 @@ def select_regions(output: RegionOutputs, scale: float, width: int, height: int,
             None if attr is None else attr[index].cpu().numpy())
 
 
-def run_extraction(detector: BottomUpDetector, records: List[InputRecord], writer: ShardWriter,
-                   selector: RegionSelector, settings: ExtractionSettings,
-                   gt_boxes: Optional[GroundTruthBoxes] = None) -> Dict:
-    """Extract every record not already done; returns the summary counts."""
+def _plan(records: List[InputRecord], writer: ShardWriter):
+    """-> (records to extract, skipped count, failed count); duplicates are logged."""
     seen, todo, skipped, failed = set(), [], 0, 0
     for record in records:
         if record.key in writer.done_keys or record.source in writer.error_sources:
@@ -111,6 +109,43 @@ def run_extraction(detector: BottomUpDetector, records: List[InputRecord], write
         else:
             seen.add(record.key)
             todo.append(record)
+    return todo, skipped, failed
+
+
+def _given_boxes(gt_boxes: GroundTruthBoxes, record: InputRecord, pixels: np.ndarray):
+    """Ground-truth boxes clipped to the image, or None when the image has none.  (K, 4)"""
+    boxes = gt_boxes.lookup(record)
+    if boxes is None or not len(boxes):
+        return None
+    height, width = pixels.shape[:2]
+    boxes = boxes.copy()
+    boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
+    boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
+    return boxes
+
+
+def _detect(detector: BottomUpDetector, pixels: List[np.ndarray], given):
+    """Run a batch; if it fails (e.g. out of memory on one huge image), retry image by image so
+    one bad input cannot stop the run. -> [(output, scale) or error string]"""
+    try:
+        outputs, scales = detector(pixels, given)
+        return list(zip(outputs, scales))
+    except RuntimeError as error:
+        if len(pixels) == 1:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return [f"detector failed: {str(error).splitlines()[0][:300]}"]
+    results = []
+    for index, image in enumerate(pixels):
+        results.extend(_detect(detector, [image], None if given is None else [given[index]]))
+    return results
+
+
+def run_extraction(detector: BottomUpDetector, records: List[InputRecord], writer: ShardWriter,
+                   selector: RegionSelector, settings: ExtractionSettings,
+                   gt_boxes: Optional[GroundTruthBoxes] = None) -> Dict:
+    """Extract every record not already done; returns the summary counts."""
+    todo, skipped, failed = _plan(records, writer)
     header = dict(detector=detector.config.name, weights_hash=detector.weights_hash,
                   mode="gt-boxes" if gt_boxes else "detected")
     if gt_boxes is None:
@@ -123,32 +158,36 @@ def run_extraction(detector: BottomUpDetector, records: List[InputRecord], write
     done, previews, started = 0, 0, time.time()
     bar = tqdm(total=len(todo), unit="img", disable=not settings.progress, desc="extract")
     for batch in loader:
-        good = []
+        good = []  # (item, record, given boxes or None)
         for item in batch:
             record = todo[item["index"]]
-            boxes = gt_boxes.lookup(record) if gt_boxes is not None and item["pixels"] is not None \
-                else None
-            if item["pixels"] is not None and gt_boxes is not None and (boxes is None or not len(boxes)):
-                item["reason"], item["pixels"] = "no ground-truth boxes for this image", None
+            boxes = None
+            if item["pixels"] is not None and gt_boxes is not None:
+                boxes = _given_boxes(gt_boxes, record, item["pixels"])
+                if boxes is None:
+                    item["reason"], item["pixels"] = "no ground-truth boxes for this image", None
             if item["pixels"] is None:
                 writer.log_error(record.key, record.source, item["reason"])
                 failed += 1
             else:
                 good.append((item, record, boxes))
-        if good:
-            given = [g[2] for g in good] if gt_boxes is not None else None
-            outputs, scales = detector([g[0]["pixels"] for g in good], given)
-            for (item, record, _), output, scale in zip(good, outputs, scales):
-                height, width = item["pixels"].shape[:2]
-                boxes, features, cls_prob, attr = select_regions(
-                    output, scale, width, height, None if gt_boxes is not None else selector)
-                writer.write(record.key, encode_sample(record, width, height, boxes, features,
-                                                       cls_prob, attr, header))
-                done += 1
-                if previews < settings.preview:
-                    draw_preview(item["pixels"], boxes, cls_prob, names,
-                                 Path(writer.out_dir) / "preview" / f"{record.key}.png")
-                    previews += 1
+        given = [g[2] for g in good] if gt_boxes is not None else None
+        results = _detect(detector, [g[0]["pixels"] for g in good], given) if good else []
+        for (item, record, _), result in zip(good, results):
+            if isinstance(result, str):
+                writer.log_error(record.key, record.source, result)
+                failed += 1
+                continue
+            height, width = item["pixels"].shape[:2]
+            boxes, features, cls_prob, attr = select_regions(
+                result[0], result[1], width, height, None if gt_boxes is not None else selector)
+            writer.write(record.key, encode_sample(record, width, height, boxes, features,
+                                                   cls_prob, attr, header))
+            done += 1
+            if previews < settings.preview:
+                draw_preview(item["pixels"], boxes, cls_prob, names,
+                             Path(writer.out_dir) / "preview" / f"{record.key}.png")
+                previews += 1
         bar.update(len(batch))
         if settings.throttle_s:
             time.sleep(settings.throttle_s)
@@ -156,4 +195,5 @@ def run_extraction(detector: BottomUpDetector, records: List[InputRecord], write
     writer.close()
     elapsed = time.time() - started
     return dict(done=done, skipped=skipped, failed=failed, shards_written=writer.shards_written,
-                seconds=round(elapsed, 3), images_per_second=round(done / elapsed, 3) if elapsed else 0.0)
+                seconds=round(elapsed, 3),
+                images_per_second=round(done / elapsed, 3) if elapsed else 0.0)

@@ -62,8 +62,15 @@ def read_detectron2_pickle(path: str) -> Dict[str, np.ndarray]:
         raise WeightsError(f"{path}: not a readable detectron2 pickle ({error})") from error
     if isinstance(data, dict) and "model" in data and isinstance(data["model"], dict):
         data = data["model"]
+    elif isinstance(data, dict) and isinstance(data.get("blobs"), dict):  # Caffe2 / Detectron1
+        data = data["blobs"]
     if not isinstance(data, dict):
         raise WeightsError(f"{path}: expected a dict of name -> array, got {type(data).__name__}")
+    names = [n for n in data if isinstance(n, str)]
+    if any(n.endswith("_momentum") or "_branch2a_" in n or n == "conv1_w" for n in names):
+        raise WeightsError(f"{path}: uses Caffe2/Detectron1 blob names (e.g. res2_0_branch2a_w); "
+                           "only detectron2 names are supported - load it once with detectron2's "
+                           "DetectionCheckpointer and save model.state_dict()")
     return dict(data)
 
 
@@ -151,6 +158,11 @@ def load_detector_weights(model: torch.nn.Module, path: str) -> None:
         problems.append(f"{len(unexpected)} unexpected: {', '.join(unexpected[:20])}")
     if mismatched:
         problems.append(f"{len(mismatched)} shape mismatches: {'; '.join(mismatched[:20])}")
+    attribute_names = [n for n in unexpected if ".box_predictor." in n and "attr" in n or "cls_embedding" in n]
+    if attribute_names and not model.config.use_attributes:
+        problems.append("the file has the attribute head: pass --attributes")
+    if any("attr" in n or "cls_embedding" in n for n in missing) and model.config.use_attributes:
+        problems.append("the file has no attribute head: drop --attributes")
     if problems:
         raise WeightsError(f"{path}: does not match detector {model.config.name!r} "
                            f"(use_attributes={model.config.use_attributes}): " + " | ".join(problems))

@@ -167,3 +167,34 @@ def test_detectron2_backend_without_detectron2_is_a_clear_error(tmp_path):
     images = write_images(tmp_path / "images", 1)
     with pytest.raises(ClickException, match="--backend detectron2 needs detectron2"):
         main([str(images), str(tmp_path / "out"), *TINY, "--backend", "detectron2"])
+
+
+def test_a_detector_failure_on_one_image_does_not_stop_the_run(tmp_path, tiny_detector):
+    from extractor.pipeline import ExtractionSettings, run_extraction
+    from extractor.select import RegionSelector
+    from extractor.sources import discover_inputs
+    from extractor.writer import ShardWriter
+
+    images = write_images(tmp_path / "images", 3)
+    failing = {"calls": 0}
+    original = type(tiny_detector).forward
+
+    def flaky_forward(self, pixels, given=None):
+        failing["calls"] += 1
+        if any(p.shape == (48, 64, 3) and p[0, 0, 0] == 7 for p in pixels):
+            raise RuntimeError("CUDA out of memory (simulated)\nmore")
+        return original(self, pixels, given)
+
+    from PIL import Image
+    Image.new("RGB", (64, 48), (7, 7, 7)).save(images / "img001.jpg", quality=100)
+    type(tiny_detector).forward = flaky_forward
+    try:
+        summary = run_extraction(tiny_detector, discover_inputs(str(images)), ShardWriter(str(tmp_path / "out")),
+                                 RegionSelector(), ExtractionSettings(batch_size=3, progress=False))
+    finally:
+        type(tiny_detector).forward = original
+    assert (summary["done"], summary["failed"]) == (2, 1)
+    (error,) = [json.loads(l) for l in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
+    assert error["path"].endswith("img001.jpg")
+    assert error["reason"] == "detector failed: CUDA out of memory (simulated)"
+    assert failing["calls"] == 4  # the batch, then each image alone

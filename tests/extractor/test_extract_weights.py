@@ -4,8 +4,12 @@ from __future__ import annotations
 import os
 import pickle
 
+import numpy as np
 import pytest
 import torch
+
+from extract_helpers import read_shards, write_images
+from extractor.cli import main
 
 from extractor.config import tiny_config
 from extractor.detector import BottomUpDetector, build_detector
@@ -70,7 +74,7 @@ def test_strict_loading_names_missing_and_unexpected_keys(tmp_path):
     # the attribute weights in a detector built without the attribute head: unexpected names
     _, state = _random_state()
     torch.save(state, path)
-    with pytest.raises(WeightsError, match="unexpected: .*cls_embedding"):
+    with pytest.raises(WeightsError, match="unexpected: .*cls_embedding.*pass --attributes"):
         load_detector_weights(BottomUpDetector(tiny_config(use_attributes=False)), str(path))
 
 
@@ -118,3 +122,22 @@ def test_bad_files_fail_clearly(tmp_path):
         load_detector_weights(BottomUpDetector(tiny_config()), str(tmp_path / "w.h5"))
     with pytest.raises(WeightsError, match="not found"):
         load_detector_weights(BottomUpDetector(tiny_config()), str(tmp_path / "absent.pkl"))
+
+
+def test_caffe2_blob_names_are_explained(tmp_path):
+    path = tmp_path / "model_final.pkl"
+    path.write_bytes(pickle.dumps({"blobs": {"res2_0_branch2a_w": np.zeros((1, 1), np.float32)}}))
+    with pytest.raises(WeightsError, match="model_final.pkl: uses Caffe2/Detectron1 blob names"):
+        load_detector_weights(BottomUpDetector(tiny_config()), str(path))
+
+
+def test_cli_records_the_weights_hash(tmp_path):
+    _, state = _random_state()
+    weights = tmp_path / "faster_rcnn_from_caffe_attr.pkl"
+    weights.write_bytes(pickle.dumps({"model": {n: t.numpy() for n, t in state.items()}, "__author__": "t"}))
+    images = write_images(tmp_path / "images", 1)
+    main([str(images), str(tmp_path / "out"), "--config", "tiny", "--attributes", "--workers", "0",
+          "--quiet", "--weights", str(weights)])
+    (sample,) = read_shards(tmp_path / "out").values()
+    assert sample["json"]["weights_hash"] == file_sha256_prefix(str(weights))
+    assert sample["attr_prob.npy"].shape[1] == 401
