@@ -73,7 +73,7 @@ def extract(images, out, weights, config_name, attributes, backend, device, batc
     from extractor.config import get_config
     from extractor.detector import build_detector
     from extractor.gt_boxes import GroundTruthBoxes
-    from extractor.pipeline import ExtractionSettings, run_extraction
+    from extractor.pipeline import ExtractionSettings, RecipeMismatch, run_extraction
     from extractor.select import RegionSelector
     from extractor.sources import discover_inputs, split_for_rank
     from extractor.weights import WeightsError
@@ -100,8 +100,11 @@ def extract(images, out, weights, config_name, attributes, backend, device, batc
     writer = ShardWriter(out, prefix=prefix, shard_size=shard_size, rank=rank, world_size=world)
     settings = ExtractionSettings(batch_size=batch_size, workers=workers, preview=preview,
                                   class_names=class_names, throttle_s=throttle, progress=not quiet)
-    summary = run_extraction(detector, records, writer,
-                             RegionSelector(min_boxes, max_boxes, conf_threshold), settings, boxes)
+    try:
+        summary = run_extraction(detector, records, writer,
+                                 RegionSelector(min_boxes, max_boxes, conf_threshold), settings, boxes)
+    except RecipeMismatch as error:
+        raise click.ClickException(str(error)) from error
     summary.update(rank=rank, num_workers=world, out=str(out))
     click.echo(f"done {summary['done']}, skipped {summary['skipped']}, failed {summary['failed']} "
                f"(see {os.path.join(out, 'errors.jsonl')}); {summary['images_per_second']} images/s")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,6 +142,32 @@ def _detect(detector: BottomUpDetector, pixels: List[np.ndarray], given):
     return results
 
 
+class RecipeMismatch(ValueError):
+    """OUT already holds shards made with another detector, weights or selection settings."""
+
+
+def check_recipe(out_dir: Path, header: Dict) -> None:
+    """Record the feature recipe in OUT/recipe.json on the first run; refuse to resume into OUT
+    with a different one (shards of mixed recipes would silently poison training)."""
+    path = Path(out_dir) / "recipe.json"
+    if path.is_file():
+        try:
+            previous = json.loads(path.read_text())
+        except ValueError:
+            previous = None
+        if previous is not None and previous != header:
+            changed = sorted(k for k in set(previous) | set(header) if previous.get(k) != header.get(k))
+            raise RecipeMismatch(
+                f"{path}: this output folder was made with a different feature recipe "
+                f"({', '.join(f'{k}: {previous.get(k)!r} -> {header.get(k)!r}' for k in changed)}); "
+                "use a new output folder")
+        if previous is not None:
+            return
+    temporary = path.with_name(f".recipe.json.{os.getpid()}")
+    temporary.write_text(json.dumps(header, indent=1, sort_keys=True) + "\n")
+    os.replace(temporary, path)
+
+
 def run_extraction(detector: BottomUpDetector, records: List[InputRecord], writer: ShardWriter,
                    selector: RegionSelector, settings: ExtractionSettings,
                    gt_boxes: Optional[GroundTruthBoxes] = None) -> Dict:
@@ -151,6 +178,7 @@ def run_extraction(detector: BottomUpDetector, records: List[InputRecord], write
     if gt_boxes is None:
         header.update(min_boxes=selector.min_boxes, max_boxes=selector.max_boxes,
                       conf_threshold=selector.conf_threshold)
+    check_recipe(writer.out_dir, header)
     names = load_class_names(settings.class_names, detector.config.num_classes) \
         if settings.preview else []
     loader = DataLoader(DecodingDataset(todo, settings.max_pixels), batch_size=settings.batch_size,

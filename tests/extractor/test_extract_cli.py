@@ -198,3 +198,16 @@ def test_a_detector_failure_on_one_image_does_not_stop_the_run(tmp_path, tiny_de
     assert error["path"].endswith("img001.jpg")
     assert error["reason"] == "detector failed: CUDA out of memory (simulated)"
     assert failing["calls"] == 4  # the batch, then each image alone
+
+
+def test_resuming_with_another_recipe_is_refused(tmp_path):
+    from click import ClickException
+
+    images = write_images(tmp_path / "images", 2)
+    out = tmp_path / "out"
+    main([str(images), str(out), *TINY, "--max-boxes", "20"])
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert recipe["max_boxes"] == 20 and recipe["weights_hash"] == "random-init"
+    with pytest.raises(ClickException, match="different feature recipe.*max_boxes: 20 -> 36"):
+        main([str(images), str(out), *TINY])
+    assert main([str(images), str(out), *TINY, "--max-boxes", "20"])["skipped"] == 2
