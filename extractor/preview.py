@@ -7,6 +7,8 @@ from typing import List, Optional, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+MIN_PREVIEW_SIDE = 400
+
 
 def load_class_names(path: Optional[str], num_classes: int) -> List[str]:
     """One name per line (e.g. Visual Genome objects_vocab.txt, first synonym used);
@@ -23,12 +25,17 @@ def draw_preview(pixels: np.ndarray, boxes: np.ndarray, cls_prob: np.ndarray,
                  class_names: Sequence[str], out_path: Path) -> None:
     """pixels (H, W, 3) uint8; boxes (N, 4) pixels; cls_prob (N, C+1) column 0 = background."""
     image = Image.fromarray(pixels).convert("RGB")
+    zoom = max(1.0, MIN_PREVIEW_SIDE / min(image.size))  # small images: enlarge to be readable
+    if zoom > 1.0:
+        image = image.resize((round(image.width * zoom), round(image.height * zoom)), Image.NEAREST)
     draw = ImageDraw.Draw(image)
     foreground = cls_prob[:, 1:].astype(np.float32)  # (N, C)
     for box, probs in zip(boxes, foreground):
         label = int(probs.argmax())
-        x1, y1, x2, y2 = (float(v) for v in box)
+        x1, y1, x2, y2 = (float(v) * zoom for v in box)
         draw.rectangle([x1, y1, x2, y2], outline=(255, 40, 40), width=2)
-        draw.text((x1 + 2, y1 + 1), f"{class_names[label]} {probs[label]:.2f}", fill=(255, 255, 0))
+        text = f"{class_names[label]} {probs[label]:.2f}"
+        draw.rectangle(draw.textbbox((x1 + 2, y1 + 1), text), fill=(0, 0, 0))
+        draw.text((x1 + 2, y1 + 1), text, fill=(255, 255, 0))
     out_path.parent.mkdir(parents=True, exist_ok=True)
     image.save(out_path)

@@ -211,3 +211,22 @@ def test_resuming_with_another_recipe_is_refused(tmp_path):
     with pytest.raises(ClickException, match="different feature recipe.*max_boxes: 20 -> 36"):
         main([str(images), str(out), *TINY])
     assert main([str(images), str(out), *TINY, "--max-boxes", "20"])["skipped"] == 2
+
+
+def test_preview_draws_named_boxes_on_an_enlarged_small_image(tmp_path):
+    from PIL import Image
+
+    from extractor.preview import draw_preview, load_class_names
+
+    names_file = tmp_path / "objects_vocab.txt"
+    names_file.write_text("\n".join(["cat,kitty", "dog"]))
+    names = load_class_names(str(names_file), 2)
+    assert names == ["cat", "dog"]
+    pixels = np.zeros((50, 100, 3), np.uint8)
+    draw_preview(pixels, np.array([[10, 10, 40, 30]], np.float32), np.array([[0.1, 0.2, 0.7]]), names,
+                 tmp_path / "p.png")
+    image = np.asarray(Image.open(tmp_path / "p.png"))
+    assert image.shape == (400, 800, 3)  # shortest side enlarged to 400
+    assert tuple(image[200, 80]) == (255, 40, 40)  # the left edge of the box, x = 10 * 8
+    with pytest.raises(ValueError, match="2 class names, the detector has 1600"):
+        load_class_names(str(names_file), 1600)
