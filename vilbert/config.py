@@ -52,6 +52,12 @@ class ViLBertConfig:
     t_biattention_id: list[int] = field(default_factory=lambda: [6, 7, 8, 9, 10, 11])
     with_coattention: bool = True  # False: the co-attention layers are skipped (ablation)
 
+    # VL-BERT only: initial gains of the LayerNorms on the visual feature embedding of words and of
+    # regions (VL-BERT's visual_ln_text / visual_ln_object). Words start without the image (as in
+    # VL-BERT's pretraining configs), regions with their features (its code default).
+    visual_scale_text_init: float = 0.0
+    visual_scale_object_init: float = 1.0
+
     fusion_method: str = "mul"  # how h_IMG and h_CLS are combined for alignment
     task_specific_tokens: bool = False  # vilbert-multi-task: a task token after [CLS]
     num_task_tokens: int = 20

@@ -45,11 +45,11 @@ class ImageEmbeddings(nn.Module):
     [0, 0, 1, 1, 1]); the data pipeline builds it, as the official ViLBERT code does.
     """
 
-    def __init__(self, config, out_dim: int):
+    def __init__(self, config, out_dim: int, with_norm: bool = True):
         super().__init__()
         self.feature_projection = nn.Linear(config.v_feature_size, out_dim)
         self.location_projection = nn.Linear(5, out_dim)
-        self.norm = nn.LayerNorm(out_dim, eps=config.layer_norm_eps)
+        self.norm = nn.LayerNorm(out_dim, eps=config.layer_norm_eps) if with_norm else None
         self.dropout = nn.Dropout(config.hidden_dropout_prob)  # the official code uses the text rate
 
     def project(self, image_feat: torch.Tensor, image_loc: torch.Tensor) -> torch.Tensor:

@@ -114,23 +114,34 @@ class ViLBertModel(nn.Module):
 class VLBertModel(nn.Module):
     """VL-BERT-style single stream: [CLS] text [SEP] followed by the visual elements.
 
-    Every element's input is token embedding + segment embedding + position embedding + visual
-    feature embedding (seed notes on VL-BERT): text tokens get the whole-image ([IMG]) feature
-    embedding; visual elements get a learned [IMG] token embedding, a visual segment embedding and
-    their own region feature embedding (regions have no sequence position).
+    Every element's input is token + segment + position + visual feature embedding (seed notes on
+    VL-BERT): words get the whole-image ([IMG]) feature embedding, visual elements a learned [IMG]
+    token embedding, a visual segment embedding and their own region feature embedding (regions
+    have no sequence position). As in VL-BERT, each visual feature embedding passes a LayerNorm
+    whose gain starts at `visual_scale_*_init` (0: words start as plain BERT and do not drown in
+    the image feature; the gains are learned).
     """
 
     def __init__(self, config: ViLBertConfig):
         super().__init__()
         self.config = config
-        D = config.hidden_size
+        D, eps = config.hidden_size, config.layer_norm_eps
         self.embeddings = TextEmbeddings(config)
-        self.image_embeddings = ImageEmbeddings(config, D)
+        self.image_embeddings = ImageEmbeddings(config, D, with_norm=False)
+        self.text_visual_norm = nn.LayerNorm(D, eps=eps)
+        self.region_visual_norm = nn.LayerNorm(D, eps=eps)
         self.img_token = nn.Parameter(torch.zeros(D))
         self.visual_segment = nn.Parameter(torch.zeros(D))
         self.layers = nn.ModuleList(_text_layer(config) for _ in range(config.num_hidden_layers))
         self.text_pooler = Pooler(D, config.bi_hidden_size)
         self.image_pooler = Pooler(D, config.bi_hidden_size)
+
+    def post_init(self) -> None:
+        """Called after the generic weight initialisation."""
+        nn.init.normal_(self.img_token, std=self.config.initializer_range)
+        nn.init.normal_(self.visual_segment, std=self.config.initializer_range)
+        nn.init.constant_(self.text_visual_norm.weight, self.config.visual_scale_text_init)
+        nn.init.constant_(self.region_visual_norm.weight, self.config.visual_scale_object_init)
 
     def forward(self, input_ids, image_feat, image_loc, token_type_ids=None, attention_mask=None,
                 image_mask=None, task_ids=None) -> BackboneOutput:
@@ -138,10 +149,11 @@ class VLBertModel(nn.Module):
             input_ids, image_feat, token_type_ids, attention_mask, image_mask
         )
         visual = self.image_embeddings.project(image_feat, image_loc)  # (B, R, D)
-        text = self.embeddings(input_ids, token_type_ids, task_ids, extra=visual[:, :1])  # (B, T, D)
+        text = self.embeddings(input_ids, token_type_ids, task_ids, extra=self.text_visual_norm(visual[:, :1]))
         if self.embeddings.task_embeddings is not None:
             attention_mask = torch.cat([attention_mask[:, :1], attention_mask], dim=1)
-        image = self.image_embeddings.dropout(self.embeddings.norm(visual + self.img_token + self.visual_segment))
+        image = self.region_visual_norm(visual) + self.img_token + self.visual_segment  # (B, R, D)
+        image = self.image_embeddings.dropout(self.embeddings.norm(image))
         T = text.shape[1]
         x = torch.cat([text, image], dim=1)  # (B, T+R, D)
         mask = key_padding_mask(torch.cat([attention_mask.bool(), image_mask.bool()], dim=1))

@@ -56,6 +56,8 @@ class ViLBert(nn.Module):
         self.alignment_head = AlignmentHead(config)
         self.task_heads = TaskHeads(config, task_heads)
         self.apply(lambda m: init_weights(m, config.initializer_range))
+        if hasattr(self.backbone, "post_init"):
+            self.backbone.post_init()
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
