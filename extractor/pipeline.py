@@ -209,6 +209,10 @@ def run_extraction(detector: BottomUpDetector, records: List[InputRecord], write
             height, width = item["pixels"].shape[:2]
             boxes, features, cls_prob, attr = select_regions(
                 result[0], result[1], width, height, None if gt_boxes is not None else selector)
+            if len(boxes) == 0:
+                writer.log_error(record.key, record.source, "the detector proposed no regions")
+                failed += 1
+                continue
             writer.write(record.key, encode_sample(record, width, height, boxes, features,
                                                    cls_prob, attr, header))
             done += 1

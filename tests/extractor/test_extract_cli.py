@@ -230,3 +230,18 @@ def test_preview_draws_named_boxes_on_an_enlarged_small_image(tmp_path):
     assert tuple(image[200, 80]) == (255, 40, 40)  # the left edge of the box, x = 10 * 8
     with pytest.raises(ValueError, match="2 class names, the detector has 1600"):
         load_class_names(str(names_file), 1600)
+
+
+def test_an_image_without_proposals_is_logged_not_written(tmp_path, tiny_detector, monkeypatch):
+    from extractor.pipeline import ExtractionSettings, run_extraction
+    from extractor.select import RegionSelector
+    from extractor.sources import discover_inputs
+    from extractor.writer import ShardWriter
+
+    images = write_images(tmp_path / "images", 1)
+    monkeypatch.setattr(tiny_detector.proposal_generator, "forward",
+                        lambda features, sizes: [features.new_zeros((0, 4)) for _ in sizes])
+    summary = run_extraction(tiny_detector, discover_inputs(str(images)), ShardWriter(str(tmp_path / "out")),
+                             RegionSelector(), ExtractionSettings(progress=False))
+    assert (summary["done"], summary["failed"]) == (0, 1)
+    assert "no regions" in (tmp_path / "out" / "errors.jsonl").read_text()
