@@ -81,7 +81,7 @@ def test_bert_weights_land_and_text_stream_equals_bert(tmp_path, safe):
 
 
 def test_bert_weights_into_vlbert(tmp_path):
-    model = ViLBert(text_config("vlbert"))
+    model = ViLBert(text_config("vlbert", hidden_size=32, v_hidden_size=32, bi_hidden_size=32, intermediate_size=64))
     report = load_bert_weights(model, tiny_bert_dir(tmp_path))
     assert any(k.startswith("backbone.layers.3.") for k in report.loaded)
     assert "backbone.img_token" in report.missing
