@@ -48,6 +48,9 @@ def _rank_and_world(rank, num_workers):
 @click.option("--max-boxes", type=click.IntRange(min=1), default=36, help="At most this many regions per image.")
 @click.option("--conf-threshold", type=float, default=0.2,
               help="Keep regions whose best class score survives per-class NMS (IoU 0.3) at >= this.")
+@click.option("--proposals", type=click.IntRange(min=1), default=None,
+              help="RPN proposals kept after NMS, among which regions are selected "
+                   "[default: 300 for r101, 60 for tiny].")
 @click.option("--gt-boxes", type=click.Path(exists=True, dir_okay=False), default=None,
               help="JSON {name: [[x1,y1,x2,y2],...]} or COCO file: features for exactly these boxes.")
 @click.option("--preview", type=click.IntRange(min=0), default=0,
@@ -64,7 +67,7 @@ def _rank_and_world(rank, num_workers):
 @click.option("--throttle", type=float, default=0.0, hidden=True)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def extract(images, out, weights, config_name, attributes, backend, device, batch_size, precision,
-            workers, captions, min_boxes, max_boxes, conf_threshold, gt_boxes, preview,
+            workers, captions, min_boxes, max_boxes, conf_threshold, proposals, gt_boxes, preview,
             class_names, shard_size, prefix, num_workers, rank, seed, throttle, quiet):
     """Extract bottom-up-attention region features from IMAGES (a folder of images, a folder of
     img2dataset .tar shards, or one .tar) into WebDataset shards in OUT (docs/shard-format.md).
@@ -85,6 +88,8 @@ def extract(images, out, weights, config_name, attributes, backend, device, batc
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     config = get_config(config_name, use_attributes=attributes)
+    if proposals:
+        config = config.replace(rpn_post_nms_topk=proposals)
     try:
         if backend == "detectron2":
             from extractor.backend_detectron2 import build_detectron2_detector

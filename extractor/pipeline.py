@@ -177,7 +177,8 @@ def run_extraction(detector: BottomUpDetector, records: List[InputRecord], write
                   mode="gt-boxes" if gt_boxes else "detected")
     if gt_boxes is None:
         header.update(min_boxes=selector.min_boxes, max_boxes=selector.max_boxes,
-                      conf_threshold=selector.conf_threshold)
+                      conf_threshold=selector.conf_threshold,
+                      proposals=detector.config.rpn_post_nms_topk)
     check_recipe(writer.out_dir, header)
     names = load_class_names(settings.class_names, detector.config.num_classes) \
         if settings.preview else []

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 
-@pytest.fixture(autouse=True, scope="session")
+@pytest.fixture(autouse=True, scope="module")
 def _single_thread():
+    """Per module, so the setting never leaks into other test directories."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -208,6 +208,7 @@ def test_resuming_with_another_recipe_is_refused(tmp_path):
     main([str(images), str(out), *TINY, "--max-boxes", "20"])
     recipe = json.loads((out / "recipe.json").read_text())
     assert recipe["max_boxes"] == 20 and recipe["weights_hash"] == "random-init"
+    assert recipe["proposals"] == 60 and recipe["detector"] == "bottom-up-attention-tiny"
     with pytest.raises(ClickException, match="different feature recipe.*max_boxes: 20 -> 36"):
         main([str(images), str(out), *TINY])
     assert main([str(images), str(out), *TINY, "--max-boxes", "20"])["skipped"] == 2
