@@ -57,6 +57,8 @@ def _rank_and_world(rank, num_workers):
               help="Write this many PNGs with boxes and class names to OUT/preview/.")
 @click.option("--class-names", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Class names for --preview, one per line (e.g. VG objects_vocab.txt).")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=89_478_485,
+              help="Reject larger images (decompression bombs) from their header.")
 @click.option("--shard-size", type=click.IntRange(min=1), default=1000, help="Samples per shard.")
 @click.option("--prefix", default="shard", help="Shard file prefix: PREFIX-000000.tar.")
 @click.option("--num-workers", "num_workers", type=click.IntRange(min=1), default=None,
@@ -68,7 +70,7 @@ def _rank_and_world(rank, num_workers):
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def extract(images, out, weights, config_name, attributes, backend, device, batch_size, precision,
             workers, captions, min_boxes, max_boxes, conf_threshold, proposals, gt_boxes, preview,
-            class_names, shard_size, prefix, num_workers, rank, seed, throttle, quiet):
+            class_names, max_pixels, shard_size, prefix, num_workers, rank, seed, throttle, quiet):
     """Extract bottom-up-attention region features from IMAGES (a folder of images, a folder of
     img2dataset .tar shards, or one .tar) into WebDataset shards in OUT (docs/shard-format.md).
 
@@ -104,7 +106,8 @@ def extract(images, out, weights, config_name, attributes, backend, device, batc
     records = split_for_rank(discover_inputs(images, captions, exclude=out), rank, world)
     writer = ShardWriter(out, prefix=prefix, shard_size=shard_size, rank=rank, world_size=world)
     settings = ExtractionSettings(batch_size=batch_size, workers=workers, preview=preview,
-                                  class_names=class_names, throttle_s=throttle, progress=not quiet)
+                                  class_names=class_names, max_pixels=max_pixels,
+                                  throttle_s=throttle, progress=not quiet)
     try:
         summary = run_extraction(detector, records, writer,
                                  RegionSelector(min_boxes, max_boxes, conf_threshold), settings, boxes)

@@ -22,10 +22,12 @@ def test_folder_with_captions_errors_preview_and_resume(tmp_path):
     (images / "empty.jpg").write_bytes(b"")
     (images / "page.png").write_text("<html>")
     out = tmp_path / "out"
+    make_image(300, 200).save(images / "huge.png")  # "huge" under --max-pixels 50000
     args = [str(images), str(out), *TINY, "--shard-size", "2", "--captions", str(images / "captions.tsv"),
+            "--max-pixels", "50000",
             "--preview", "2", "--batch-size", "3"]
     summary = main(args)
-    assert (summary["done"], summary["skipped"], summary["failed"]) == (5, 0, 2)
+    assert (summary["done"], summary["skipped"], summary["failed"]) == (5, 0, 3)
     samples = read_shards(out)
     assert sorted(samples) == [f"img{i:03d}" for i in range(5)]
     assert samples["img000"]["txt"] == "sidecar caption" and samples["img001"]["txt"] == "a cat on a mat"
@@ -48,15 +50,16 @@ def test_folder_with_captions_errors_preview_and_resume(tmp_path):
         "shard-000000.tar": 2, "shard-000001.tar": 2, "shard-000002.tar": 1}
     errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
     assert {e["path"].rsplit("/", 1)[1]: e["reason"] for e in errors} == {
-        "empty.jpg": "empty file (0 bytes)", "page.png": "not an image (unrecognised format)"}
+        "empty.jpg": "empty file (0 bytes)", "page.png": "not an image (unrecognised format)",
+        "huge.png": "image too large: 300x200 = 60000 pixels exceeds the limit of 50000 (decompression bomb?)"}
     assert len(list((out / "preview").glob("*.png"))) == 2
     # the shards are plain WebDataset
     keys = [s["__key__"] for s in wds.WebDataset(sorted(str(p) for p in out.glob("*.tar")), shardshuffle=False)]
     assert sorted(keys) == sorted(samples)
     # re-run: nothing redone, nothing logged twice
     again = main(args)
-    assert (again["done"], again["skipped"], again["failed"]) == (0, 7, 0)
-    assert len((out / "errors.jsonl").read_text().splitlines()) == 2
+    assert (again["done"], again["skipped"], again["failed"]) == (0, 8, 0)
+    assert len((out / "errors.jsonl").read_text().splitlines()) == 3
 
 
 def _img2dataset_tar(path, count):
