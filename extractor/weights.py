@@ -104,6 +104,8 @@ def read_weight_file(path: str) -> Dict[str, torch.Tensor]:
         if not isinstance(name, str):
             raise WeightsError(f"{path}: non-string parameter name {name!r}")
         if isinstance(value, np.ndarray):
+            if value.dtype.kind not in "biuf":
+                raise WeightsError(f"{path}: {name} has non-numeric dtype {value.dtype}")
             value = torch.from_numpy(np.ascontiguousarray(value))
         if not isinstance(value, torch.Tensor):
             continue  # detectron2 pickles carry metadata such as "__author__"

@@ -104,6 +104,13 @@ def test_malicious_pickle_is_refused_without_executing(tmp_path):
     assert not marker.exists()
 
 
+def test_object_arrays_are_refused(tmp_path):
+    path = tmp_path / "objects.pkl"
+    path.write_bytes(pickle.dumps({"model": {"x": np.array([{"a": 1}], dtype=object)}}))
+    with pytest.raises(WeightsError, match="objects.pkl: x has non-numeric dtype object"):
+        load_detector_weights(BottomUpDetector(tiny_config()), str(path))
+
+
 def test_malicious_torch_file_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.bin"
