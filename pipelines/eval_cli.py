@@ -1,0 +1,133 @@
+"""`vilbert-eval`: fine-tune (optionally) and evaluate a ViLBERT model on a downstream task.
+
+Writes OUT/results.json (metrics per split + the run's settings), OUT/predictions_SPLIT.json,
+OUT/finetuned/ (our checkpoint format, when --train-steps > 0) and, for refcoco+ with
+--visualize N, OUT/visualize/SPLIT/*.png.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import click
+import torch
+
+from pipelines.tasks import TASKS
+from pipelines.tasks.base import TaskOptions, finetune, log, write_json
+
+
+def load_model(checkpoint, official_checkpoint, official_config, preset, device):
+    from vilbert import ViLBert, load_official_checkpoint, load_preset, load_pretrained
+
+    given = [x for x in (checkpoint, official_checkpoint, preset) if x]
+    if len(given) != 1:
+        raise click.UsageError("give exactly one of --checkpoint, --official-checkpoint or --init-preset")
+    if checkpoint:
+        model = load_pretrained(checkpoint)
+        source = f"checkpoint {checkpoint}"
+    elif official_checkpoint:
+        model, report = load_official_checkpoint(official_checkpoint, official_config)
+        log.info("official checkpoint %s: %s", official_checkpoint, report.summary())
+        source = f"official checkpoint {official_checkpoint}"
+    else:
+        from vilbert import ViLBertConfig
+
+        config = ViLBertConfig.from_json(preset) if Path(preset).is_file() else load_preset(preset)
+        model = ViLBert(config)
+        source = f"randomly initialised {preset}"
+    return model.to(device), source
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--task", "task_name", type=click.Choice(sorted(TASKS)), required=True, help="Downstream task.")
+@click.option("--data", type=click.Path(exists=True, file_okay=False), required=True,
+              help="Annotation folder of the task (see docs/tasks.md for each layout).")
+@click.option("--features", type=click.Path(exists=True, file_okay=False), required=True,
+              help="Region-feature shards from vilbert-extract, looked up by image id.")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Output folder.")
+@click.option("--checkpoint", type=click.Path(exists=True, file_okay=False), help="Our checkpoint directory.")
+@click.option("--official-checkpoint", type=click.Path(exists=True, dir_okay=False),
+              help="vilbert-multi-task / vilbert_beta pytorch_model.bin.")
+@click.option("--official-config", type=click.Path(exists=True, dir_okay=False),
+              help="Official config JSON for --official-checkpoint (default: the vilbert-base preset).")
+@click.option("--init-preset", help="Start from a randomly initialised preset name or config JSON (smoke tests, baselines).")
+@click.option("--tokenizer", type=click.Path(exists=True), required=True,
+              help="BERT tokenizer directory or vocab.txt (bert-base-uncased for the released models).")
+@click.option("--train-steps", type=int, default=0, help="Fine-tuning steps; 0 = evaluate only (zero-shot).")
+@click.option("--batch-size", type=int, default=32, help="Fine-tuning batch (retrieval: positives, x4 pairs).")
+@click.option("--eval-batch-size", type=int, default=128, help="Evaluation batch size.")
+@click.option("--lr", type=float, default=2e-5, help="Peak learning rate (AdamW).")
+@click.option("--warmup", type=float, default=0.1, help="Warmup fraction of --train-steps.")
+@click.option("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases/LayerNorm).")
+@click.option("--max-seq-length", type=int, default=20, help="Max tokens incl. [CLS]/[SEP] (official: "
+              "refcoco+ 20, vqa 23, retrieval 30).")
+@click.option("--max-regions", type=int, default=101, help="Max visual positions incl. [IMG].")
+@click.option("--split", "splits", multiple=True, help="Evaluation split (repeatable). Default: refcoco+ "
+              "val/testA/testB, retrieval test, vqa val.")
+@click.option("--task-token", type=int, help="Task token id for multi-task checkpoints (default: the "
+              "official id of the task: refcoco+ 10, retrieval 8, vqa 1).")
+@click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Torch device.")
+@click.option("--seed", type=int, default=0, help="Random seed.")
+@click.option("--gt-boxes", "gt_features", type=click.Path(exists=True, file_okay=False),
+              help="refcoco+: shards of ground-truth-box regions (vilbert-extract --gt-boxes), mixed into training.")
+@click.option("--eval-on-gt-boxes", is_flag=True, help="refcoco+: evaluate on the --gt-boxes regions.")
+@click.option("--hard-targets", is_flag=True, help="refcoco+: 1/0 targets instead of the IoU (>= 0.5).")
+@click.option("--visualize", type=int, default=0, help="refcoco+: draw the first N predictions per split.")
+@click.option("--images", type=click.Path(exists=True, file_okay=False),
+              help="refcoco+: COCO image folder for --visualize (else a grey canvas).")
+@click.option("--score-head", type=click.Choice(["auto", "alignment", "retrieval"]), default="auto",
+              help="retrieval: score pairs with the alignment head or a 'retrieval' head (auto: the latter if present).")
+@click.option("--max-images", type=int, help="retrieval: evaluate on the first N images only.")
+@click.option("--answers", type=click.Path(exists=True, dir_okay=False),
+              help="vqa: answer vocabulary (.json list, .txt, or the official label2ans .pkl).")
+@click.option("--num-answers", type=int, default=3129, help="vqa: vocabulary size built from the train annotations.")
+@click.option("--train-split", default="train", help="Split used for fine-tuning (vqa: e.g. trainval).")
+@click.option("--save/--no-save", default=True, help="Save the fine-tuned model to OUT/finetuned.")
+def cli(task_name, data, features, out, checkpoint, official_checkpoint, official_config, init_preset, tokenizer,
+        train_steps, batch_size, eval_batch_size, lr, warmup, weight_decay, max_seq_length, max_regions, splits,
+        task_token, device, seed, gt_features, eval_on_gt_boxes, hard_targets, visualize, images, score_head,
+        max_images, answers, num_answers, train_split, save):
+    """Fine-tune and evaluate on refcoco+, retrieval (Flickr30k/COCO) or vqa (VQA v2)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.manual_seed(seed)
+    out = Path(out)
+    opts = TaskOptions(
+        data=Path(data), features=Path(features), out=out, tokenizer=Path(tokenizer),
+        max_seq_length=max_seq_length, max_regions=max_regions, batch_size=batch_size,
+        eval_batch_size=eval_batch_size, train_steps=train_steps, lr=lr, warmup=warmup, weight_decay=weight_decay,
+        seed=seed, device=device, splits=tuple(splits), task_token=task_token,
+        extra={"gt_features": gt_features, "eval_on_gt": eval_on_gt_boxes, "soft_targets": not hard_targets,
+               "visualize": visualize, "images": images, "score_head": score_head, "max_images": max_images,
+               "answers": answers, "num_answers": num_answers, "train_split": train_split},
+    )
+    try:
+        task = TASKS[task_name](opts)
+        model, source = load_model(checkpoint, official_checkpoint, official_config, init_preset, device)
+        task.prepare(model)
+        model.to(device)
+        t0 = time.time()
+        losses = finetune(model, task, opts)
+        results = {"task": task_name, "model": source, "train_steps": train_steps, "splits": {},
+                   "train_loss_first": losses[0] if losses else None, "train_loss_last": losses[-1] if losses else None}
+        if losses and save:
+            from vilbert import save_pretrained
+
+            save_pretrained(model, out / "finetuned", {"task": task_name, "train_steps": train_steps, "from": source})
+        for split in opts.splits or task.default_splits:
+            metrics, preds = task.evaluate(model, split)
+            results["splits"][split] = metrics
+            write_json(out / f"predictions_{split}.json", preds)
+            click.echo(f"{task_name} {split}: " + ", ".join(
+                f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+        results["seconds"] = round(time.time() - t0, 1)
+        write_json(out / "results.json", results)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        click.echo(f"vilbert-eval: error: {e}", err=True)
+        sys.exit(1)
+    return results
+
+
+def main(argv=None):
+    return cli.main(args=argv, prog_name="vilbert-eval", standalone_mode=True)

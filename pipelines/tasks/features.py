@@ -1,0 +1,175 @@
+"""Region features for downstream tasks, read from `vilbert-extract` shards by image id.
+
+Shards are indexed once (member offsets inside each tar), then a sample's `.npy` members are read
+with a seek + `np.load(allow_pickle=False)`; nothing in a shard is unpickled. Dataset image ids
+(COCO's integer ids, Flickr30k's file stems) are matched to shard keys by exact key, or by the
+trailing digits of the key (`COCO_train2014_000000123456` -> 123456), see `FeatureStore.key_for`.
+
+`regions()` returns what the model eats: position 0 is the [IMG] token (mean feature, location
+[0, 0, 1, 1, 1]) followed by the regions, with 5-d locations x1/W, y1/H, x2/W, y2/H, area/(WH).
+"""
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REQUIRED = ("json", "features.npy", "boxes.npy")
+
+
+@dataclass
+class Regions:
+    features: np.ndarray  # (N, F) float32, detector regions (no [IMG])
+    boxes: np.ndarray  # (N, 4) float32 pixels x1, y1, x2, y2
+    width: int
+    height: int
+    key: str
+    mode: str = "detected"
+
+
+def locations(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
+    """(N, 4) pixel boxes -> (N, 5) normalised x1, y1, x2, y2, area fraction."""
+    w, h = float(width), float(height)
+    loc = np.zeros((len(boxes), 5), np.float32)
+    loc[:, 0], loc[:, 2] = boxes[:, 0] / w, boxes[:, 2] / w
+    loc[:, 1], loc[:, 3] = boxes[:, 1] / h, boxes[:, 3] / h
+    loc[:, 4] = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / (w * h)
+    return loc
+
+
+def with_img_token(features: np.ndarray, boxes: np.ndarray, width: int, height: int):
+    """-> features (N+1, F), locations (N+1, 5): [IMG] first (mean feature, whole image)."""
+    feats = np.concatenate([features.mean(0, keepdims=True), features], axis=0).astype(np.float32)
+    loc = np.concatenate([np.array([[0, 0, 1, 1, 1]], np.float32), locations(boxes, width, height)], axis=0)
+    return feats, loc
+
+
+def pad_regions(items: list[tuple[np.ndarray, np.ndarray]], max_regions: int | None = None):
+    """[(feats (Ni, F), loc (Ni, 5))] -> image_feat (B, R, F), image_loc (B, R, 5), image_mask (B, R)."""
+    R = max(len(f) for f, _ in items)
+    if max_regions:
+        R = min(R, max_regions)
+    F = items[0][0].shape[1]
+    feat = torch.zeros(len(items), R, F)
+    loc = torch.zeros(len(items), R, 5)
+    mask = torch.zeros(len(items), R, dtype=torch.long)
+    for i, (f, l) in enumerate(items):
+        n = min(len(f), R)
+        feat[i, :n] = torch.from_numpy(np.ascontiguousarray(f[:n]))
+        loc[i, :n] = torch.from_numpy(np.ascontiguousarray(l[:n]))
+        mask[i, :n] = 1
+    return feat, loc, mask
+
+
+class FeatureStore:
+    """All samples of the `PREFIX-*.tar` shards in a folder, looked up by image id."""
+
+    def __init__(self, folder: str | Path, cache_size: int = 4096):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise FileNotFoundError(f"{self.folder}: feature folder not found (expected vilbert-extract shards)")
+        shards = sorted(p for p in self.folder.glob("*.tar") if not p.name.startswith("."))
+        if not shards:
+            raise FileNotFoundError(f"{self.folder}: no *.tar shards (expected vilbert-extract output)")
+        self.members: dict[str, dict[str, tuple[Path, int, int]]] = {}
+        for shard in shards:
+            try:
+                with tarfile.open(shard, "r:") as archive:
+                    for info in archive.getmembers():
+                        if not info.isfile():
+                            continue
+                        key, _, suffix = info.name.rpartition("/")[2].partition(".")
+                        self.members.setdefault(key, {})[suffix] = (shard, info.offset_data, info.size)
+            except tarfile.TarError as e:
+                raise ValueError(f"{shard}: not a readable tar shard: {e}") from e
+        self.by_number: dict[int, str] = {}
+        clashes = set()
+        for key in self.members:
+            m = re.search(r"(\d+)$", key)
+            if m:
+                n = int(m.group(1))
+                if n in self.by_number:
+                    clashes.add(n)
+                self.by_number[n] = key
+        for n in clashes:  # ambiguous numeric ids can only be looked up by exact key
+            del self.by_number[n]
+        self.cache: OrderedDict[str, Regions] = OrderedDict()
+        self.cache_size = cache_size
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def key_for(self, image_id) -> str | None:
+        s = str(image_id)
+        if s in self.members:
+            return s
+        stem = re.sub(r"[^A-Za-z0-9_-]", "_", s.rsplit(".", 1)[0] if "." in s else s)
+        if stem in self.members:
+            return stem
+        m = re.search(r"(\d+)$", stem)
+        return self.by_number.get(int(m.group(1))) if m else None
+
+    def __contains__(self, image_id) -> bool:
+        return self.key_for(image_id) is not None
+
+    def _read(self, key: str, suffix: str) -> bytes:
+        path, offset, size = self.members[key][suffix]
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read(size)
+
+    def _npy(self, key: str, suffix: str) -> np.ndarray:
+        path = self.members[key][suffix][0]
+        try:
+            return np.load(io.BytesIO(self._read(key, suffix)), allow_pickle=False)
+        except ValueError as e:
+            raise ValueError(f"{path}: member {key}.{suffix} is not a plain .npy array: {e}") from e
+
+    def get(self, image_id) -> Regions:
+        key = self.key_for(image_id)
+        if key is None:
+            raise KeyError(f"{self.folder}: no features for image id {image_id!r} in {len(self)} samples")
+        if key in self.cache:
+            self.cache.move_to_end(key)
+            return self.cache[key]
+        missing = [s for s in REQUIRED if s not in self.members[key]]
+        if missing:
+            raise ValueError(f"{self.members[key][next(iter(self.members[key]))][0]}: sample {key} lacks {missing}")
+        info = json.loads(self._read(key, "json"))
+        feats = self._npy(key, "features.npy").astype(np.float32)
+        boxes = self._npy(key, "boxes.npy").astype(np.float32)
+        if feats.ndim != 2 or boxes.shape != (len(feats), 4) or len(feats) == 0:
+            raise ValueError(f"{self.members[key]['json'][0]}: sample {key} has features {feats.shape}, "
+                             f"boxes {boxes.shape} (expected (N, F) and (N, 4), N > 0)")
+        regions = Regions(feats, boxes, int(info["width"]), int(info["height"]), key, info.get("mode", "detected"))
+        self.cache[key] = regions
+        if len(self.cache) > self.cache_size:
+            self.cache.popitem(last=False)
+        return regions
+
+    def feature_size(self) -> int:
+        return self.get(next(iter(self.members))).features.shape[1]
+
+
+def image_batch(store: FeatureStore, image_ids: list, max_regions: int) -> dict[str, torch.Tensor]:
+    """Padded model inputs for a list of images: image_feat (B, R, F), image_loc (B, R, 5), image_mask (B, R)."""
+    items = []
+    for image_id in image_ids:
+        r = store.get(image_id)
+        n = max_regions - 1
+        items.append(with_img_token(r.features[:n], r.boxes[:n], r.width, r.height))
+    feat, loc, mask = pad_regions(items)
+    return {"image_feat": feat, "image_loc": loc, "image_mask": mask}
+
+
+def check_features(store: FeatureStore, image_ids: list, split: str) -> None:
+    missing = [i for i in image_ids if i not in store]
+    if missing:
+        raise KeyError(f"{store.folder}: no features for {len(missing)} {split} images, e.g. {missing[:5]}")

@@ -1,0 +1,103 @@
+"""Scoring many (caption, image) pairs with ViLBERT.
+
+Co-attention mixes the streams, so each pair needs its own joint forward pass. What happens before
+the first co-attention layer depends on one stream only: the text embeddings and the text layers
+before co-attention layer 0, and the visual embeddings and visual layers before it. `PairScorer`
+runs those once per caption and once per image, caches them, and runs only the joint part per
+pair. VL-BERT (single stream) has nothing to cache and runs the full model per pair.
+"""
+from __future__ import annotations
+
+import torch
+
+from vilbert.layers import key_padding_mask
+
+
+class PairScorer:
+    """score = alignment logit[0] - logit[1] ("alignment"), or the `retrieval` head ("retrieval")."""
+
+    def __init__(self, model, head: str = "alignment", task_ids_fn=None):
+        self.model, self.head = model, head
+        self.task_ids_fn = task_ids_fn or (lambda n, device: None)
+        bb = model.backbone
+        self.cacheable = model.config.arch == "vilbert" and hasattr(bb, "encoder")
+        if head == "retrieval" and "retrieval" not in model.task_heads.spec:
+            raise ValueError("the model has no 'retrieval' head; score with the alignment head instead")
+
+    def score_outputs(self, out, image_mask) -> torch.Tensor:
+        """BackboneOutput -> (P,) scores, higher = better match."""
+        if self.head == "retrieval":
+            return self.model.task_logits("retrieval", out, image_mask)[:, 0]
+        logits = self.model.alignment_head(out.pooled_text, out.pooled_image)  # (P, 2)
+        return logits[:, 0] - logits[:, 1]
+
+    # -- stream prefixes (cacheable) -------------------------------------------------------------
+    def text_prefix(self, input_ids, token_type_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> hidden (C, T', D) after the text layers before co-attention 0, mask (C, T')."""
+        bb = self.model.backbone
+        task_ids = self.task_ids_fn(input_ids.shape[0], input_ids.device)
+        if bb.embeddings.task_embeddings is not None:
+            attention_mask = torch.cat([attention_mask[:, :1], attention_mask], dim=1)
+        h = bb.embeddings(input_ids, token_type_ids, task_ids)  # (C, T', D)
+        for layer in bb.encoder.text_layers[: bb.encoder.schedule[0][0]]:
+            h = layer(h, key_padding_mask(attention_mask))
+        return h, attention_mask
+
+    def image_prefix(self, image_feat, image_loc, image_mask) -> torch.Tensor:
+        """-> hidden (I, R, Dv) after the visual layers before co-attention 0."""
+        bb = self.model.backbone
+        h = bb.image_embeddings(image_feat, image_loc)  # (I, R, Dv)
+        for layer in bb.encoder.visual_layers[: bb.encoder.schedule[0][1]]:
+            h = layer(h, key_padding_mask(image_mask))
+        return h
+
+    def joint(self, text, text_mask, image, image_mask) -> torch.Tensor:
+        """Cached prefixes of P pairs -> (P,) scores: the encoder from co-attention layer 0 on."""
+        bb = self.model.backbone
+        enc = bb.encoder
+        tm, im = key_padding_mask(text_mask), key_padding_mask(image_mask)
+        t_start, v_start = enc.schedule[0]
+        for co_layer, (t_end, v_end) in zip(enc.co_layers, enc.schedule):
+            for layer in enc.text_layers[t_start:t_end]:
+                text = layer(text, tm)
+            for layer in enc.visual_layers[v_start:v_end]:
+                image = layer(image, im)
+            if enc.with_coattention:
+                image, text = co_layer(image, im, text, tm)
+            t_start, v_start = t_end, v_end
+        for layer in enc.visual_layers[v_start:]:
+            image = layer(image, im)
+        for layer in enc.text_layers[t_start:]:
+            text = layer(text, tm)
+        from vilbert.model import BackboneOutput
+
+        out = BackboneOutput(text, image, bb.text_pooler(text), bb.image_pooler(image))
+        return self.score_outputs(out, image_mask)
+
+    # -- all pairs -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def score_matrix(self, text: dict, images: dict, pair_batch: int = 256) -> torch.Tensor:
+        """text: input_ids/token_type_ids/attention_mask (C, T); images: image_feat (I, R, F),
+        image_loc (I, R, 5), image_mask (I, R) -> scores (C, I)."""
+        C, I = text["input_ids"].shape[0], images["image_feat"].shape[0]
+        scores = torch.empty(C, I)
+        if self.cacheable:
+            th, tmask = self.text_prefix(text["input_ids"], text["token_type_ids"], text["attention_mask"])
+            ih = self.image_prefix(images["image_feat"], images["image_loc"], images["image_mask"])
+        per = max(1, pair_batch // max(1, I)) if I <= pair_batch else 1
+        for c0 in range(0, C, per):
+            cs = torch.arange(c0, min(C, c0 + per))
+            for i0 in range(0, I, pair_batch):
+                iis = torch.arange(i0, min(I, i0 + pair_batch))
+                ci = cs.repeat_interleave(len(iis))  # (P,) caption of each pair
+                ii = iis.repeat(len(cs))  # (P,) image of each pair
+                if self.cacheable:
+                    s = self.joint(th[ci], tmask[ci], ih[ii], images["image_mask"][ii])
+                else:
+                    out = self.model.backbone(
+                        text["input_ids"][ci], images["image_feat"][ii], images["image_loc"][ii],
+                        text["token_type_ids"][ci], text["attention_mask"][ci], images["image_mask"][ii],
+                        self.task_ids_fn(len(ci), text["input_ids"].device))
+                    s = self.score_outputs(out, images["image_mask"][ii])
+                scores[ci, ii] = s.float().cpu()
+        return scores

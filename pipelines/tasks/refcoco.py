@@ -1,0 +1,157 @@
+"""Referring expressions (RefCOCO+ / RefCOCO / RefCOCOg) in the refer toolkit layout.
+
+    DATA/refs(unc).p       refer toolkit pickle (read with a restricted unpickler)
+    DATA/instances.json    COCO annotations: images (id, width, height, file_name), annotations (id, bbox)
+
+Each region (not [IMG]) gets a score from the `refer` region head (a linear layer on its final
+visual hidden state). Training targets follow vilbert-multi-task: the IoU of a region with the
+referred box where it is >= 0.5, else 0 (`soft_targets=False` gives 1/0); BCE summed over regions,
+averaged over expressions. With `gt_features` (shards of ground-truth boxes) training sees the
+detected and the ground-truth regions together, as in ViLBERT. Evaluation picks the top-scoring
+region and counts a hit when its IoU with the referred box is >= 0.5.
+
+extra options: gt_features (folder), eval_on_gt (bool), soft_targets (bool, default True),
+visualize (int), images (folder of COCO images for --visualize), refs_file (default "refs(unc).p").
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .base import Task, batched, log, read_json
+from .features import FeatureStore, pad_regions, with_img_token
+from .metrics import box_iou
+from .refer_pickle import load_refs
+from .text import encode
+
+
+def load_refer(data: Path, refs_file: str = "refs(unc).p") -> dict[str, list[dict]]:
+    """-> {split: [entry]} with one entry per expression: expression, sent_id, ref_id, image_id, box (xyxy)."""
+    refs = load_refs(data / refs_file)
+    inst_path = data / "instances.json"
+    inst = read_json(inst_path, "COCO instances")
+    if not isinstance(inst, dict) or "annotations" not in inst or "images" not in inst:
+        raise ValueError(f"{inst_path}: expected COCO instances with 'images' and 'annotations'")
+    anns = {a["id"]: a for a in inst["annotations"]}
+    splits: dict[str, list[dict]] = {}
+    for ref in refs:
+        ann = anns.get(ref["ann_id"])
+        if ann is None:
+            raise ValueError(f"{inst_path}: no annotation {ref['ann_id']} (ref_id {ref['ref_id']} in {refs_file})")
+        x, y, w, h = ann["bbox"]
+        for k, sent in enumerate(ref["sentences"]):
+            splits.setdefault(ref["split"], []).append({
+                "expression": sent["raw"], "sent_id": sent.get("sent_id", ref.get("sent_ids", [None] * (k + 1))[k]),
+                "ref_id": ref["ref_id"], "image_id": ref["image_id"], "box": [x, y, x + w, y + h],
+            })
+    return splits
+
+
+class RefCOCOTask(Task):
+    name = "refcoco+"
+    default_splits = ("val", "testA", "testB")
+    official_task_id = 10  # TASK10 in vilbert-multi-task
+
+    def __init__(self, opts):
+        super().__init__(opts)
+        x = opts.extra
+        self.splits = load_refer(Path(opts.data), x.get("refs_file") or "refs(unc).p")
+        self.images = {im["id"]: im for im in read_json(Path(opts.data) / "instances.json", "COCO instances")["images"]}
+        self.load_common()
+        self.gt_store = FeatureStore(x["gt_features"]) if x.get("gt_features") else None
+        if x.get("eval_on_gt") and self.gt_store is None:
+            raise ValueError("eval_on_gt needs gt_features (shards extracted with vilbert-extract --gt-boxes)")
+        self.soft = x.get("soft_targets", True)
+        for split, entries in self.splits.items():
+            log.info("refcoco+ %s: %d expressions", split, len(entries))
+
+    def head(self):
+        return ("refer", "region", 1)
+
+    # -- batches ---------------------------------------------------------------------------
+    def _regions(self, image_id, train: bool):
+        """-> feats (N+1, F), loc (N+1, 5), boxes (N, 4) pixels: [IMG] + detected (+ gt when training)."""
+        if not train and self.opts.extra.get("eval_on_gt"):
+            r = self.gt_store.get(image_id)
+            feats, boxes = r.features, r.boxes
+        else:
+            r = self.store.get(image_id)
+            feats, boxes = r.features, r.boxes
+            if train and self.gt_store is not None and image_id in self.gt_store:
+                g = self.gt_store.get(image_id)
+                feats, boxes = np.concatenate([feats, g.features]), np.concatenate([boxes, g.boxes])
+        n = self.opts.max_regions - 1
+        feats, boxes = feats[:n], boxes[:n]
+        f, loc = with_img_token(feats, boxes, r.width, r.height)
+        return f, loc, boxes
+
+    def make_batch(self, entries: list[dict], train: bool) -> dict:
+        regions = [self._regions(e["image_id"], train) for e in entries]
+        feat, loc, mask = pad_regions([(f, l) for f, l, _ in regions])  # (B, R, F), (B, R, 5), (B, R)
+        B, R = mask.shape
+        targets = torch.zeros(B, R)  # (B, R), 0 at [IMG] and padding
+        boxes = torch.zeros(B, R, 4)  # (B, R, 4) pixels, [IMG] = 0
+        for i, (e, (_, _, bx)) in enumerate(zip(entries, regions)):
+            iou = box_iou(bx, [e["box"]])[:, 0]  # (N,)
+            targets[i, 1:1 + len(bx)] = torch.where(iou >= 0.5, iou if self.soft else torch.ones_like(iou), 0.0)
+            boxes[i, 1:1 + len(bx)] = torch.from_numpy(bx)
+        text = encode(self.tokenizer, [e["expression"] for e in entries], self.opts.max_seq_length)
+        return {**text, "image_feat": feat, "image_loc": loc, "image_mask": mask, "targets": targets,
+                "boxes": boxes, "gt_boxes": torch.tensor([e["box"] for e in entries], dtype=torch.float32)}
+
+    def train_batch(self, rng):
+        train = self.splits.get("train")
+        if not train:
+            raise ValueError(f"{Path(self.opts.data) / 'refs(unc).p'}: no refs in split 'train'")
+        idx = rng.integers(0, len(train), size=self.opts.batch_size)
+        return self.make_batch([train[i] for i in idx], train=True)
+
+    def region_logits(self, model, batch) -> torch.Tensor:
+        """(B, R) scores; [IMG] and padding pushed to -10000 so they are never picked."""
+        out = self.backbone(model, batch)
+        candidates = batch["image_mask"].clone()
+        candidates[:, 0] = 0  # [IMG] is not a candidate box
+        return model.task_logits("refer", out, candidates)[..., 0]
+
+    def loss(self, model, batch):
+        logits = self.region_logits(model, batch)  # (B, R)
+        valid = batch["image_mask"].bool().clone()
+        valid[:, 0] = False
+        bce = F.binary_cross_entropy_with_logits(logits, batch["targets"], reduction="none")  # (B, R)
+        return (bce * valid).sum() / logits.shape[0]
+
+    # -- evaluation ------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, model, split):
+        entries = self.splits.get(split)
+        if not entries:
+            raise ValueError(f"{Path(self.opts.data)}: no refs in split {split!r} (have {sorted(self.splits)})")
+        model.eval()
+        preds, hits, reachable = [], 0, 0
+        for chunk in batched(entries, self.opts.eval_batch_size):
+            batch = self.to_device(self.make_batch(chunk, train=False))
+            logits = self.region_logits(model, batch).cpu()  # (B, R)
+            top = logits.argmax(1)  # (B,)
+            for i, e in enumerate(chunk):
+                n = int(batch["image_mask"][i].sum()) - 1
+                bx = batch["boxes"][i, 1:1 + n].cpu()
+                ious = box_iou(bx, [e["box"]])[:, 0]  # (N,)
+                iou = float(ious[top[i] - 1])
+                hit = iou >= 0.5
+                hits += hit
+                reachable += bool((ious >= 0.5).any())
+                preds.append({"sent_id": e["sent_id"], "ref_id": e["ref_id"], "image_id": e["image_id"],
+                              "expression": e["expression"], "pred_box": [round(float(v), 2) for v in bx[top[i] - 1]],
+                              "gt_box": [round(float(v), 2) for v in e["box"]], "iou": round(iou, 4), "hit": bool(hit)})
+        metrics = {"accuracy": hits / len(entries), "upper_bound": reachable / len(entries), "count": len(entries)}
+        n_vis = int(self.opts.extra.get("visualize") or 0)
+        if n_vis:
+            from .visualize import draw_referring
+
+            folder = Path(self.opts.out) / "visualize" / split
+            for p in preds[:n_vis]:
+                draw_referring(p, self.images.get(p["image_id"], {}), self.opts.extra.get("images"), folder)
+        return metrics, preds

@@ -1,0 +1,149 @@
+"""Caption-based image retrieval (Flickr30k / COCO style).
+
+Annotations, in DATA, one of:
+    SPLIT.jsonl or SPLIT.jsonline   one JSON object per image: {"img_path": "1000092795.jpg",
+                                    "sentences": ["caption", ...]} (vilbert-multi-task format)
+    dataset_*.json                  Karpathy split file: {"images": [{"filename", "split",
+                                    "sentences": [{"raw": ...}]}]} ("restval" counts as train)
+Image ids are the file stems, looked up in the feature shards.
+
+Fine-tuning: each positive (caption, image) meets three negatives, as in vilbert-multi-task: a
+random caption of another image, a random image, and a hard-ish image drawn from the image's
+nearest neighbours in mean-region-feature space; 4-way cross-entropy over the pair scores.
+Scores come from the alignment head (logit[0] - logit[1]), so a pretrained checkpoint is already
+a zero-shot retrieval model; a model with a `retrieval` head (official fine-tuned checkpoints) is
+scored with that head unless `score_head="alignment"`.
+
+extra options: score_head ("auto" | "alignment" | "retrieval"), max_images (evaluate on the first
+N images and their captions), hard_pool (neighbours per image, default 20), pair_batch.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .base import Task, log, read_json
+from .features import check_features, image_batch
+from .metrics import recall_at_k
+from .pair_scoring import PairScorer
+from .text import encode
+
+
+def load_retrieval_split(data: Path, split: str) -> list[tuple[str, list[str]]]:
+    """-> [(image id, [captions])]"""
+    for name in (f"{split}.jsonl", f"{split}.jsonline"):
+        path = data / name
+        if path.is_file():
+            out = []
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    out.append((Path(row["img_path"]).stem, [str(s) for s in row["sentences"]]))
+                except (ValueError, KeyError, TypeError) as e:
+                    raise ValueError(f"{path}:{n}: expected {{\"img_path\": ..., \"sentences\": [...]}}: {e}") from e
+            return out
+    karpathy = sorted(data.glob("dataset_*.json"))
+    if karpathy:
+        doc = read_json(karpathy[0], "Karpathy split file")
+        want = {"train", "restval"} if split == "train" else {split}
+        try:
+            return [(Path(im["filename"]).stem, [s["raw"] for s in im["sentences"]])
+                    for im in doc["images"] if im["split"] in want]
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{karpathy[0]}: expected images[] with filename, split, sentences[].raw: {e}") from e
+    raise FileNotFoundError(f"{data}: no {split}.jsonl, {split}.jsonline or dataset_*.json")
+
+
+class RetrievalTask(Task):
+    name = "retrieval"
+    default_splits = ("test",)
+    official_task_id = 8  # TASK8 (RetrievalFlickr30k) in vilbert-multi-task
+
+    def __init__(self, opts):
+        super().__init__(opts)
+        self.load_common()
+        self._train = None
+        self.score_head = opts.extra.get("score_head") or "auto"
+
+    def head(self):
+        return ("retrieval", "pooled_linear", 1) if self.score_head == "retrieval" else None
+
+    def _image_tensors(self, ids: list[str]) -> dict:
+        return image_batch(self.store, ids, self.opts.max_regions)
+
+    # -- training ----------------------------------------------------------------------------
+    def _load_train(self):
+        images = load_retrieval_split(self.data, "train")
+        images = [(i, caps) for i, caps in images if caps]
+        if len(images) < 2:
+            raise ValueError(f"{self.data}: retrieval training needs at least 2 images with captions")
+        check_features(self.store, [i for i, _ in images], "train")
+        self.captions = [(c, k) for k, (_, caps) in enumerate(images) for c in caps]  # (caption, image index)
+        mean = np.stack([self.store.get(i).features.mean(0) for i, _ in images])  # (N, F)
+        mean = mean / np.linalg.norm(mean, axis=1, keepdims=True).clip(1e-6)
+        sim = mean @ mean.T
+        np.fill_diagonal(sim, -np.inf)
+        k = min(int(self.opts.extra.get("hard_pool") or 20), len(images) - 1)
+        self.hard = np.argsort(-sim, axis=1)[:, :k]  # (N, k) nearest other images
+        self._train = images
+        log.info("retrieval train: %d images, %d captions", len(images), len(self.captions))
+
+    def train_batch(self, rng):
+        if self._train is None:
+            self._load_train()
+        images, N = self._train, len(self._train)
+        texts, img_idx = [], []
+        for j in rng.integers(0, len(self.captions), size=self.opts.batch_size):
+            cap, k = self.captions[j]
+            other = (k + rng.integers(1, N)) % N
+            rand_cap = images[other][1][rng.integers(0, len(images[other][1]))]
+            rand_img = (k + rng.integers(1, N)) % N
+            hard_img = self.hard[k][rng.integers(0, len(self.hard[k]))]
+            # candidate 0 is the positive; then random caption, random image, hard image
+            texts += [cap, rand_cap, cap, cap]
+            img_idx += [k, k, rand_img, hard_img]
+        text = encode(self.tokenizer, texts, self.opts.max_seq_length)  # (4B, T)
+        return {**text, **self._image_tensors([images[i][0] for i in img_idx])}
+
+    def scorer(self, model) -> PairScorer:
+        head = self.score_head
+        if head == "auto":
+            head = "retrieval" if "retrieval" in model.task_heads.spec else "alignment"
+        return PairScorer(model, head, lambda n, device: self.task_ids(model, n, device))
+
+    def loss(self, model, batch):
+        out = self.backbone(model, batch)
+        scores = self.scorer(model).score_outputs(out, batch["image_mask"]).view(-1, 4)  # (B, 4)
+        return F.cross_entropy(scores, torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device))
+
+    # -- evaluation --------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, model, split):
+        images = [(i, caps) for i, caps in load_retrieval_split(self.data, split)]
+        if self.opts.extra.get("max_images"):
+            images = images[: int(self.opts.extra["max_images"])]
+        check_features(self.store, [i for i, _ in images], split)
+        caps = [(c, k) for k, (_, cs) in enumerate(images) for c in cs]
+        if not caps:
+            raise ValueError(f"{self.data}: split {split!r} has no captions")
+        model.eval()
+        scorer = self.scorer(model)
+        text = self.to_device(encode(self.tokenizer, [c for c, _ in caps], self.opts.max_seq_length))
+        scores = torch.empty(len(caps), len(images))  # (C, I)
+        chunk = 1000  # images held on the device at once
+        for i0 in range(0, len(images), chunk):
+            imgs = self.to_device(self._image_tensors([i for i, _ in images[i0:i0 + chunk]]))
+            scores[:, i0:i0 + chunk] = scorer.score_matrix(text, imgs, int(self.opts.extra.get("pair_batch") or 256))
+        gt = torch.tensor([k for _, k in caps])
+        metrics = recall_at_k(scores, gt)
+        metrics.update({"captions": len(caps), "images": len(images), "score_head": scorer.head})
+        top = scores.topk(min(10, len(images)), dim=1).indices
+        preds = [{"caption": c, "image_id": images[k][0], "top10": [images[j][0] for j in top[n].tolist()],
+                  "rank": int((scores[n] > scores[n, k]).sum())} for n, (c, k) in enumerate(caps)]
+        return metrics, preds

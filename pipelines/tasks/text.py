@@ -1,0 +1,30 @@
+"""Tokenisation for the tasks: a BERT WordPiece tokenizer from a local directory or vocab.txt."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def load_tokenizer(path: str | Path, lower_case: bool = True):
+    """`path`: a Hugging Face tokenizer directory (e.g. bert-base-uncased) or a vocab.txt file."""
+    from transformers import BertTokenizerFast
+
+    path = Path(path)
+    folder = path.parent if path.is_file() and path.name == "vocab.txt" else path
+    if path.is_file() and path.name != "vocab.txt":
+        raise ValueError(f"{path}: a vocabulary file must be named vocab.txt (or pass its directory)")
+    if not folder.is_dir() or not any((folder / n).is_file() for n in ("vocab.txt", "tokenizer.json")):
+        raise FileNotFoundError(f"{path}: no vocab.txt or tokenizer.json (pass a BERT tokenizer directory or vocab.txt)")
+    # transformers 5 ignores `vocab_file=` in the constructor; from_pretrained reads the folder
+    tok = BertTokenizerFast.from_pretrained(str(folder), local_files_only=True, do_lower_case=lower_case)
+    if len(tok) <= 5:
+        raise ValueError(f"{folder}: the tokenizer vocabulary has only {len(tok)} entries")
+    return tok
+
+def encode(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+    """[CLS] text [SEP], truncated to max_length, padded to the longest -> input_ids, attention_mask,
+    token_type_ids, each (B, T)."""
+    enc = tokenizer(list(texts), max_length=max_length, truncation=True, padding="longest", return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+            "token_type_ids": torch.zeros_like(enc["input_ids"])}

@@ -1,0 +1,189 @@
+"""Tiny downstream datasets in the real file formats, for the task tests.
+
+Scenes come from `pipelines.synthetic.SyntheticTask`: each image holds objects with a colour and a
+shape; a region's feature is colour vector + shape vector + noise. Features are written to shards
+with the extractor's `ShardWriter`, keyed like COCO file stems (`COCO_val2014_000000000042`).
+"""
+from __future__ import annotations
+
+import io
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from extractor.writer import ShardWriter
+from pipelines.synthetic import COLOURS, SHAPES, SyntheticTask
+from vilbert import ViLBert, load_preset, save_pretrained
+
+WORDS = ["the", "a", "what", "colour", "is", "shape", "of", "picture", "with", "and", "yes", "no"] + COLOURS + SHAPES
+SIZE = 100  # image width and height in pixels
+CELLS = [(0, 0), (50, 0), (0, 50), (50, 50)]
+
+
+def write_vocab(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "vocab.txt"
+    path.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
+    return path
+
+
+def vocab_size() -> int:
+    return 5 + len(WORDS)
+
+
+def npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+def write_shards(folder: Path, samples: dict, mode: str = "detected", shard_size: int = 16) -> Path:
+    """samples: key -> (features (N, F), boxes (N, 4) pixels)."""
+    writer = ShardWriter(str(folder), "feat", shard_size)
+    for key, (feats, boxes) in samples.items():
+        info = {"image_id": key, "width": SIZE, "height": SIZE, "num_boxes": len(boxes), "source": f"{key}.jpg",
+                "detector": "synthetic", "weights_hash": "none", "mode": mode}
+        writer.write(key, {"json": json.dumps(info).encode(), "features.npy": npy(feats.astype(np.float16)),
+                           "boxes.npy": npy(boxes.astype(np.float32)),
+                           "cls_prob.npy": npy(np.full((len(boxes), 5), 0.2, np.float16))})
+    writer.close()
+    return folder
+
+
+def scene(task: SyntheticTask, rng, n_objects: int = 4):
+    """-> objects (n, 2) colour/shape, gt boxes (n, 4) pixels (one per grid cell, never overlapping)."""
+    objects = task.scene(rng)[:n_objects]
+    boxes = []
+    for (cx, cy) in CELLS[:len(objects)]:
+        w, h = rng.uniform(28, 46, size=2)
+        x, y = cx + rng.uniform(0, 50 - w), cy + rng.uniform(0, 50 - h)
+        boxes.append([x, y, x + w, y + h])
+    return objects, np.array(boxes, np.float32)
+
+
+def region_features(task: SyntheticTask, objects, rng) -> np.ndarray:
+    f = task.colour_vecs[objects[:, 0]] + task.shape_vecs[objects[:, 1]]
+    return (f + task.noise * rng.normal(size=f.shape)).astype(np.float32)
+
+
+def make_refer(root: Path, n_images=(60, 10, 8, 8), n_objects: int = 4, feature_size: int = 32, seed: int = 0):
+    """refcoco+/refs(unc).p (protocol 2), refcoco+/instances.json, detected and gt-box shards.
+    Detected regions: each object's box jittered by a few pixels (IoU >= 0.5), then one large
+    background box that overlaps no object by IoU >= 0.5."""
+    task = SyntheticTask(feature_size=feature_size, num_objects=n_objects, noise=0.3, seed=seed)
+    rng = np.random.default_rng(seed)
+    data = root / "refcoco+"
+    data.mkdir(parents=True)
+    refs, images, anns, det, gt = [], [], [], {}, {}
+    image_id, ann_id, sent_id = 1, 1, 1
+    for split, count in zip(("train", "val", "testA", "testB"), n_images):
+        for _ in range(count):
+            objects, boxes = scene(task, rng, n_objects)
+            key = f"COCO_train2014_{image_id:012d}"
+            images.append({"id": image_id, "width": SIZE, "height": SIZE, "file_name": key + ".jpg"})
+            feats = region_features(task, objects, rng)
+            jitter = boxes + rng.uniform(-2, 2, size=boxes.shape).astype(np.float32)
+            background = rng.normal(size=(1, feature_size)).astype(np.float32)
+            det[key] = (np.concatenate([feats, background]), np.concatenate([jitter, [[0, 0, SIZE, SIZE]]]))
+            gt[key] = (feats, boxes)
+            for k, (c, s) in enumerate(objects):
+                x1, y1, x2, y2 = boxes[k].tolist()
+                anns.append({"id": ann_id, "image_id": image_id, "bbox": [x1, y1, x2 - x1, y2 - y1],
+                             "category_id": int(s) + 1, "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
+                raw = f"the {COLOURS[c]} {SHAPES[s]}"
+                refs.append({"ref_id": ann_id, "ann_id": ann_id, "image_id": image_id, "split": split,
+                             "category_id": int(s) + 1, "file_name": key + f"_{ann_id}.jpg",
+                             "sent_ids": [sent_id],
+                             "sentences": [{"raw": raw, "sent": raw, "sent_id": sent_id, "tokens": raw.split()}]})
+                ann_id, sent_id = ann_id + 1, sent_id + 1
+            image_id += 1
+    (data / "refs(unc).p").write_bytes(pickle.dumps(refs, protocol=2))
+    (data / "instances.json").write_text(json.dumps({"images": images, "annotations": anns,
+                                                     "categories": [{"id": i + 1, "name": s} for i, s in enumerate(SHAPES)]}))
+    write_shards(root / "features", det)
+    write_shards(root / "gt_features", gt, mode="gt-boxes")
+    return data
+
+
+def make_retrieval(root: Path, n_train: int = 24, n_test: int = 8, feature_size: int = 32, seed: int = 1):
+    """Flickr-style train.jsonl / test.jsonl ({"img_path", "sentences"}) + shards keyed by file stem."""
+    task = SyntheticTask(feature_size=feature_size, num_objects=2, noise=0.3, seed=seed)
+    rng = np.random.default_rng(seed)
+    data = root / "flickr30k"
+    data.mkdir(parents=True)
+    samples, n = {}, 1000092795
+    for split, count in (("train", n_train), ("test", n_test)):
+        lines = []
+        for _ in range(count):
+            objects, boxes = scene(task, rng, 2)
+            samples[str(n)] = (region_features(task, objects, rng), boxes)
+            caps = [f"a {COLOURS[c]} {SHAPES[s]}" for c, s in objects]
+            caps.append(" and ".join(caps))
+            lines.append(json.dumps({"img_path": f"{n}.jpg", "sentences": caps}))
+            n += 1
+        (data / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    write_shards(root / "features", samples)
+    return data
+
+
+def make_vqa(root: Path, n_train: int = 40, n_val: int = 12, feature_size: int = 32, seed: int = 2):
+    """VQA v2 questions/annotations JSON ("what colour is the circle") + COCO-keyed shards."""
+    task = SyntheticTask(feature_size=feature_size, num_objects=3, noise=0.3, seed=seed)
+    rng = np.random.default_rng(seed)
+    data = root / "vqa"
+    data.mkdir(parents=True)
+    samples, image_id, qid = {}, 42, 1
+    for split, count in (("train", n_train), ("val", n_val)):
+        qs, anns = [], []
+        for _ in range(count):
+            objects, boxes = scene(task, rng, 3)
+            samples[f"COCO_{split}2014_{image_id:012d}"] = (region_features(task, objects, rng), boxes)
+            for c, s in objects[:2]:
+                qs.append({"image_id": image_id, "question": f"what colour is the {SHAPES[s]}?", "question_id": qid})
+                answers = [COLOURS[c]] * 8 + [COLOURS[(c + 1) % 4]] * 2
+                anns.append({"question_id": qid, "image_id": image_id, "question_type": "what color is the",
+                             "answer_type": "other", "multiple_choice_answer": COLOURS[c],
+                             "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1}
+                                         for i, a in enumerate(answers)]})
+                qid += 1
+            image_id += 1
+        (data / f"v2_OpenEnded_mscoco_{split}2014_questions.json").write_text(json.dumps({"questions": qs}))
+        (data / f"v2_mscoco_{split}2014_annotations.json").write_text(json.dumps({"annotations": anns}))
+    write_shards(root / "features", samples)
+    return data
+
+
+def tiny_config(feature_size: int = 32, **overrides):
+    no_dropout = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                      v_hidden_dropout_prob=0.0, v_attention_probs_dropout_prob=0.0)
+    return load_preset("vilbert-tiny", vocab_size=vocab_size(), v_feature_size=feature_size, v_target_size=5,
+                       max_position_embeddings=32, **{**no_dropout, **overrides})
+
+
+def tiny_checkpoint(folder: Path, feature_size: int = 32, seed: int = 0, **overrides) -> Path:
+    torch.manual_seed(seed)
+    return save_pretrained(ViLBert(tiny_config(feature_size, **overrides)), folder, {"note": "tiny test model"})
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: threads only add overhead (import this fixture into a test module)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run_cli(task: str, d: dict, out: Path, *extra) -> int:
+    """vilbert-eval on a dataset dict (root, data, vocab) -> exit code."""
+    from pipelines.eval_cli import main
+
+    args = ["--task", task, "--data", str(d["data"]), "--features", str(d["root"] / "features"),
+            "--out", str(out), "--tokenizer", str(d["vocab"]), "--device", "cpu", *extra]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    return e.value.code
