@@ -11,6 +11,7 @@ self-contained, so no tokenizer is needed.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -121,13 +122,12 @@ class SyntheticTask:
 
 def fit(model: torch.nn.Module, task: SyntheticTask, steps: int, lr: float = 2e-3, batch_size: int = 64,
         seed: int = 1) -> list[float]:
-    """A minimal AdamW loop (10% warmup, linear decay) on fresh synthetic batches; returns losses."""
+    """A minimal loop with the pretraining optimizer and schedule on fresh synthetic batches; returns losses."""
+    from .optim import build_optimizer, build_scheduler
+
     rng = np.random.default_rng(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    warm = max(1, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (steps - s) / max(1, steps - warm))
-    )
+    opt = build_optimizer(model, lr, weight_decay=0.01)
+    sched = build_scheduler(opt, steps, warmup=0.1)
     model.train()
     losses = []
     for _ in range(steps):
@@ -139,6 +139,39 @@ def fit(model: torch.nn.Module, task: SyntheticTask, steps: int, lr: float = 2e-
         sched.step()
         losses.append(out.loss.item())
     return losses
+
+
+def tiny_model(task: SyntheticTask, coattention: bool = True, seed: int = 0, arch: str = "vilbert"):
+    """The tiny preset sized for the synthetic task, without dropout."""
+    from vilbert import ViLBert, load_preset
+
+    torch.manual_seed(seed)
+    cfg = load_preset(
+        f"{arch}-tiny", vocab_size=task.vocab_size, v_feature_size=task.feature_size,
+        v_target_size=task.num_classes, max_position_embeddings=16, with_coattention=coattention,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        v_hidden_dropout_prob=0.0, v_attention_probs_dropout_prob=0.0,
+    )
+    return ViLBert(cfg)
+
+
+def train_and_evaluate(coattention: bool = True, steps: int = 2000, seed: int = 0, lr: float = 2e-3,
+                       save_to: str | None = None) -> dict:
+    """Train a tiny model on the synthetic task (one thread) and evaluate it on held-out scenes.
+    A plain function of plain arguments, so that two runs can go to two processes."""
+    torch.set_num_threads(1)
+    task = SyntheticTask(seed=seed)
+    model = tiny_model(task, coattention, seed)
+    t0 = time.perf_counter()
+    losses = fit(model, task, steps, lr=lr, seed=seed + 1)
+    result = evaluate(model, task)
+    result.update(first_loss=sum(losses[:50]) / 50, last_loss=sum(losses[-50:]) / 50,
+                  seconds=time.perf_counter() - t0)
+    if save_to:
+        from vilbert import save_pretrained
+
+        save_pretrained(model, save_to, metadata={"demo": "synthetic", "steps": steps, **result})
+    return result
 
 
 @torch.no_grad()
