@@ -58,11 +58,12 @@ def load_model(checkpoint, official_checkpoint, official_config, preset, device)
 @click.option("--train-steps", type=int, default=0, help="Fine-tuning steps; 0 = evaluate only (zero-shot).")
 @click.option("--batch-size", type=int, default=32, help="Fine-tuning batch (retrieval: positives, x4 pairs).")
 @click.option("--eval-batch-size", type=int, default=128, help="Evaluation batch size.")
-@click.option("--lr", type=float, default=2e-5, help="Peak learning rate (AdamW).")
+@click.option("--lr", type=float, help="Peak learning rate (AdamW). Default: the official per-task value "
+              "(refcoco+ 2e-5, retrieval 2e-5, vqa 4e-5).")
 @click.option("--warmup", type=float, default=0.1, help="Warmup fraction of --train-steps.")
 @click.option("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases/LayerNorm).")
-@click.option("--max-seq-length", type=int, default=20, help="Max tokens incl. [CLS]/[SEP] (official: "
-              "refcoco+ 20, vqa 23, retrieval 30).")
+@click.option("--max-seq-length", type=int, help="Max tokens incl. [CLS]/[SEP]. Default: the official "
+              "per-task value (refcoco+ 20, retrieval 30, vqa 23).")
 @click.option("--max-regions", type=int, default=101, help="Max visual positions incl. [IMG].")
 @click.option("--split", "splits", multiple=True, help="Evaluation split (repeatable). Default: refcoco+ "
               "val/testA/testB, retrieval test, vqa val.")
@@ -72,6 +73,7 @@ def load_model(checkpoint, official_checkpoint, official_config, preset, device)
 @click.option("--seed", type=int, default=0, help="Random seed.")
 @click.option("--gt-boxes", "gt_features", type=click.Path(exists=True, file_okay=False),
               help="refcoco+: shards of ground-truth-box regions (vilbert-extract --gt-boxes), mixed into training.")
+@click.option("--refs-file", default="refs(unc).p", help="refcoco+: the refs pickle in --data (refcocog: refs(umd).p).")
 @click.option("--eval-on-gt-boxes", is_flag=True, help="refcoco+: evaluate on the --gt-boxes regions.")
 @click.option("--hard-targets", is_flag=True, help="refcoco+: 1/0 targets instead of the IoU (>= 0.5).")
 @click.option("--visualize", type=int, default=0, help="refcoco+: draw the first N predictions per split.")
@@ -80,15 +82,16 @@ def load_model(checkpoint, official_checkpoint, official_config, preset, device)
 @click.option("--score-head", type=click.Choice(["auto", "alignment", "retrieval"]), default="auto",
               help="retrieval: score pairs with the alignment head or a 'retrieval' head (auto: the latter if present).")
 @click.option("--max-images", type=int, help="retrieval: evaluate on the first N images only.")
+@click.option("--pair-batch", type=int, default=256, help="retrieval: (caption, image) pairs per forward pass.")
 @click.option("--answers", type=click.Path(exists=True, dir_okay=False),
               help="vqa: answer vocabulary (.json list, .txt, or the official label2ans .pkl).")
 @click.option("--num-answers", type=int, default=3129, help="vqa: vocabulary size built from the train annotations.")
-@click.option("--train-split", default="train", help="Split used for fine-tuning (vqa: e.g. trainval).")
+@click.option("--train-split", default="train", help="vqa: split(s) used for fine-tuning, e.g. train,val.")
 @click.option("--save/--no-save", default=True, help="Save the fine-tuned model to OUT/finetuned.")
 def cli(task_name, data, features, out, checkpoint, official_checkpoint, official_config, init_preset, tokenizer,
         train_steps, batch_size, eval_batch_size, lr, warmup, weight_decay, max_seq_length, max_regions, splits,
-        task_token, device, seed, gt_features, eval_on_gt_boxes, hard_targets, visualize, images, score_head,
-        max_images, answers, num_answers, train_split, save):
+        task_token, device, seed, gt_features, refs_file, eval_on_gt_boxes, hard_targets, visualize, images, score_head,
+        max_images, pair_batch, answers, num_answers, train_split, save):
     """Fine-tune and evaluate on refcoco+, retrieval (Flickr30k/COCO) or vqa (VQA v2)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.manual_seed(seed)
@@ -98,8 +101,8 @@ def cli(task_name, data, features, out, checkpoint, official_checkpoint, officia
         max_seq_length=max_seq_length, max_regions=max_regions, batch_size=batch_size,
         eval_batch_size=eval_batch_size, train_steps=train_steps, lr=lr, warmup=warmup, weight_decay=weight_decay,
         seed=seed, device=device, splits=tuple(splits), task_token=task_token,
-        extra={"gt_features": gt_features, "eval_on_gt": eval_on_gt_boxes, "soft_targets": not hard_targets,
-               "visualize": visualize, "images": images, "score_head": score_head, "max_images": max_images,
+        extra={"gt_features": gt_features, "refs_file": refs_file, "eval_on_gt": eval_on_gt_boxes, "soft_targets": not hard_targets,
+               "visualize": visualize, "images": images, "score_head": score_head, "max_images": max_images, "pair_batch": pair_batch,
                "answers": answers, "num_answers": num_answers, "train_split": train_split},
     )
     try:

@@ -96,6 +96,11 @@ def test_zero_shot_then_finetuned(flickr, tmp_path):
     assert len(preds) == 24 and len(preds[0]["top10"]) == 8
     assert np.mean([p["rank"] < 1 for p in preds]) == pytest.approx(m["t2i_R@1"])
 
+    first4 = tmp_path / "first4"
+    assert run(flickr, first4, "--checkpoint", str(flickr["ckpt"]), "--max-images", "4", "--pair-batch", "3") == 0
+    m4 = json.loads((first4 / "results.json").read_text())["splits"]["test"]
+    assert m4["images"] == 4 and m4["captions"] == 12
+
     tuned = tmp_path / "tuned"
     assert run(flickr, tuned, "--checkpoint", str(flickr["ckpt"]), "--train-steps", "40", "--lr", "1e-3",
                "--batch-size", "8") == 0

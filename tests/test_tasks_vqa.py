@@ -37,6 +37,10 @@ def test_answer_vocabulary_and_soft_targets(vqa, tmp_path):
     assert (b["targets"].max(1).values == 1.0).all()
     assert torch.allclose(b["targets"].sort(1, descending=True).values[:, 1], torch.full((6,), 2 / 3))
     assert b["image_feat"].shape == (6, 4, 32) and (b["image_loc"][:, 0] == torch.tensor([0., 0, 1, 1, 1])).all()
+    assert task.opts.max_seq_length == 23 and task.opts.lr == 4e-5  # official per-task defaults
+    both = VQATask(TaskOptions(data=vqa["data"], features=vqa["root"] / "features", out=tmp_path,
+                               tokenizer=vqa["vocab"], extra={"train_split": "train,val"}))
+    assert len(both.load_train()) == 80 + 24
 
 
 def test_answer_list_files(tmp_path):

@@ -28,12 +28,12 @@ class TaskOptions:
     features: Path  # vilbert-extract shards
     out: Path  # results, predictions, fine-tuned checkpoint
     tokenizer: Path | None = None  # BERT tokenizer directory or vocab.txt
-    max_seq_length: int = 20
+    max_seq_length: int | None = None  # None = the task's default
     max_regions: int = 101  # including [IMG]
     batch_size: int = 32
     eval_batch_size: int = 128
     train_steps: int = 0  # 0 = evaluate only
-    lr: float = 2e-5
+    lr: float | None = None  # None = the task's default
     warmup: float = 0.1
     weight_decay: float = 0.01
     seed: int = 0
@@ -50,9 +50,15 @@ class Task:
     name = "task"
     default_splits: tuple[str, ...] = ()
     official_task_id = 0
+    default_lr = 2e-5  # vilbert-multi-task's per-task settings (vilbert_tasks.yml)
+    default_max_seq_length = 20
 
     def __init__(self, opts: TaskOptions):
         self.opts = opts
+        if opts.lr is None:
+            opts.lr = self.default_lr
+        if opts.max_seq_length is None:
+            opts.max_seq_length = self.default_max_seq_length
 
     # -- to implement --------------------------------------------------------------------
     def head(self) -> tuple[str, str, int] | None:

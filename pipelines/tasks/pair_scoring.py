@@ -13,6 +13,10 @@ import torch
 from vilbert.layers import key_padding_mask
 
 
+def _chunks(n: int, size: int):
+    return [slice(i, min(n, i + size)) for i in range(0, n, size)]
+
+
 class PairScorer:
     """score = alignment logit[0] - logit[1] ("alignment"), or the `retrieval` head ("retrieval")."""
 
@@ -81,9 +85,12 @@ class PairScorer:
         image_loc (I, R, 5), image_mask (I, R) -> scores (C, I)."""
         C, I = text["input_ids"].shape[0], images["image_feat"].shape[0]
         scores = torch.empty(C, I)
-        if self.cacheable:
-            th, tmask = self.text_prefix(text["input_ids"], text["token_type_ids"], text["attention_mask"])
-            ih = self.image_prefix(images["image_feat"], images["image_loc"], images["image_mask"])
+        if self.cacheable:  # per caption and per image, in chunks of pair_batch
+            parts = [self.text_prefix(text["input_ids"][s], text["token_type_ids"][s], text["attention_mask"][s])
+                     for s in _chunks(C, pair_batch)]
+            th, tmask = torch.cat([h for h, _ in parts]), torch.cat([m for _, m in parts])  # (C, T', D), (C, T')
+            ih = torch.cat([self.image_prefix(images["image_feat"][s], images["image_loc"][s], images["image_mask"][s])
+                            for s in _chunks(I, pair_batch)])  # (I, R, Dv)
         per = max(1, pair_batch // max(1, I)) if I <= pair_batch else 1
         for c0 in range(0, C, per):
             cs = torch.arange(c0, min(C, c0 + per))

@@ -64,6 +64,7 @@ class RetrievalTask(Task):
     name = "retrieval"
     default_splits = ("test",)
     official_task_id = 8  # TASK8 (RetrievalFlickr30k) in vilbert-multi-task
+    default_max_seq_length = 30
 
     def __init__(self, opts):
         super().__init__(opts)

@@ -10,7 +10,8 @@ the restricted unpickler). Targets are soft scores min(1, count/3) over the voca
 answer head (MLP on h_IMG * h_CLS) is trained with BCE (summed over answers, as in the official
 code); evaluation reports the standard VQA accuracy of the top answer.
 
-extra options: answers (file), num_answers (default 3129), train_split (default "train").
+extra options: answers (file), num_answers (default 3129), train_split (default "train"; several
+joined by commas, e.g. "train,val").
 """
 from __future__ import annotations
 
@@ -82,6 +83,8 @@ class VQATask(Task):
     name = "vqa"
     default_splits = ("val",)
     official_task_id = 1  # TASK1 in vilbert-multi-task
+    default_lr = 4e-5
+    default_max_seq_length = 23
 
     def __init__(self, opts):
         super().__init__(opts)
@@ -92,11 +95,15 @@ class VQATask(Task):
         if x.get("answers"):
             self.answers = load_answer_list(Path(x["answers"]))
         else:
-            self._train = load_vqa_split(self.data, self.train_split)
+            self._train = self.load_train()
             self.answers = build_answer_vocab(self._train, int(x.get("num_answers") or 3129))
         self.index = {normalize_answer(a): i for i, a in enumerate(self.answers)}
         write_json(Path(opts.out) / "answers.json", self.answers)
         log.info("vqa: %d answers", len(self.answers))
+
+    def load_train(self) -> list[dict]:
+        """The training questions: one split or several joined by commas ("train,val")."""
+        return [it for split in self.train_split.split(",") for it in load_vqa_split(self.data, split.strip())]
 
     def head(self):
         return ("vqa", "answer", len(self.answers))
@@ -113,7 +120,7 @@ class VQATask(Task):
 
     def train_batch(self, rng):
         if self._train is None:
-            self._train = load_vqa_split(self.data, self.train_split)
+            self._train = self.load_train()
         idx = rng.integers(0, len(self._train), size=self.opts.batch_size)
         return self.make_batch([self._train[i] for i in idx])
 
