@@ -112,8 +112,10 @@ def cli(task_name, data, features, out, checkpoint, official_checkpoint, officia
         model.to(device)
         t0 = time.time()
         losses = finetune(model, task, opts)
+        k = max(1, len(losses) // 10)
         results = {"task": task_name, "model": source, "train_steps": train_steps, "splits": {},
-                   "train_loss_first": losses[0] if losses else None, "train_loss_last": losses[-1] if losses else None}
+                   "train_loss_first": sum(losses[:k]) / k if losses else None,  # mean of the first 10% of steps
+                   "train_loss_last": sum(losses[-k:]) / k if losses else None}  # and of the last 10%
         if losses and save:
             from vilbert import save_pretrained
 

@@ -4,6 +4,7 @@ shape among four objects and a background box, so only the expression tells whic
 import json
 
 import numpy as np
+import torch
 import pytest
 
 from pipelines.tasks.base import TaskOptions
@@ -71,6 +72,13 @@ def test_finetuning_beats_random_region_by_a_wide_margin(refer, tmp_path):
     again = json.loads((out2 / "results.json").read_text())
     assert again["splits"]["val"]["accuracy"] == results["splits"]["val"]["accuracy"]
 
+    # the same fine-tuning without co-attention (regions never see the expression) stays near chance:
+    # it can learn to skip the background box (1/4) but not which object is meant
+    blind = tmp_path / "blind"
+    assert run(refer, blind, "--checkpoint", str(tiny_checkpoint(tmp_path / "blind_ckpt", with_coattention=False)),
+               "--train-steps", "150", "--lr", "1e-3", "--batch-size", "32", "--split", "val", "--no-save") == 0
+    assert json.loads((blind / "results.json").read_text())["splits"]["val"]["accuracy"] <= 0.4
+
     # the untrained model, evaluated the same way, is near the random baseline
     out3 = tmp_path / "untrained"
     assert run(refer, out3, "--checkpoint", str(refer["ckpt"]), "--split", "val", "--split", "testA") == 0
@@ -96,3 +104,29 @@ def test_bad_inputs_fail_with_the_file_and_the_reason(refer, tmp_path, capsys):
     assert "instances.json: not valid JSON" in capsys.readouterr().err
     assert run(refer, tmp_path / "o", "--checkpoint", str(refer["ckpt"]), "--split", "testC") == 1
     assert "no refs in split 'testC'" in capsys.readouterr().err
+
+
+def test_official_checkpoint_with_task_tokens_and_refer_head(tmp_path):
+    from test_official import CFG, official_state
+
+    torch.save(official_state(task_tokens=True), tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text(json.dumps(CFG.to_dict()))
+    root = tmp_path / "d12"  # the official test config reads 12-d features
+    d = {"root": root, "data": make_refer(root, n_images=(0, 3, 0, 0), feature_size=12), "vocab": write_vocab(root)}
+    assert run(d, tmp_path / "o", "--official-checkpoint", str(tmp_path / "pytorch_model.bin"),
+               "--official-config", str(tmp_path / "config.json"), "--split", "val") == 0
+    res = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert res["model"].startswith("official checkpoint") and res["splits"]["val"]["count"] == 12
+
+
+def test_images_without_features_are_reported_up_front(refer, tmp_path, capsys):
+    import shutil
+
+    feats = tmp_path / "features"
+    shutil.copytree(refer["root"] / "features", feats)
+    first = sorted(feats.glob("*.tar"))[0]
+    first.unlink()
+    d = {**refer, "root": tmp_path}
+    assert run(d, tmp_path / "o", "--checkpoint", str(refer["ckpt"])) == 1
+    err = capsys.readouterr().err
+    assert "no features for 16 refer images" in err and str(feats) in err

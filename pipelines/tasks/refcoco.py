@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import Task, batched, log, read_json
-from .features import FeatureStore, pad_regions, with_img_token
+from .features import FeatureStore, check_features, pad_regions, with_img_token
 from .metrics import box_iou
 from .refer_pickle import load_refs
 from .text import encode
@@ -67,6 +67,7 @@ class RefCOCOTask(Task):
         self.soft = x.get("soft_targets", True)
         for split, entries in self.splits.items():
             log.info("refcoco+ %s: %d expressions", split, len(entries))
+        check_features(self.store, sorted({e["image_id"] for es in self.splits.values() for e in es}), "refer")
 
     def head(self):
         return ("refer", "region", 1)
