@@ -15,7 +15,12 @@ import click
 import torch
 
 from pipelines.tasks import TASKS
-from pipelines.tasks.base import TaskOptions, finetune, log, write_json
+from pipelines.tasks.base import TaskOptions, autocast, finetune, log, write_json
+
+
+# task-specific options, passed to the task in TaskOptions.extra
+TASK_OPTIONS = ("gt_features", "refs_file", "eval_on_gt", "hard_targets", "visualize", "images", "score_head",
+                "max_images", "pair_batch", "answers", "num_answers", "train_split")
 
 
 def load_model(checkpoint, official_checkpoint, official_config, preset, device):
@@ -71,10 +76,11 @@ def load_model(checkpoint, official_checkpoint, official_config, preset, device)
               "official id of the task: refcoco+ 10, retrieval 8, vqa 1).")
 @click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Torch device.")
 @click.option("--seed", type=int, default=0, help="Random seed.")
+@click.option("--bf16", is_flag=True, help="bfloat16 autocast (CUDA only; ignored on CPU).")
 @click.option("--gt-boxes", "gt_features", type=click.Path(exists=True, file_okay=False),
               help="refcoco+: shards of ground-truth-box regions (vilbert-extract --gt-boxes), mixed into training.")
 @click.option("--refs-file", default="refs(unc).p", help="refcoco+: the refs pickle in --data (refcocog: refs(umd).p).")
-@click.option("--eval-on-gt-boxes", is_flag=True, help="refcoco+: evaluate on the --gt-boxes regions.")
+@click.option("--eval-on-gt-boxes", "eval_on_gt", is_flag=True, help="refcoco+: evaluate on the --gt-boxes regions.")
 @click.option("--hard-targets", is_flag=True, help="refcoco+: 1/0 targets instead of the IoU (>= 0.5).")
 @click.option("--visualize", type=int, default=0, help="refcoco+: draw the first N predictions per split.")
 @click.option("--images", type=click.Path(exists=True, file_okay=False),
@@ -88,23 +94,16 @@ def load_model(checkpoint, official_checkpoint, official_config, preset, device)
 @click.option("--num-answers", type=int, default=3129, help="vqa: vocabulary size built from the train annotations.")
 @click.option("--train-split", default="train", help="vqa: split(s) used for fine-tuning, e.g. train,val.")
 @click.option("--save/--no-save", default=True, help="Save the fine-tuned model to OUT/finetuned.")
-def cli(task_name, data, features, out, checkpoint, official_checkpoint, official_config, init_preset, tokenizer,
-        train_steps, batch_size, eval_batch_size, lr, warmup, weight_decay, max_seq_length, max_regions, splits,
-        task_token, device, seed, gt_features, refs_file, eval_on_gt_boxes, hard_targets, visualize, images, score_head,
-        max_images, pair_batch, answers, num_answers, train_split, save):
+def cli(task_name, checkpoint, official_checkpoint, official_config, init_preset, save, **kw):
     """Fine-tune and evaluate on refcoco+, retrieval (Flickr30k/COCO) or vqa (VQA v2)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    torch.manual_seed(seed)
-    out = Path(out)
-    opts = TaskOptions(
-        data=Path(data), features=Path(features), out=out, tokenizer=Path(tokenizer),
-        max_seq_length=max_seq_length, max_regions=max_regions, batch_size=batch_size,
-        eval_batch_size=eval_batch_size, train_steps=train_steps, lr=lr, warmup=warmup, weight_decay=weight_decay,
-        seed=seed, device=device, splits=tuple(splits), task_token=task_token,
-        extra={"gt_features": gt_features, "refs_file": refs_file, "eval_on_gt": eval_on_gt_boxes, "soft_targets": not hard_targets,
-               "visualize": visualize, "images": images, "score_head": score_head, "max_images": max_images, "pair_batch": pair_batch,
-               "answers": answers, "num_answers": num_answers, "train_split": train_split},
-    )
+    torch.manual_seed(kw["seed"])
+    extra = {k: kw.pop(k) for k in TASK_OPTIONS}
+    extra["soft_targets"] = not extra.pop("hard_targets")
+    out = Path(kw.pop("out"))
+    opts = TaskOptions(data=Path(kw.pop("data")), features=Path(kw.pop("features")), out=out,
+                       tokenizer=Path(kw.pop("tokenizer")), splits=tuple(kw.pop("splits")), extra=extra, **kw)
+    train_steps, device = opts.train_steps, opts.device
     try:
         task = TASKS[task_name](opts)
         model, source = load_model(checkpoint, official_checkpoint, official_config, init_preset, device)
@@ -121,7 +120,8 @@ def cli(task_name, data, features, out, checkpoint, official_checkpoint, officia
 
             save_pretrained(model, out / "finetuned", {"task": task_name, "train_steps": train_steps, "from": source})
         for split in opts.splits or task.default_splits:
-            metrics, preds = task.evaluate(model, split)
+            with autocast(opts):
+                metrics, preds = task.evaluate(model, split)
             results["splits"][split] = metrics
             write_json(out / f"predictions_{split}.json", preds)
             click.echo(f"{task_name} {split}: " + ", ".join(
@@ -129,7 +129,7 @@ def cli(task_name, data, features, out, checkpoint, official_checkpoint, officia
         results["seconds"] = round(time.time() - t0, 1)
         write_json(out / "results.json", results)
     except (FileNotFoundError, ValueError, KeyError) as e:
-        click.echo(f"vilbert-eval: error: {e}", err=True)
+        click.echo(f"vilbert-eval: error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", err=True)
         sys.exit(1)
     return results
 

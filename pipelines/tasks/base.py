@@ -41,6 +41,7 @@ class TaskOptions:
     splits: tuple[str, ...] = ()  # evaluation splits; () = the task's defaults
     task_token: int | None = None  # vilbert-multi-task task id, used only by models with task tokens
     log_every: int = 50
+    bf16: bool = False  # bfloat16 autocast on CUDA
     extra: dict = field(default_factory=dict)  # task-specific options (see each task's docstring)
 
 
@@ -117,30 +118,45 @@ class Task:
         return {k: v.to(self.opts.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def autocast(opts: TaskOptions):
+    """bfloat16 autocast on CUDA when asked (`--bf16`), else a no-op context."""
+    on_cuda = str(opts.device).startswith("cuda")
+    return torch.autocast("cuda" if on_cuda else "cpu", dtype=torch.bfloat16, enabled=opts.bf16 and on_cuda)
+
+
 def finetune(model, task: Task, opts: TaskOptions) -> list[float]:
-    """AdamW (no decay on biases/LayerNorm) with linear warmup and decay, gradient clipping 1.0."""
+    """AdamW (no decay on biases/LayerNorm) with linear warmup and decay, gradient clipping 1.0.
+    The next batch is built in a background thread while the model trains on the current one."""
     if opts.train_steps <= 0:
         return []
-    rng = np.random.default_rng(opts.seed)
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(opts.seed)  # used by the one worker thread only
     torch.manual_seed(opts.seed)
     opt = build_optimizer(model, opts.lr, opts.weight_decay)
     sched = build_scheduler(opt, opts.train_steps, opts.warmup)
     model.train()
     losses, t0 = [], time.time()
-    for step in range(opts.train_steps):
-        loss = task.loss(model, task.to_device(task.train_batch(rng)))
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"{task.name}: loss became {loss.item()} at step {step}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if opts.log_every and (step + 1) % opts.log_every == 0:
-            recent = losses[-opts.log_every:]
-            log.info("%s step %d/%d loss %.4f lr %.2e (%.1fs)", task.name, step + 1, opts.train_steps,
-                     sum(recent) / len(recent), sched.get_last_lr()[0], time.time() - t0)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(task.train_batch, rng)
+        for step in range(opts.train_steps):
+            batch = pending.result()
+            if step + 1 < opts.train_steps:
+                pending = pool.submit(task.train_batch, rng)
+            with autocast(opts):
+                loss = task.loss(model, task.to_device(batch))
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"{task.name}: loss became {loss.item()} at step {step}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            if opts.log_every and (step + 1) % opts.log_every == 0:
+                recent = losses[-opts.log_every:]
+                log.info("%s step %d/%d loss %.4f lr %.2e (%.1fs)", task.name, step + 1, opts.train_steps,
+                         sum(recent) / len(recent), sched.get_last_lr()[0], time.time() - t0)
     model.eval()
     return losses
 
