@@ -155,3 +155,10 @@ def test_cli_help_shows_defaults_and_model_choice_is_checked(tmp_path, capsys):
         main(["--task", "retrieval", "--data", str(tmp_path), "--features", str(tmp_path / "f"), "--out",
               str(tmp_path / "o"), "--tokenizer", str(tmp_path / "vocab.txt")])
     assert e.value.code == 2 and "exactly one of --checkpoint" in capsys.readouterr().err
+
+
+def test_ambiguous_numeric_ids_need_the_exact_key(tmp_path):
+    one = (np.ones((1, 4), np.float32), np.array([[0, 0, 5, 5]], np.float32))
+    store = FeatureStore(write_shards(tmp_path, {"train2014_7": one, "val2014_0007": one}))
+    assert 7 not in store
+    assert store.get("val2014_0007").key == "val2014_0007"

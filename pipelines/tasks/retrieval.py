@@ -20,6 +20,7 @@ N images and their captions), hard_pool (neighbours per image, default 20), pair
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -138,12 +139,15 @@ class RetrievalTask(Task):
         text = self.to_device(encode(self.tokenizer, [c for c, _ in caps], self.opts.max_seq_length))
         scores = torch.empty(len(caps), len(images))  # (C, I)
         chunk = 1000  # images held on the device at once
+        t0 = time.perf_counter()
         for i0 in range(0, len(images), chunk):
             imgs = self.to_device(self._image_tensors([i for i, _ in images[i0:i0 + chunk]]))
             scores[:, i0:i0 + chunk] = scorer.score_matrix(text, imgs, int(self.opts.extra.get("pair_batch") or 256))
         gt = torch.tensor([k for _, k in caps])
         metrics = recall_at_k(scores, gt)
-        metrics.update({"captions": len(caps), "images": len(images), "score_head": scorer.head})
+        seconds = time.perf_counter() - t0
+        metrics.update({"captions": len(caps), "images": len(images), "score_head": scorer.head,
+                        "pairs_per_s": round(len(caps) * len(images) / max(seconds, 1e-9), 1)})
         top = scores.topk(min(10, len(images)), dim=1).indices
         preds = [{"caption": c, "image_id": images[k][0], "top10": [images[j][0] for j in top[n].tolist()],
                   "rank": int((scores[n] > scores[n, k]).sum())} for n, (c, k) in enumerate(caps)]

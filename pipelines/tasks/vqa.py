@@ -103,7 +103,9 @@ class VQATask(Task):
 
     def load_train(self) -> list[dict]:
         """The training questions: one split or several joined by commas ("train,val")."""
-        return [it for split in self.train_split.split(",") for it in load_vqa_split(self.data, split.strip())]
+        items = [it for split in self.train_split.split(",") for it in load_vqa_split(self.data, split.strip())]
+        check_features(self.store, sorted({it["image_id"] for it in items}), self.train_split)
+        return items
 
     def head(self):
         return ("vqa", "answer", len(self.answers))
