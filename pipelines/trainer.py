@@ -117,6 +117,7 @@ class Trainer:
         self.samples = 0
         self.skipped = 0
         self._scheduler_state = None
+        self.resumed_metadata: dict = {}
 
     # ---- construction ---------------------------------------------------------------------
     def _build_model(self) -> tuple[ViLBert, set[str]]:
@@ -150,6 +151,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.samples, self.skipped = state["step"], state["samples"], state["skipped"]
         self._scheduler_state = state["scheduler"]
+        self.resumed_metadata = getattr(model, "checkpoint_metadata", {})
         set_rng_state(state["rng"])
         if self.dist.is_main:
             log.info("resumed from %s (step %d)", ckpts[-1], self.step)
@@ -235,10 +237,29 @@ class Trainer:
                     plot_losses(logger.csv_path, Path(self.cfg.out) / "loss_curves.png")
         return last
 
+    @torch.no_grad()
+    def evaluate(self, batches) -> dict:
+        """Mean losses and accuracies over one pass of `batches` (all processes together)."""
+        self.model.eval()
+        stats = _new_stats()
+        for batch in batches:
+            out, tensors = self._forward(self.model, batch)
+            _accumulate(stats, out, tensors)
+        self.model.train()
+        vals = torch.stack([stats[k].to(self.device) for k in _SUMS] + [torch.tensor(float(stats["micro_steps"]), device=self.device)])
+        if self.dist.world_size > 1:
+            dist.all_reduce(vals)
+        sums = dict(zip(_SUMS + ("micro_steps",), vals.tolist()))
+        n = max(1.0, sums["micro_steps"])
+        return {
+            "loss": sums["loss"] / n, "mlm_loss": sums["mlm_loss"] / n, "mrm_loss": sums["mrm_loss"] / n,
+            "align_loss": sums["align_loss"] / n, "align_accuracy": sums["align_correct"] / max(1, sums["align_total"]),
+            "mlm_accuracy": sums["mlm_correct"] / max(1, sums["mlm_total"]), "samples": sums["align_total"],
+        }
+
     def _log(self, stats, t_log, scheduler, logger, bar) -> dict:
         n = max(1, stats["micro_steps"])
-        vals = torch.stack([stats[k] for k in ("loss", "mlm_loss", "mrm_loss", "align_loss",
-                                                "align_correct", "align_total", "mlm_correct", "mlm_total")])
+        vals = torch.stack([stats[k].to(self.device) for k in _SUMS])
         if self.dist.world_size > 1:
             dist.all_reduce(vals)
             vals[:4] /= self.dist.world_size
@@ -266,6 +287,9 @@ class Trainer:
         }
         meta = {"train_config": self.cfg.to_json_dict(), "feature_recipe": self.recipe, "step": self.step}
         return save_checkpoint(self.ckpt_root, self.step, self.model, state, meta, self.cfg.keep_last)
+
+
+_SUMS = ("loss", "mlm_loss", "mrm_loss", "align_loss", "align_correct", "align_total", "mlm_correct", "mlm_total")
 
 
 def _new_stats() -> dict:
