@@ -61,8 +61,26 @@ class ViLBertEncoder(nn.Module):
         self.schedule = list(zip(c.t_biattention_id, c.v_biattention_id))
         self.with_coattention = c.with_coattention
 
-    def forward(self, text, text_mask, image, image_mask):
-        t_start = v_start = 0
+    @property
+    def _first(self) -> tuple[int, int]:
+        """(text, visual) layers that run before the first co-attention layer."""
+        return self.schedule[0] if self.schedule else (0, 0)
+
+    def text_prefix(self, text, text_mask):
+        """The text layers before the first co-attention layer (they never see the image)."""
+        for layer in self.text_layers[: self._first[0]]:
+            text = layer(text, text_mask)
+        return text
+
+    def image_prefix(self, image, image_mask):
+        """The visual layers before the first co-attention layer (they never see the text)."""
+        for layer in self.visual_layers[: self._first[1]]:
+            image = layer(image, image_mask)
+        return image
+
+    def joint(self, text, text_mask, image, image_mask):
+        """Everything from the first co-attention layer on, given the two prefixes' outputs."""
+        t_start, v_start = self._first
         for co_layer, (t_end, v_end) in zip(self.co_layers, self.schedule):
             for layer in self.text_layers[t_start:t_end]:
                 text = layer(text, text_mask)
@@ -76,6 +94,9 @@ class ViLBertEncoder(nn.Module):
         for layer in self.text_layers[t_start:]:
             text = layer(text, text_mask)
         return text, image
+
+    def forward(self, text, text_mask, image, image_mask):
+        return self.joint(self.text_prefix(text, text_mask), text_mask, self.image_prefix(image, image_mask), image_mask)
 
 
 class ViLBertModel(nn.Module):
@@ -103,11 +124,18 @@ class ViLBertModel(nn.Module):
         token_type_ids, attention_mask, image_mask = _default_inputs(
             input_ids, image_feat, token_type_ids, attention_mask, image_mask
         )
-        if self.embeddings.task_embeddings is not None:
-            attention_mask = torch.cat([attention_mask[:, :1], attention_mask], dim=1)  # task token is real
-        text = self.embeddings(input_ids, token_type_ids, task_ids)  # (B, T, D)
+        text, attention_mask = self.embed_text(input_ids, token_type_ids, attention_mask, task_ids)  # (B, T, D)
         image = self.image_embeddings(image_feat, image_loc)  # (B, R, Dv)
         text, image = self.encoder(text, key_padding_mask(attention_mask), image, key_padding_mask(image_mask))
+        return self.pool(text, image)
+
+    def embed_text(self, input_ids, token_type_ids, attention_mask, task_ids=None):
+        """-> text embeddings (B, T', D) and their mask (B, T'); T' = T + 1 with a task token."""
+        if self.embeddings.task_embeddings is not None:
+            attention_mask = torch.cat([attention_mask[:, :1], attention_mask], dim=1)  # task token is real
+        return self.embeddings(input_ids, token_type_ids, task_ids), attention_mask
+
+    def pool(self, text, image) -> BackboneOutput:
         return BackboneOutput(text, image, self.text_pooler(text), self.image_pooler(image))
 
 

@@ -40,43 +40,19 @@ class PairScorer:
         """-> hidden (C, T', D) after the text layers before co-attention 0, mask (C, T')."""
         bb = self.model.backbone
         task_ids = self.task_ids_fn(input_ids.shape[0], input_ids.device)
-        if bb.embeddings.task_embeddings is not None:
-            attention_mask = torch.cat([attention_mask[:, :1], attention_mask], dim=1)
-        h = bb.embeddings(input_ids, token_type_ids, task_ids)  # (C, T', D)
-        for layer in bb.encoder.text_layers[: bb.encoder.schedule[0][0]]:
-            h = layer(h, key_padding_mask(attention_mask))
-        return h, attention_mask
+        h, attention_mask = bb.embed_text(input_ids, token_type_ids, attention_mask, task_ids)  # (C, T', D)
+        return bb.encoder.text_prefix(h, key_padding_mask(attention_mask)), attention_mask
 
     def image_prefix(self, image_feat, image_loc, image_mask) -> torch.Tensor:
         """-> hidden (I, R, Dv) after the visual layers before co-attention 0."""
         bb = self.model.backbone
-        h = bb.image_embeddings(image_feat, image_loc)  # (I, R, Dv)
-        for layer in bb.encoder.visual_layers[: bb.encoder.schedule[0][1]]:
-            h = layer(h, key_padding_mask(image_mask))
-        return h
+        return bb.encoder.image_prefix(bb.image_embeddings(image_feat, image_loc), key_padding_mask(image_mask))
 
     def joint(self, text, text_mask, image, image_mask) -> torch.Tensor:
         """Cached prefixes of P pairs -> (P,) scores: the encoder from co-attention layer 0 on."""
         bb = self.model.backbone
-        enc = bb.encoder
-        tm, im = key_padding_mask(text_mask), key_padding_mask(image_mask)
-        t_start, v_start = enc.schedule[0]
-        for co_layer, (t_end, v_end) in zip(enc.co_layers, enc.schedule):
-            for layer in enc.text_layers[t_start:t_end]:
-                text = layer(text, tm)
-            for layer in enc.visual_layers[v_start:v_end]:
-                image = layer(image, im)
-            if enc.with_coattention:
-                image, text = co_layer(image, im, text, tm)
-            t_start, v_start = t_end, v_end
-        for layer in enc.visual_layers[v_start:]:
-            image = layer(image, im)
-        for layer in enc.text_layers[t_start:]:
-            text = layer(text, tm)
-        from vilbert.model import BackboneOutput
-
-        out = BackboneOutput(text, image, bb.text_pooler(text), bb.image_pooler(image))
-        return self.score_outputs(out, image_mask)
+        text, image = bb.encoder.joint(text, key_padding_mask(text_mask), image, key_padding_mask(image_mask))
+        return self.score_outputs(bb.pool(text, image), image_mask)
 
     # -- all pairs -----------------------------------------------------------------------------
     @torch.no_grad()
