@@ -1,0 +1,72 @@
+"""Caption tokenization: the BERT uncased WordPiece tokenizer (transformers' fast tokenizer) from a
+local directory or a vocab.txt, [CLS] caption [SEP], truncated and zero-padded to a fixed length."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# The loader forks DataLoader workers after the tokenizer may have run in the parent.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _from_vocab_file(path: Path):
+    """transformers 5 takes `vocab=` (a path or dict), 4.x `vocab_file=`; the other is ignored
+    silently, so check that the whole vocabulary was loaded."""
+    import inspect
+
+    from transformers import BertTokenizerFast
+
+    parameters = inspect.signature(BertTokenizerFast.__init__).parameters
+    argument = "vocab" if "vocab" in parameters else "vocab_file"
+    tokenizer = BertTokenizerFast(**{argument: str(path)}, do_lower_case=True)
+    lines = sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    if len(tokenizer) < lines:
+        raise ValueError(f"{path}: loaded {len(tokenizer)} of its {lines} vocabulary entries")
+    return tokenizer
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """A BertTokenizerFast (lower-cased) from a directory holding a tokenizer or vocab.txt, or from
+    a vocab.txt file itself."""
+    from transformers import BertTokenizerFast
+
+    path = Path(path)
+    if path.is_file():
+        return _from_vocab_file(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such tokenizer directory or vocab file")
+    if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
+        return BertTokenizerFast.from_pretrained(str(path), do_lower_case=True, local_files_only=True)
+    if (path / "vocab.txt").is_file():
+        return _from_vocab_file(path / "vocab.txt")
+    raise FileNotFoundError(f"{path}: holds neither tokenizer.json/tokenizer_config.json nor vocab.txt")
+
+
+@dataclass
+class CaptionTokenizer:
+    """Batched tokenization into fixed-size arrays; holds the special ids masking needs."""
+
+    tokenizer: object
+    max_seq_len: int = 36
+
+    def __post_init__(self):
+        if self.max_seq_len < 3:
+            raise ValueError(f"max_seq_len must be at least 3 ([CLS] token [SEP]), got {self.max_seq_len}")
+        tok = self.tokenizer
+        for name in ("cls_token_id", "sep_token_id", "mask_token_id"):
+            if getattr(tok, name) is None:
+                raise ValueError(f"the tokenizer's vocabulary has no {name.replace('_id', '')}")
+        self.mask_id = tok.mask_token_id
+        self.vocab_size = len(tok)
+
+    def __call__(self, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """-> (input_ids (B, T) int64 [CLS] ... [SEP] then 0s, lengths (B,) incl. [CLS]/[SEP])."""
+        encoded = self.tokenizer(captions, add_special_tokens=True, truncation=True,
+                                 max_length=self.max_seq_len, padding="max_length",
+                                 return_attention_mask=True, return_token_type_ids=False)
+        ids = np.asarray(encoded["input_ids"], dtype=np.int64)  # (B, T)
+        real = np.asarray(encoded["attention_mask"], dtype=np.int64)  # (B, T)
+        return ids * real, real.sum(axis=1)

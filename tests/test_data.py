@@ -1,0 +1,227 @@
+"""The streaming pipeline (pipelines/data.py) on shards written by tests/shards.py: the batch
+contract, shard sources, virtual epochs, the evaluation split, corrupt shards, no pickle, recipes."""
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.data import DataConfig, make_loader
+from pipelines.samples import decode_member
+from pipelines.shards import DataWarning, RecipeMismatch, expand_shards
+from shards import RECIPE, make_sample, write_shards, write_tar, write_vocab
+
+SMALL = dict(feature_dim=16, num_classes=6)
+
+
+@pytest.fixture(scope="module")
+def vocab(tmp_path_factory):
+    return str(write_vocab(tmp_path_factory.mktemp("vocab") / "vocab.txt"))
+
+
+def config(shards, vocab, **kw) -> DataConfig:
+    return DataConfig(shards=shards, tokenizer=vocab, **{"num_workers": 0, "batch_size": 8, **kw})
+
+
+def eval_keys(cfg, **kw) -> list[str]:
+    return [k for batch in make_loader(cfg, train=False, **kw) for k in batch["keys"]]
+
+
+def test_batch_matches_the_contract(tmp_path, vocab):
+    write_shards(tmp_path, num_shards=1, per_shard=4, num_boxes=10, seed=1)
+    write_shards(tmp_path, num_shards=1, per_shard=4, num_boxes=36, first_index=1, seed=2)
+    batch = next(iter(make_loader(config(tmp_path, vocab), train=False)))
+    B, T, R = 8, 36, 36
+    shapes = {"input_ids": (B, T), "token_type_ids": (B, T), "attention_mask": (B, T), "lm_labels": (B, T),
+              "image_feat": (B, R + 1, 2048), "image_loc": (B, R + 1, 5), "image_mask": (B, R + 1),
+              "region_labels": (B, R + 1), "region_targets": (B, R + 1, 1601), "align_labels": (B,)}
+    for name, shape in shapes.items():
+        assert tuple(batch[name].shape) == shape, name
+        want = torch.float32 if name in ("image_feat", "image_loc", "region_targets") else torch.long
+        assert batch[name].dtype == want, name
+    lengths = batch["attention_mask"].sum(1)
+    assert (batch["input_ids"][:, 0] == 2).all()  # [CLS] (tests' vocab: [PAD] 0, [UNK] 1, [CLS] 2)
+    assert (batch["lm_labels"][:, 0] == -100).all()
+    for b, n in enumerate(lengths.tolist()):
+        assert (batch["input_ids"][b, n:] == 0).all() and (batch["lm_labels"][b, n - 1:] == -100).all()
+    counts = batch["image_mask"].sum(1) - 1
+    assert sorted(counts.tolist()) == [10] * 4 + [36] * 4
+    assert (batch["image_loc"][:, 0] == torch.tensor([0, 0, 1, 1, 1.0])).all()
+    assert (batch["image_mask"][:, 0] == 1).all() and (batch["region_labels"][:, 0] == 0).all()
+    padding = batch["image_mask"] == 0
+    assert (batch["region_labels"][padding] == 0).all() and (batch["image_feat"][padding] == 0).all()
+    assert (batch["region_targets"][:, 0] == 0).all() and (batch["region_targets"][padding] == 0).all()
+    assert (batch["token_type_ids"] == 0).all()
+    assert len(batch["keys"]) == B and all(isinstance(k, str) for k in batch["keys"])
+
+
+def test_locations_through_the_pipeline(tmp_path, vocab):
+    boxes = np.array([[10, 5, 60, 25], [0, 0, 100, 50]], np.float32)
+    rng = np.random.default_rng(0)
+    write_tar(tmp_path / "one-000000.tar", {"img": make_sample(rng, "img", num_boxes=2, width=100, height=50,
+                                                               boxes=boxes, **SMALL)})
+    batch = next(iter(make_loader(config(tmp_path, vocab, samples_per_epoch=1), train=False)))
+    np.testing.assert_allclose(batch["image_loc"][0, 1:3].numpy(), [[0.1, 0.1, 0.6, 0.5, 0.2], [0, 0, 1, 1, 1]],
+                               rtol=1e-6)
+
+
+def test_shard_sources_directory_brace_list_and_pipe(tmp_path, vocab):
+    paths = write_shards(tmp_path, num_shards=3, per_shard=2, **SMALL)
+    (tmp_path / ".shard-000009.tar.partial").write_bytes(b"in progress")
+    assert expand_shards(tmp_path) == [str(p) for p in paths]
+    assert expand_shards(f"{tmp_path}/shard-{{000000..000002}}.tar") == [str(p) for p in paths]
+    assert expand_shards([str(paths[0]), str(paths[2])]) == [str(paths[0]), str(paths[2])]
+    with pytest.raises(FileNotFoundError, match="2 shard.s. not found, e.g. .*shard-000006.tar"):
+        expand_shards(f"{tmp_path}/shard-{{000006..000007}}.tar")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty: directory holds no .tar shards"):
+        expand_shards(tmp_path / "empty")
+    piped = eval_keys(config(f"pipe:cat {tmp_path}/shard-{{000000..000002}}.tar", vocab))
+    assert sorted(piped) == sorted(eval_keys(config(tmp_path, vocab)))
+    with pytest.raises(ValueError, match="samples_per_epoch"):
+        make_loader(config(f"pipe:cat {paths[0]}", vocab), train=True)
+
+
+def test_training_virtual_epochs_resample_shards(tmp_path, vocab):
+    write_shards(tmp_path, num_shards=3, per_shard=8, **SMALL)
+    loader = make_loader(config(tmp_path, vocab, shuffle_buffer=10, seed=0), train=True)
+    assert loader.samples_per_epoch == 24  # from sizes.json
+    epoch = list(loader)
+    assert len(epoch) == 3 and all(len(b["keys"]) == 8 for b in epoch)
+    stream = loader.forever()
+    keys = {k for _ in range(12) for k in next(stream)["keys"]}
+    assert len(keys) > 16 and all(k.startswith("shard") for k in keys)
+    custom = make_loader(config(tmp_path, vocab, samples_per_epoch=80), train=True)
+    assert len(list(custom)) == 10
+
+
+def test_eval_split_over_two_nodes_is_disjoint_complete_and_deterministic(tmp_path, vocab):
+    write_shards(tmp_path, num_shards=5, per_shard=3, **SMALL)
+    cfg = config(tmp_path, vocab, batch_size=4)
+    node0, node1 = eval_keys(cfg, rank=0, world_size=2), eval_keys(cfg, rank=1, world_size=2)
+    assert not set(node0) & set(node1)
+    assert len(node0) + len(node1) == 15 and len(set(node0) | set(node1)) == 15
+    assert eval_keys(cfg, rank=0, world_size=2) == node0
+    batches = [b for b in make_loader(cfg, train=False, rank=1, world_size=2)]
+    again = [b for b in make_loader(cfg, train=False, rank=1, world_size=2)]
+    for first, second in zip(batches, again):  # the same masks and negatives each pass
+        assert (first["input_ids"] == second["input_ids"]).all()
+        assert (first["region_labels"] == second["region_labels"]).all()
+
+
+def test_eval_split_by_dataloader_worker_is_complete(tmp_path, vocab):
+    write_shards(tmp_path, num_shards=4, per_shard=3, **SMALL)
+    keys = eval_keys(config(tmp_path, vocab, num_workers=2, batch_size=4), rank=0, world_size=1)
+    assert len(keys) == 12 and len(set(keys)) == 12
+
+
+def test_corrupt_truncated_and_bad_samples_are_skipped_and_counted(tmp_path, vocab):
+    write_shards(tmp_path, num_shards=1, per_shard=6, **SMALL)
+    whole = write_shards(tmp_path / "src", num_shards=1, per_shard=6, prefix="cut", **SMALL)[0].read_bytes()
+    (tmp_path / "cut-000000.tar").write_bytes(whole[: len(whole) // 2 + 100])  # truncated mid-member
+    (tmp_path / "junk-000000.tar").write_bytes(np.random.default_rng(0).bytes(5000))
+    rng = np.random.default_rng(1)
+    broken = make_sample(rng, "broken", **SMALL)
+    broken["features.npy"] = b"\x93NUMPY garbage"
+    no_boxes = make_sample(rng, "noboxes", **SMALL)
+    del no_boxes["boxes.npy"]
+    write_tar(tmp_path / "bad-000000.tar", {"broken": broken, "noboxes": no_boxes,
+                                            "fine": make_sample(rng, "fine", **SMALL)})
+    loader = make_loader(config(tmp_path, vocab, batch_size=4), train=False)
+    with pytest.warns(DataWarning) as caught:
+        keys = [k for batch in loader for k in batch["keys"]]
+    good_keys = {f"shard000_{i:05d}" for i in range(6)}
+    assert good_keys | {"fine"} <= set(keys)
+    assert set(keys) - good_keys - {"fine"} <= {f"cut000_{i:05d}" for i in range(6)}
+    counts = loader.error_counts()
+    messages = "\n".join(str(w.message) for w in caught)
+    assert counts["corrupt_shards"] == 2, messages
+    assert counts["bad_samples"] >= 2
+    assert "junk-000000.tar" in messages and "cut-000000.tar" in messages
+    assert "bad-000000.tar" in messages and "'noboxes'" in messages and "boxes.npy" in messages
+    assert "'broken'" in messages and "features.npy" in messages
+
+
+class _Marker:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))  # unpickling would create the file
+
+
+def test_pickled_members_are_never_unpickled(tmp_path, vocab):
+    marker = tmp_path / "unpickled"
+    payload = pickle.dumps(_Marker(str(marker)))
+    sample = make_sample(np.random.default_rng(0), "evil", **SMALL)
+    sample.update({"pyd": payload, "pickle": payload, "extra.pyd": payload})
+    write_tar(tmp_path / "evil-000000.tar", {"evil": sample})
+    keys = eval_keys(config(tmp_path, vocab))
+    assert keys == ["evil"] and not marker.exists()
+    assert decode_member("x.pyd", payload) is None and decode_member("x.pickle", payload) is None
+    with pytest.raises(ValueError, match="allow_pickle"):  # an object array inside .npy is refused too
+        buffer = io.BytesIO()
+        np.save(buffer, np.array([_Marker(str(marker))], dtype=object), allow_pickle=True)
+        decode_member("x.npy", buffer.getvalue())
+    assert not marker.exists()
+
+
+def test_mixed_recipes_are_refused_unless_allowed(tmp_path, vocab):
+    other = {**RECIPE, "weights_hash": "ffffffffffff"}
+    write_shards(tmp_path / "a", num_shards=1, per_shard=4, prefix="a", **SMALL)
+    write_shards(tmp_path / "b", num_shards=1, per_shard=4, prefix="b", recipe=other, **SMALL)
+    both = [str(tmp_path / "a"), str(tmp_path / "b")]
+    with pytest.raises(RecipeMismatch, match="weights_hash|ffffffffffff"):
+        make_loader(config(both, vocab), train=False)
+    loader = make_loader(config(both, vocab, allow_mixed_recipes=True), train=False)
+    assert loader.recipe == {"mixed": [RECIPE, other]}
+    assert len([k for batch in loader for k in batch["keys"]]) == 8
+    assert make_loader(config(tmp_path / "a", vocab), train=False).recipe == RECIPE
+
+
+def test_a_shard_whose_samples_disagree_with_recipe_json_stops_the_stream(tmp_path, vocab):
+    write_shards(tmp_path, num_shards=1, per_shard=4, recipe={**RECIPE, "detector": "other-net"}, **SMALL)
+    (tmp_path / "recipe.json").write_text(json.dumps(RECIPE))
+    with pytest.raises(RecipeMismatch, match="shard-000000.tar.*detector"):
+        list(make_loader(config(tmp_path, vocab), train=False))
+
+
+def test_recipe_from_the_first_sample_without_recipe_json(tmp_path, vocab):
+    write_shards(tmp_path, num_shards=1, per_shard=2, **SMALL)
+    (tmp_path / "recipe.json").unlink()
+    assert make_loader(config(tmp_path, vocab), train=False).recipe == RECIPE
+
+
+def test_tokenizer_from_directory_lowercases_and_truncates(tmp_path, vocab):
+    from pipelines.tokenization import CaptionTokenizer, load_tokenizer
+
+    write_vocab(tmp_path / "vocab.txt")
+    tok = CaptionTokenizer(load_tokenizer(tmp_path), max_seq_len=36)
+    ids, lengths = tok(["The DOG", " ".join(["dog"] * 50)])
+    vocab_ids = {w: i for i, w in enumerate((tmp_path / "vocab.txt").read_text().split())}
+    assert ids[0, :4].tolist() == [vocab_ids["[CLS]"], vocab_ids["the"], vocab_ids["dog"], vocab_ids["[SEP]"]]
+    assert lengths.tolist() == [4, 36] and ids[1, -1] == vocab_ids["[SEP]"] and (ids[0, 4:] == 0).all()
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_tokenizer(tmp_path / "nowhere")
+
+
+def test_captionless_samples_are_counted_not_batched(tmp_path, vocab):
+    rng = np.random.default_rng(0)
+    write_tar(tmp_path / "x-000000.tar", {"a": make_sample(rng, "a", caption=None, **SMALL),
+                                          "b": make_sample(rng, "b", **SMALL)})
+    loader = make_loader(config(tmp_path, vocab), train=False)
+    assert [k for batch in loader for k in batch["keys"]] == ["b"]
+    assert loader.error_counts()["uncaptioned"] == 1
+
+
+def test_tar_helper_writes_the_documented_members(tmp_path):
+    path = write_shards(tmp_path, num_shards=1, per_shard=1, num_boxes=3, **SMALL)[0]
+    with tarfile.open(path) as tar:
+        names = sorted(tar.getnames())
+    assert names == sorted(f"shard000_00000.{e}" for e in ("json", "txt", "features.npy", "boxes.npy",
+                                                            "cls_prob.npy"))
