@@ -81,14 +81,19 @@ def region_locations(boxes: np.ndarray, sizes: np.ndarray) -> np.ndarray:
 
 class BatchBuilder:
     """samples -> batch dict (see the module doc). `deterministic` seeds the masks and negatives of
-    each batch from its keys (evaluation); otherwise one generator per process, from `seed`."""
+    each batch from its keys (evaluation); otherwise one generator per process, from `seed`.
+
+    image_feat and region_targets are float16 (as stored) when `half_output` or inside a DataLoader
+    worker: half the bytes to move between processes; PretrainingLoader casts them to float32
+    in the main process unless DataConfig.half_features asks to keep them (cast on the GPU)."""
 
     def __init__(self, tokenizer: CaptionTokenizer, max_regions: int = 36, objective: int = 1,
-                 seed: int | None = None, deterministic: bool = False, pool_size: int = 1024):
+                 seed: int | None = None, deterministic: bool = False, pool_size: int = 1024,
+                 half_output: bool = False):
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {sorted(OBJECTIVES)}, got {objective}")
         self.tokenizer, self.max_regions, self.objective = tokenizer, max_regions, objective
-        self.seed, self.deterministic = seed, deterministic
+        self.seed, self.deterministic, self.half_output = seed, deterministic, half_output
         self.pool = CaptionPool(pool_size)
         self._rng = None
         self._staging = None
@@ -138,19 +143,20 @@ class BatchBuilder:
                 "attention_mask": (np.arange(ids.shape[1])[None] < lengths[:, None]).astype(np.int64),
                 "lm_labels": lm_labels}
 
-    def _buffers(self, B: int, F: int, C: int) -> tuple[np.ndarray, np.ndarray]:
-        """Reused float16 staging arrays (B, R+1, F) and (B, R+1, C): gathering the stored float16
-        rows there and casting the whole batch once is much cheaper than casting per sample."""
+    def _buffers(self, B: int, F: int, C: int) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+        """Reused staging arrays: float16 (B, R+1, F) and (B, R+1, C) to gather the stored rows in
+        (casting a whole batch once is much cheaper than per sample), float32 (B, R, F) for [IMG]."""
         shape = (B, self.max_regions + 1)
         if self._staging is None or self._staging[0].shape != shape + (F,) \
                 or self._staging[1].shape != shape + (C,):
-            self._staging = (np.zeros(shape + (F,), np.float16), np.zeros(shape + (C,), np.float16))
+            self._staging = (np.zeros(shape + (F,), np.float16), np.zeros(shape + (C,), np.float16),
+                             torch.empty((B, self.max_regions, F)))
         return self._staging
 
     def visual_arrays(self, samples: list[RegionSample], rng: np.random.Generator) -> dict:
         B, R = len(samples), self.max_regions
         F, C = samples[0].features.shape[1], samples[0].cls_prob.shape[1]
-        feat, targets = self._buffers(B, F, C)  # float16 (B, R+1, F), (B, R+1, C)
+        feat, targets, regions32 = self._buffers(B, F, C)  # (B, R+1, F), (B, R+1, C) float16
         boxes = np.zeros((B, R, 4), dtype=np.float32)
         counts = np.array([len(s.features) for s in samples])  # (B,)
         for b, s in enumerate(samples):
@@ -166,12 +172,15 @@ class BatchBuilder:
         loc[:, 0] = (0, 0, 1, 1, 1)
         loc[:, 1:] = region_locations(boxes, np.array([s.size for s in samples])) * real[..., None]
         masked, zeroed = mask_regions(counts, R, rng)  # (B, R) each
-        weights = image_token_weights(masked, real, boxes).astype(np.float32)  # (B, R)
+        weights = torch.from_numpy(image_token_weights(masked, real, boxes).astype(np.float32))[:, None]  # (B, 1, R)
         feat[:, 1:][zeroed] = 0
-        feat32 = new_output(feat.shape).copy_(torch.from_numpy(feat))  # (B, R+1, F) float32
-        feat32[:, 0] = torch.bmm(torch.from_numpy(weights)[:, None, :], feat32[:, 1:])[:, 0]  # [IMG] (B, F)
         image_mask = np.concatenate([np.ones((B, 1), bool), real], axis=1)
         region_labels = np.concatenate([np.zeros((B, 1), bool), masked], axis=1)
-        return {"image_feat": feat32, "image_loc": loc, "image_mask": image_mask.astype(np.int64),
-                "region_labels": region_labels.astype(np.int64),
-                "region_targets": new_output(targets.shape).copy_(torch.from_numpy(targets))}
+        out = {"image_loc": loc, "image_mask": image_mask.astype(np.int64),
+               "region_labels": region_labels.astype(np.int64)}
+        dtype = torch.float16 if self.half_output or torch.utils.data.get_worker_info() else torch.float32
+        out["image_feat"] = new_output(feat.shape, dtype).copy_(torch.from_numpy(feat))  # (B, R+1, F)
+        out["region_targets"] = new_output(targets.shape, dtype).copy_(torch.from_numpy(targets))
+        regions = out["image_feat"][:, 1:] if dtype == torch.float32 else regions32.copy_(torch.from_numpy(feat[:, 1:]))
+        out["image_feat"][:, 0] = torch.bmm(weights, regions)[:, 0]  # [IMG] (B, F), mean in float32
+        return out

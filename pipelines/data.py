@@ -43,6 +43,7 @@ class DataConfig:
     seed: int | None = None  # None: fresh randomness each run (training)
     eval_seed: int = 0  # shard order and masks of evaluation passes
     allow_mixed_recipes: bool = False
+    half_features: bool = False  # True: image_feat/region_targets stay float16; cast them on the device
 
 
 def _split(rank: int | None, world_size: int | None):
@@ -85,7 +86,8 @@ class PretrainingData:
         cfg = self.cfg
         seed = cfg.eval_seed if not self.train else cfg.seed
         return BatchBuilder(self.tokenizer, cfg.max_regions, cfg.objective, seed=seed,
-                            deterministic=not self.train, pool_size=cfg.caption_pool)
+                            deterministic=not self.train, pool_size=cfg.caption_pool,
+                            half_output=cfg.half_features)
 
     def dataset(self) -> wds.DataPipeline:
         cfg = self.cfg
@@ -115,9 +117,9 @@ class PretrainingLoader:
     def __init__(self, data: PretrainingData):
         self.data, self.cfg = data, data.cfg
         workers = data.cfg.num_workers
+        self.pin = data.cfg.pin_memory and torch.cuda.is_available()
         self.loader = torch.utils.data.DataLoader(
-            data.dataset(), batch_size=None, num_workers=workers,
-            pin_memory=data.cfg.pin_memory and torch.cuda.is_available(),
+            data.dataset(), batch_size=None, num_workers=workers, pin_memory=self.pin,
             persistent_workers=workers > 0 and data.train,
             prefetch_factor=data.cfg.prefetch_factor if workers > 0 else None,
         )
@@ -134,7 +136,12 @@ class PretrainingLoader:
         return self.data.errors.counts()
 
     def __iter__(self) -> Iterator[dict]:
-        return iter(self.loader)
+        for batch in self.loader:
+            if not self.cfg.half_features:  # workers send float16 (half the bytes); the contract is float32
+                for name in ("image_feat", "region_targets"):
+                    if batch[name].dtype == torch.float16:
+                        batch[name] = torch.empty(batch[name].shape, pin_memory=self.pin).copy_(batch[name])
+            yield batch
 
     def forever(self) -> Iterator[dict]:
         """Endless batches: virtual epoch after virtual epoch (training)."""

@@ -93,11 +93,14 @@ def _pax_path(data: bytes) -> str | None:
 def iter_tar(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
     """(member name, bytes or memoryview) for each regular file in a tar stream; raises TarFormatError when the
     stream is corrupt or truncated (members before the damage are yielded)."""
-    long_name = None
+    long_name, first = None, True
     while True:
         header = bytes(stream.read(BLOCK))
-        if not header or header == b"\0" * BLOCK:  # end of archive (an empty stream too)
+        if not header and first:
+            raise TarFormatError("empty file, not a tar archive")
+        if not header or header == b"\0" * BLOCK:  # end of archive
             return
+        first = False
         if len(header) < BLOCK:
             raise TarFormatError(f"unexpected end of data in a tar header ({len(header)} bytes)")
         _check_header(header)

@@ -114,10 +114,32 @@ def test_eval_split_over_two_nodes_is_disjoint_complete_and_deterministic(tmp_pa
         assert (first["region_labels"] == second["region_labels"]).all()
 
 
-def test_eval_split_by_dataloader_worker_is_complete(tmp_path, vocab):
+def image_token_reference(batch, b: int) -> torch.Tensor:
+    """[IMG] of row b recomputed from the batch itself: the mean of the regions that are neither
+    masked nor overlap a masked one with IoU > 0.4 (IoU is the same on normalised boxes). Needs
+    objective 0 or 2: with objective 1 a negative's masked regions carry no label."""
+    n = int(batch["image_mask"][b].sum()) - 1
+    boxes, masked = batch["image_loc"][b, 1:n + 1, :4], batch["region_labels"][b, 1:n + 1].bool()
+    lo, hi = torch.maximum(boxes[:, None, :2], boxes[None, :, :2]), torch.minimum(boxes[:, None, 2:], boxes[None, :, 2:])
+    inter = (hi - lo).clamp(min=0).prod(-1)
+    area = (boxes[:, 2:] - boxes[:, :2]).prod(-1)
+    iou = inter / (area[:, None] + area[None, :] - inter)
+    kept = ~masked & ~((iou > 0.4) & masked[None, :]).any(1)
+    return batch["image_feat"][b, 1:n + 1][kept].mean(0) if kept.any() else torch.zeros(batch["image_feat"].shape[-1])
+
+
+def test_eval_split_by_dataloader_worker_is_complete_and_float32(tmp_path, vocab):
     write_shards(tmp_path, num_shards=4, per_shard=3, **SMALL)
-    keys = eval_keys(config(tmp_path, vocab, num_workers=2, batch_size=4), rank=0, world_size=1)
+    cfg = config(tmp_path, vocab, num_workers=2, batch_size=4, objective=0)  # 0: negatives keep region labels
+    batches = list(make_loader(cfg, train=False, rank=0, world_size=1))
+    keys = [k for batch in batches for k in batch["keys"]]
     assert len(keys) == 12 and len(set(keys)) == 12
+    for batch in batches:  # workers send float16; the loader restores the float32 contract
+        assert batch["image_feat"].dtype == batch["region_targets"].dtype == torch.float32
+        for b in range(len(batch["keys"])):
+            torch.testing.assert_close(batch["image_feat"][b, 0], image_token_reference(batch, b), rtol=2e-3, atol=1e-3)
+    half = list(make_loader(config(tmp_path, vocab, num_workers=0, half_features=True), train=False))
+    assert half[0]["image_feat"].dtype == half[0]["region_targets"].dtype == torch.float16
 
 
 def test_corrupt_truncated_and_bad_samples_are_skipped_and_counted(tmp_path, vocab):
@@ -145,6 +167,17 @@ def test_corrupt_truncated_and_bad_samples_are_skipped_and_counted(tmp_path, voc
     assert "junk-000000.tar" in messages and "cut-000000.tar" in messages
     assert "bad-000000.tar" in messages and "'noboxes'" in messages and "boxes.npy" in messages
     assert "'broken'" in messages and "features.npy" in messages
+
+
+def test_training_on_only_broken_shards_stops_instead_of_spinning(tmp_path, vocab):
+    for i in range(2):
+        (tmp_path / f"junk-{i:06d}.tar").write_bytes(b"not a tar" * 100)
+    (tmp_path / "sizes.json").write_text(json.dumps({"junk-000000.tar": 5, "junk-000001.tar": 5}))
+    (tmp_path / "recipe.json").write_text(json.dumps(RECIPE))
+    loader = make_loader(config(tmp_path, vocab), train=True)
+    with pytest.warns(DataWarning), pytest.raises(RuntimeError, match="100 shards in a row failed"):
+        next(iter(loader))
+    assert loader.error_counts()["corrupt_shards"] == 100
 
 
 class _Marker:

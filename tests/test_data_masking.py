@@ -129,7 +129,7 @@ def own_caption_rows(batch, tokenizer, samples) -> np.ndarray:
 def test_negative_pair_rule(tokenizer, objective):
     rng = np.random.default_rng(3)
     builder = BatchBuilder(tokenizer, objective=objective, seed=1)
-    align, own, lm_on_neg, mrm_on_neg, masked_inputs_on_neg = [], [], 0, 0, 0
+    align, own, lm_on_neg, mrm_on_neg, masked_inputs_on_neg, zeroed_regions_on_neg = [], [], 0, 0, 0, 0
     for _ in range(40):
         samples = make_samples(rng, 32)
         batch = builder(samples)
@@ -140,13 +140,15 @@ def test_negative_pair_rule(tokenizer, objective):
         lm_on_neg += (batch["lm_labels"].numpy()[neg] != IGNORE_INDEX).sum()
         mrm_on_neg += batch["region_labels"].numpy()[neg].sum()
         masked_inputs_on_neg += (batch["input_ids"].numpy()[neg] == tokenizer.mask_id).sum()
+        zero_rows = (batch["image_feat"].numpy()[:, 1:] == 0).all(-1) & (batch["image_mask"].numpy()[:, 1:] == 1)
+        zeroed_regions_on_neg += zero_rows[neg].sum()
     align, own = np.concatenate(align), np.concatenate(own)
     assert ((align == 0) == own).all()  # label 0 <=> the image's own caption
     if objective == 2:
         assert not align.any()
         return
     assert abs(align.mean() - 0.5) < 0.04
-    assert masked_inputs_on_neg > 0  # negatives are masked like positives (no [MASK] shortcut)
+    assert masked_inputs_on_neg > 0 and zeroed_regions_on_neg > 0  # negatives are masked like positives
     if objective == 1:
         assert lm_on_neg == 0 and mrm_on_neg == 0
     else:
