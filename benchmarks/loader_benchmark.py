@@ -2,7 +2,10 @@
 
 Writes its own shards (tests/shards.py: 36 regions, float16 2048-d features, float16 1601-class
 distributions, random captions), then times batches in one process (no DataLoader) and through
-the torch DataLoader with N workers. Prints a table and writes JSON to benchmarks/results/.
+the torch DataLoader with N workers, with float16 features in the batch (half_features=True, for
+a trainer that casts on the GPU) and with the float32 contract (cast in the main process).
+Prints a table and writes JSON to benchmarks/results/. The shared machine's load average is
+recorded: other processes on the same cores lower every number.
 
     .venv/bin/python benchmarks/loader_benchmark.py --workers 1 2 --batches 60
 """
@@ -62,13 +65,16 @@ def time_batches(batches, count: int, warmup: int) -> float:
     return samples / (time.perf_counter() - start)
 
 
-def config(folder: Path, vocab: Path, args, workers: int) -> DataConfig:
+def config(folder: Path, vocab: Path, args, workers: int, half: bool = False) -> DataConfig:
     return DataConfig(shards=str(folder), tokenizer=str(vocab), batch_size=args.batch_size,
                       max_regions=args.regions, num_workers=workers, shuffle_buffer=args.shuffle_buffer,
-                      samples_per_epoch=10 ** 9, seed=0)
+                      samples_per_epoch=10 ** 9, seed=0, half_features=half)
 
 
 def run(args) -> dict:
+    """Rows: the pipeline in this process (what one worker can make, no transfer); N DataLoader
+    workers with float16 features in the batch (half_features=True: the trainer casts on the GPU);
+    N workers with the float32 contract (the cast happens in this, the main, process)."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.shard_dir or Path(tmp) / "shards"
         vocab = write_vocab(Path(tmp) / "vocab.txt")
@@ -77,11 +83,14 @@ def run(args) -> dict:
         torch.set_num_threads(1)  # what each DataLoader worker gets
         single = time_batches(PretrainingData(config(folder, vocab, args, 0)).dataset(), args.batches, args.warmup)
         torch.set_num_threads(threads)
-        rows = [{"workers": 0, "samples_per_s": round(single), "per_worker": round(single)}]
-        for workers in args.workers:
-            loader = make_loader(config(folder, vocab, args, workers))
-            total = time_batches(loader, args.batches, args.warmup * workers)
-            rows.append({"workers": workers, "samples_per_s": round(total), "per_worker": round(total / workers)})
+        rows = [{"mode": "in-process, float32", "workers": 1, "samples_per_s": round(single),
+                 "per_worker": round(single)}]
+        for half in (True, False):
+            for workers in args.workers:
+                loader = make_loader(config(folder, vocab, args, workers, half))
+                total = time_batches(loader, args.batches, args.warmup * workers)
+                rows.append({"mode": f"DataLoader, {'float16' if half else 'float32'}", "workers": workers,
+                             "samples_per_s": round(total), "per_worker": round(total / workers)})
     return {"disk": disk, "rows": rows}
 
 
@@ -102,10 +111,9 @@ def main(argv=None) -> dict:
                   batch_size=args.batch_size, regions=args.regions, timed_batches=args.batches)
     print(f"shards: {result['disk']['shards']} x {args.samples_per_shard} samples, "
           f"{result['disk']['bytes_per_sample']:,} bytes/sample on disk ({args.regions} regions, float16)")
-    print(f"{'workers':>8} {'samples/s':>10} {'per worker':>11}")
+    print(f"{'mode':<22} {'workers':>8} {'samples/s':>10} {'per worker':>11}")
     for row in result["rows"]:
-        label = "1 (main)" if row["workers"] == 0 else str(row["workers"])
-        print(f"{label:>8} {row['samples_per_s']:>10,} {row['per_worker']:>11,}")
+        print(f"{row['mode']:<22} {row['workers']:>8} {row['samples_per_s']:>10,} {row['per_worker']:>11,}")
     print(f"machine: {result['machine']}")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"loader-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"

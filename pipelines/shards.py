@@ -77,9 +77,20 @@ def recipe_of(meta: dict) -> dict:
 
 
 def _first_sample_recipe(url: str) -> dict:
-    for sample in wds.tarfile_to_samples()([dict(url=url)]):
-        if "json" in sample:
-            return recipe_of(json.loads(sample["json"]))
+    from .tario import iter_tar, open_shard
+
+    stream = open_shard(url)
+    try:
+        for name, data in iter_tar(stream):
+            if name.endswith(".json"):
+                return recipe_of(json.loads(bytes(data)))
+    except ValueError as error:
+        raise ValueError(f"{url}: cannot read the feature recipe from its first sample ({error})") from None
+    finally:
+        try:
+            stream.close()
+        except OSError:
+            pass  # a pipe: stopped early reports a broken pipe
     raise ValueError(f"{url}: no sample with a .json member to read the feature recipe from")
 
 
