@@ -69,7 +69,7 @@ class PretrainingData:
                  world_size: int | None = None):
         self.cfg, self.train = cfg, train
         self.rank, self.world_size = _world(rank, world_size)
-        self._explicit_rank = rank is not None and world_size is not None
+        self.node_split = _split(rank, world_size)
         self.urls = expand_shards(cfg.shards)
         self.recipe = read_recipe(self.urls, cfg.allow_mixed_recipes)
         self.samples_per_epoch = cfg.samples_per_epoch or count_samples(self.urls) or 0
@@ -97,8 +97,7 @@ class PretrainingData:
             source = [wds.ResampledShards(self.urls, seed=cfg.seed or 0, deterministic=cfg.seed is not None)]
             shuffle = [wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer)] if cfg.shuffle_buffer > 1 else []
         else:
-            node_split = _split(self.rank, self.world_size) if self._explicit_rank else _split(None, None)
-            source = [wds.SimpleShardList(self.urls, seed=cfg.eval_seed), node_split, wds.split_by_worker]
+            source = [wds.SimpleShardList(self.urls, seed=cfg.eval_seed), self.node_split, wds.split_by_worker]
             shuffle = []
         pipeline = wds.DataPipeline(
             *source,
