@@ -96,7 +96,7 @@ class BatchBuilder:
         self.seed, self.deterministic, self.half_output = seed, deterministic, half_output
         self.pool = CaptionPool(pool_size)
         self._rng = None
-        self._staging = None
+        self._staging = self._regions32 = None
 
     def rng(self, keys: list[str]) -> np.random.Generator:
         if self.deterministic:
@@ -143,21 +143,25 @@ class BatchBuilder:
                 "attention_mask": (np.arange(ids.shape[1])[None] < lengths[:, None]).astype(np.int64),
                 "lm_labels": lm_labels}
 
-    def _buffers(self, B: int, F: int, C: int) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
-        """Reused staging arrays: float16 (B, R+1, F) and (B, R+1, C) to gather the stored rows in
-        (casting a whole batch once is much cheaper than per sample), float32 (B, R, F) for [IMG]."""
+    def _staging_arrays(self, B: int, F: int, C: int) -> tuple[np.ndarray, np.ndarray]:
+        """Reused float16 (B, R+1, F) and (B, R+1, C) arrays to gather the stored rows in: casting
+        a whole batch once is much cheaper than casting per sample."""
         shape = (B, self.max_regions + 1)
-        if self._staging is None or self._staging[0].shape != shape + (F,) \
-                or self._staging[1].shape != shape + (C,):
-            self._staging = (np.zeros(shape + (F,), np.float16), np.zeros(shape + (C,), np.float16),
-                             torch.empty((B, self.max_regions, F)))
+        if self._staging is None or self._staging[0].shape != shape + (F,) or self._staging[1].shape != shape + (C,):
+            self._staging = (np.zeros(shape + (F,), np.float16), np.zeros(shape + (C,), np.float16))
         return self._staging
 
-    def visual_arrays(self, samples: list[RegionSample], rng: np.random.Generator) -> dict:
-        B, R = len(samples), self.max_regions
-        F, C = samples[0].features.shape[1], samples[0].cls_prob.shape[1]
-        feat, targets, regions32 = self._buffers(B, F, C)  # (B, R+1, F), (B, R+1, C) float16
-        boxes = np.zeros((B, R, 4), dtype=np.float32)
+    def _float_regions(self, B: int, F: int) -> torch.Tensor:
+        """A reused float32 (B, R, F) buffer for the [IMG] mean of float16 outputs."""
+        if self._regions32 is None or self._regions32.shape != (B, self.max_regions, F):
+            self._regions32 = torch.empty((B, self.max_regions, F))
+        return self._regions32
+
+    def _gather(self, samples: list[RegionSample], feat: np.ndarray, targets: np.ndarray):
+        """Copy each sample's rows to positions 1..n, zero position 0 and the padding.
+        -> boxes (B, R, 4) in pixels, counts (B,)."""
+        F, C = feat.shape[2], targets.shape[2]
+        boxes = np.zeros((len(samples), self.max_regions, 4), dtype=np.float32)
         counts = np.array([len(s.features) for s in samples])  # (B,)
         for b, s in enumerate(samples):
             if s.features.shape[1] != F or s.cls_prob.shape[1] != C:
@@ -167,6 +171,19 @@ class BatchBuilder:
             feat[b, 1:n + 1], feat[b, n + 1:] = s.features, 0
             targets[b, 1:n + 1], targets[b, n + 1:] = s.cls_prob, 0
             boxes[b, :n] = s.boxes
+        feat[:, 0], targets[:, 0] = 0, 0
+        return boxes, counts
+
+    def visual_arrays(self, samples: list[RegionSample], rng: np.random.Generator) -> dict:
+        B, R = len(samples), self.max_regions
+        F, C = samples[0].features.shape[1], samples[0].cls_prob.shape[1]
+        half = self.half_output or torch.utils.data.get_worker_info() is not None
+        if half:  # gather straight into the float16 outputs (shared memory inside a worker)
+            feat_out, targets_out = new_output((B, R + 1, F), torch.float16), new_output((B, R + 1, C), torch.float16)
+            feat, targets = feat_out.numpy(), targets_out.numpy()
+        else:
+            feat, targets = self._staging_arrays(B, F, C)  # float16 (B, R+1, F), (B, R+1, C)
+        boxes, counts = self._gather(samples, feat, targets)
         real = np.arange(R)[None, :] < counts[:, None]  # (B, R)
         loc = np.zeros((B, R + 1, 5), dtype=np.float32)
         loc[:, 0] = (0, 0, 1, 1, 1)
@@ -174,13 +191,14 @@ class BatchBuilder:
         masked, zeroed = mask_regions(counts, R, rng)  # (B, R) each
         weights = torch.from_numpy(image_token_weights(masked, real, boxes).astype(np.float32))[:, None]  # (B, 1, R)
         feat[:, 1:][zeroed] = 0
+        if half:
+            regions = self._float_regions(B, F).copy_(feat_out[:, 1:])
+        else:
+            feat_out = new_output(feat.shape).copy_(torch.from_numpy(feat))  # (B, R+1, F) float32
+            targets_out = new_output(targets.shape).copy_(torch.from_numpy(targets))
+            regions = feat_out[:, 1:]
+        feat_out[:, 0] = torch.bmm(weights, regions)[:, 0]  # [IMG] (B, F), the mean in float32
         image_mask = np.concatenate([np.ones((B, 1), bool), real], axis=1)
         region_labels = np.concatenate([np.zeros((B, 1), bool), masked], axis=1)
-        out = {"image_loc": loc, "image_mask": image_mask.astype(np.int64),
-               "region_labels": region_labels.astype(np.int64)}
-        dtype = torch.float16 if self.half_output or torch.utils.data.get_worker_info() else torch.float32
-        out["image_feat"] = new_output(feat.shape, dtype).copy_(torch.from_numpy(feat))  # (B, R+1, F)
-        out["region_targets"] = new_output(targets.shape, dtype).copy_(torch.from_numpy(targets))
-        regions = out["image_feat"][:, 1:] if dtype == torch.float32 else regions32.copy_(torch.from_numpy(feat[:, 1:]))
-        out["image_feat"][:, 0] = torch.bmm(weights, regions)[:, 0]  # [IMG] (B, F), mean in float32
-        return out
+        return {"image_feat": feat_out, "image_loc": loc, "image_mask": image_mask.astype(np.int64),
+                "region_labels": region_labels.astype(np.int64), "region_targets": targets_out}
