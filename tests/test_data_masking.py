@@ -166,3 +166,23 @@ def test_deterministic_builder_repeats_masks_for_the_same_keys(tokenizer):
 def test_bad_objective_is_refused(tokenizer):
     with pytest.raises(ValueError, match="objective"):
         BatchBuilder(tokenizer, objective=3)
+
+
+def test_batch_masking_rates_end_to_end(tokenizer):
+    rng = np.random.default_rng(6)
+    builder = BatchBuilder(tokenizer, objective=2, seed=2)
+    picked = candidates = to_mask = masked_regions = real_regions = zeroed = 0
+    for _ in range(40):
+        batch = builder(make_samples(rng, 32))
+        labels, ids = batch["lm_labels"].numpy(), batch["input_ids"].numpy()
+        picked += (labels != IGNORE_INDEX).sum()
+        candidates += (batch["attention_mask"].numpy().sum(1) - 2).sum()
+        to_mask += (ids[labels != IGNORE_INDEX] == tokenizer.mask_id).sum()
+        region = batch["region_labels"].numpy()[:, 1:] == 1
+        masked_regions += region.sum()
+        real_regions += batch["image_mask"].numpy()[:, 1:].sum()
+        zeroed += (batch["image_feat"].numpy()[:, 1:][region] == 0).all(-1).sum()
+    assert abs(picked / candidates - 0.15) < 0.015
+    assert abs(to_mask / picked - 0.8) < 0.04
+    assert abs(masked_regions / real_regions - 0.15) < 0.01
+    assert abs(zeroed / masked_regions - 0.9) < 0.025
