@@ -1,0 +1,132 @@
+"""`vilbert-train SHARDS`: stream region-feature shards into ViLBERT / VL-BERT pretraining.
+
+One process, or many with torchrun (`torchrun --nproc_per_node 8 -m pipelines.train_cli ...`);
+re-running the same command resumes from the newest checkpoint in --out.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from .data import DataConfig, PretrainingData, make_loader
+from .trainer import TrainConfig, Trainer
+
+log = logging.getLogger("vilbert.train")
+
+
+def _parse_overrides(items: tuple[str, ...]) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise click.BadParameter(f"{item!r}: expected KEY=VALUE (VALUE in JSON, e.g. hidden_size=64)")
+        key, value = item.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _stream_seed(seed: int, step: int) -> int:
+    """A resumed run must not replay the samples it already trained on: seed the stream by step."""
+    return seed * 1_000_003 + step
+
+
+OPTS = dict(show_default=True)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("shards")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/pretrain"), help="run directory: checkpoints, logs, curves", **OPTS)
+@click.option("--preset", default="vilbert-base", help="model preset (vilbert-base, vilbert-tiny, vlbert-base, vlbert-tiny)", **OPTS)
+@click.option("--arch", type=click.Choice(["vilbert", "vlbert"]), default=None, help="override the preset's architecture")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a model config field, e.g. --set v_num_hidden_layers=4")
+@click.option("--bert", type=click.Path(path_type=Path, exists=True), default=None, help="local BERT directory initialising the text stream (random init if absent)")
+@click.option("--tokenizer", type=click.Path(path_type=Path, exists=True), default=None, help="tokenizer directory or vocab.txt (default: --bert)")
+@click.option("--objective", type=click.IntRange(0, 2), default=1, help="0: masked losses on mismatched pairs too; 1: not (official pretraining); 2: no negatives", **OPTS)
+@click.option("--lr", type=float, default=1e-4, **OPTS)
+@click.option("--bert-lr-scale", type=float, default=0.1, help="learning-rate factor for BERT-initialised weights", **OPTS)
+@click.option("--weight-decay", type=float, default=0.01, **OPTS)
+@click.option("--warmup", type=float, default=0.1, help="fraction of steps with linear warmup", **OPTS)
+@click.option("--batch-size", type=int, default=512, help="samples per optimizer step, all processes", **OPTS)
+@click.option("--micro-batch-size", type=int, default=64, help="samples per forward pass and process (gradient accumulation fills --batch-size)", **OPTS)
+@click.option("--epochs", type=float, default=10.0, **OPTS)
+@click.option("--samples-per-epoch", type=int, default=0, help="virtual epoch size; 0 = the shards' sizes.json", **OPTS)
+@click.option("--max-steps", type=int, default=0, help="stop after this many optimizer steps; 0 = from --epochs", **OPTS)
+@click.option("--clip-grad", type=float, default=1.0, help="max gradient norm (0 = off)", **OPTS)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", help="auto: bf16 autocast on GPU, fp32 on CPU", **OPTS)
+@click.option("--compile/--no-compile", default=False, help="torch.compile the model", **OPTS)
+@click.option("--device", default="auto", help="auto, cpu, cuda", **OPTS)
+@click.option("--workers", type=int, default=4, help="data-loading processes per training process", **OPTS)
+@click.option("--shuffle-buffer", type=int, default=1000, **OPTS)
+@click.option("--max-seq-len", type=int, default=36, **OPTS)
+@click.option("--max-regions", type=int, default=36, **OPTS)
+@click.option("--allow-mixed-recipes", is_flag=True, help="accept shards extracted with different detectors / settings")
+@click.option("--save-every", type=int, default=1000, help="checkpoint every N steps (and at the end)", **OPTS)
+@click.option("--keep-last", type=int, default=3, help="checkpoints to keep", **OPTS)
+@click.option("--log-every", type=int, default=10, **OPTS)
+@click.option("--nan-policy", type=click.Choice(["skip", "stop"]), default="skip", help="on a non-finite loss: skip the update or stop", **OPTS)
+@click.option("--eval-shards", default=None, help="shards for a held-out pass at the end (losses and accuracies -> OUT/eval.json)")
+@click.option("--seed", type=int, default=0, **OPTS)
+def cli(shards, out, preset, arch, overrides, bert, tokenizer, objective, lr, bert_lr_scale, weight_decay, warmup,
+        batch_size, micro_batch_size, epochs, samples_per_epoch, max_steps, clip_grad, precision, compile, device,
+        workers, shuffle_buffer, max_seq_len, max_regions, allow_mixed_recipes, save_every, keep_last, log_every,
+        nan_policy, eval_shards, seed):
+    """Pretrain on SHARDS (a directory, a brace pattern such as 'cc-{000000..000331}.tar', or a
+    pipe: URL) with masked language modelling, masked region modelling and image-caption alignment."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    tokenizer = tokenizer or bert
+    if tokenizer is None:
+        raise click.UsageError("pass --tokenizer (a BERT vocab.txt or tokenizer directory) or --bert")
+    model_overrides = _parse_overrides(overrides)
+    if arch:
+        model_overrides["arch"] = arch
+    data_cfg = DataConfig(shards=shards, tokenizer=str(tokenizer), batch_size=micro_batch_size, max_seq_len=max_seq_len,
+                          max_regions=max_regions, objective=objective, samples_per_epoch=samples_per_epoch,
+                          shuffle_buffer=shuffle_buffer, num_workers=workers, allow_mixed_recipes=allow_mixed_recipes)
+    data = PretrainingData(data_cfg, train=True)  # checks shards, recipe and tokenizer before any model is built
+    if not bert and "vocab_size" not in model_overrides:
+        model_overrides["vocab_size"] = data.tokenizer.vocab_size
+    train_cfg = TrainConfig(
+        out=out, preset=preset, model_overrides=model_overrides, bert=bert, objective=objective, lr=lr,
+        bert_lr_scale=bert_lr_scale, weight_decay=weight_decay, warmup=warmup, batch_size=batch_size,
+        micro_batch_size=micro_batch_size, epochs=epochs, samples_per_epoch=samples_per_epoch, max_steps=max_steps,
+        clip_grad=clip_grad, precision=precision, compile=compile, save_every=save_every, keep_last=keep_last,
+        log_every=log_every, nan_policy=nan_policy, seed=seed, device=device,
+    )
+    trainer = Trainer(train_cfg, recipe=data.recipe)
+    if trainer.resume():
+        saved = trainer.resumed_metadata.get("feature_recipe")
+        if saved and saved != data.recipe and not allow_mixed_recipes:
+            raise click.ClickException(f"{out}: the checkpoint was trained on features {saved}, these shards are "
+                                       f"{data.recipe}; pass --allow-mixed-recipes to continue anyway")
+    data_cfg.seed = _stream_seed(seed, trainer.step)
+    loader = make_loader(data_cfg, train=True)
+    last = trainer.fit(loader.forever(), samples_per_epoch=loader.samples_per_epoch)
+    errors = loader.error_counts()
+    if trainer.dist.is_main:
+        if any(errors.values()):
+            click.echo(f"skipped data: {errors}", err=True)
+        if last:
+            click.echo(f"step {trainer.step}: loss {last['loss']:.4f}, alignment accuracy {last['align_accuracy']:.3f}, "
+                       f"MLM accuracy {last['mlm_accuracy']:.3f}")
+    if eval_shards:
+        eval_cfg = DataConfig(**{**data_cfg.__dict__, "shards": eval_shards, "samples_per_epoch": 0, "seed": None})
+        result = trainer.evaluate(make_loader(eval_cfg, train=False))
+        if trainer.dist.is_main:
+            (Path(out) / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+            click.echo("held-out: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+    if trainer.dist.is_main:
+        click.echo(f"run directory: {out} (checkpoints/, metrics.csv, tensorboard/, loss_curves.png)")
+
+
+def main(argv=None):
+    return cli.main(args=argv, standalone_mode=argv is None, prog_name="vilbert-train")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

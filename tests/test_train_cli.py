@@ -1,0 +1,69 @@
+"""`vilbert-train` end to end: shards -> train -> checkpoint -> resume -> held-out losses."""
+import json
+
+import pytest
+
+from pipelines.checkpointing import list_checkpoints
+from pipelines.metrics import read_metrics
+from pipelines.synthetic import SyntheticTask, write_shards, write_vocab
+from pipelines.train_cli import main
+from vilbert import load_pretrained
+
+TASK = SyntheticTask(feature_size=32)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    write_shards(TASK, root / "train", 96, seed=0, shard_size=32)
+    write_shards(TASK, root / "val", 32, seed=1, shard_size=32)
+    write_vocab(root / "vocab.txt")
+    return root
+
+
+def args(corpus, out, *extra):
+    return [str(corpus / "train"), "--out", str(out), "--preset", "vilbert-tiny", "--tokenizer", str(corpus / "vocab.txt"),
+            "--set", "v_feature_size=32", "--set", "max_position_embeddings=16", "--max-seq-len", "8",
+            "--batch-size", "16", "--micro-batch-size", "8", "--workers", "0", "--shuffle-buffer", "16",
+            "--lr", "1e-3", "--log-every", "2", "--save-every", "3", "--seed", "0", *extra]
+
+
+def test_train_resume_and_evaluate(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    main(args(corpus, out, "--max-steps", "6"))
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-00000003", "step-00000006"]
+    model = load_pretrained(out / "checkpoints" / "step-00000006")
+    meta = model.checkpoint_metadata
+    assert meta["feature_recipe"]["detector"] == "synthetic-scenes"  # the recipe travels with the weights
+    assert meta["train_config"]["objective"] == 1
+    assert model.config.vocab_size == 15  # taken from the tokenizer when no BERT is given
+
+    # the same command with more steps continues where the run stopped
+    main(args(corpus, out, "--max-steps", "9", "--eval-shards", str(corpus / "val")))
+    assert [p.name for p in list_checkpoints(out / "checkpoints")][-1] == "step-00000009"
+    rows = read_metrics(out / "metrics.csv")
+    assert [r["step"] for r in rows] == [2, 4, 6, 8, 9]
+    assert rows[-1]["samples"] == 9 * 16
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["samples"] == 32 and 0 <= ev["align_accuracy"] <= 1 and ev["loss"] > 0
+    text = capsys.readouterr().out
+    assert "held-out:" in text and "step 9" in text
+    assert (out / "loss_curves.png").is_file()
+
+
+def test_refuses_to_resume_on_features_of_another_recipe(corpus, tmp_path):
+    out = tmp_path / "run"
+    main(args(corpus, out, "--max-steps", "3"))
+    other = tmp_path / "other"
+    write_shards(SyntheticTask(feature_size=32, seed=5), other, 32, seed=2, shard_size=32)
+    with pytest.raises(Exception, match="allow-mixed-recipes"):
+        main(args(corpus, out, "--max-steps", "6")[:0] + [str(other)] + args(corpus, out, "--max-steps", "6")[1:])
+
+
+def test_help_and_usage_errors(corpus, tmp_path, capsys):
+    main(["--help"])
+    help_text = capsys.readouterr().out
+    for option in ("--objective", "--micro-batch-size", "--bert", "--precision", "--eval-shards", "[default: 1e-4]"):
+        assert option in help_text.replace("0.0001", "1e-4")
+    with pytest.raises(Exception, match="--tokenizer"):
+        main([str(corpus / "train"), "--out", str(tmp_path / "x")])
