@@ -104,7 +104,8 @@ class BatchBuilder:
         if self._rng is None:  # first use inside the worker process
             info = torch.utils.data.get_worker_info()
             worker = info.id if info is not None else 0
-            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+            rank = torch.distributed.get_rank() if distributed else 0
             self._rng = np.random.default_rng(None if self.seed is None else [self.seed, rank, worker])
         return self._rng
 
