@@ -1,0 +1,12 @@
+"""docs/cli.md is generated from the commands' --help and must stay current."""
+import importlib.util
+from pathlib import Path
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def test_cli_reference_is_up_to_date():
+    spec = importlib.util.spec_from_file_location("cli_reference", DOCS / "cli_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert (DOCS / "cli.md").read_text() == module.render(), "run: python docs/cli_reference.py"
