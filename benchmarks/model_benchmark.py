@@ -75,6 +75,7 @@ def run_one(preset: str, batch_size: int, steps: int, device: str) -> dict:
         "samples_per_s": round(batch_size * steps / dt, 2), "step_ms": round(1000 * dt / steps, 1),
         "peak_memory_MiB": round(peak, 1),
         "peak_memory_kind": "cuda max_memory_allocated" if device == "cuda" else "host max RSS",
+        "threads": torch.get_num_threads(),
     }
 
 
@@ -84,11 +85,14 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=None, help="default: 64 tiny / 8 base on CPU, 256 on GPU")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 10 on CPU, 50 on GPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads on CPU (0: torch's default)")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # internal: run one preset here
     p.add_argument("--out", type=Path, default=RESULTS / "model_benchmark.json")
     a = p.parse_args(argv)
     steps = a.steps or (50 if a.device == "cuda" else 10)
 
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if a.one:
         bs = a.batch_size or (256 if a.device == "cuda" else (64 if "tiny" in a.presets[0] else 8))
         print(json.dumps(run_one(a.presets[0], bs, steps, a.device)))
@@ -96,7 +100,8 @@ def main(argv=None) -> int:
 
     rows = []
     for preset in a.presets:
-        cmd = [sys.executable, __file__, "--one", "--presets", preset, "--steps", str(steps), "--device", a.device]
+        cmd = [sys.executable, __file__, "--one", "--presets", preset, "--steps", str(steps), "--device", a.device,
+               "--threads", str(a.threads)]
         if a.batch_size:
             cmd += ["--batch-size", str(a.batch_size)]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
