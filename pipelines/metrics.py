@@ -74,3 +74,23 @@ def plot_losses(csv_path: Path, png_path: Path) -> Path:
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
     return png_path
+
+
+def main(argv=None) -> int:
+    """`python -m pipelines.metrics RUN_DIR`: (re)draw RUN_DIR/loss_curves.png from metrics.csv now."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m pipelines.metrics RUN_DIR", file=sys.stderr)
+        return 2
+    run = Path(args[0])
+    if not (run / "metrics.csv").is_file():
+        print(f"{run / 'metrics.csv'}: not found", file=sys.stderr)
+        return 1
+    print(plot_losses(run / "metrics.csv", run / "loss_curves.png"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,7 +1,8 @@
 """`vilbert-train SHARDS`: stream region-feature shards into ViLBERT / VL-BERT pretraining.
 
 One process, or many with torchrun (`torchrun --nproc_per_node 8 -m pipelines.train_cli ...`);
-re-running the same command resumes from the newest checkpoint in --out.
+re-running the same command resumes from the newest checkpoint in --out. The loss curves can be
+redrawn at any time with `python -m pipelines.metrics OUT`.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from .checkpointing import list_checkpoints
 from .data import DataConfig, PretrainingData, make_loader
 from .trainer import TrainConfig, Trainer
 
@@ -70,12 +72,13 @@ OPTS = dict(show_default=True)
 @click.option("--keep-last", type=int, default=3, help="checkpoints to keep", **OPTS)
 @click.option("--log-every", type=int, default=10, **OPTS)
 @click.option("--nan-policy", type=click.Choice(["skip", "stop"]), default="skip", help="on a non-finite loss: skip the update or stop", **OPTS)
+@click.option("--resume", "resume_from", default="auto", help="auto: continue from the newest checkpoint in --out; never: refuse if there is one; or a checkpoint directory", **OPTS)
 @click.option("--eval-shards", default=None, help="shards for a held-out pass at the end (losses and accuracies -> OUT/eval.json)")
 @click.option("--seed", type=int, default=0, **OPTS)
 def cli(shards, out, preset, arch, overrides, bert, tokenizer, objective, lr, bert_lr_scale, weight_decay, warmup,
         batch_size, micro_batch_size, epochs, samples_per_epoch, max_steps, clip_grad, precision, compile, device,
         workers, shuffle_buffer, max_seq_len, max_regions, allow_mixed_recipes, save_every, keep_last, log_every,
-        nan_policy, eval_shards, seed):
+        nan_policy, resume_from, eval_shards, seed):
     """Pretrain on SHARDS (a directory, a brace pattern such as 'cc-{000000..000331}.tar', or a
     pipe: URL) with masked language modelling, masked region modelling and image-caption alignment."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -99,7 +102,12 @@ def cli(shards, out, preset, arch, overrides, bert, tokenizer, objective, lr, be
         log_every=log_every, nan_policy=nan_policy, seed=seed, device=device,
     )
     trainer = Trainer(train_cfg, recipe=data.recipe)
-    if trainer.resume():
+    if resume_from == "never" and list_checkpoints(trainer.ckpt_root):
+        raise click.ClickException(f"{trainer.ckpt_root} holds checkpoints and --resume never was given; "
+                                   "choose another --out or drop --resume never")
+    if resume_from not in ("auto", "never") and not Path(resume_from, "trainer_state.pt").is_file():
+        raise click.ClickException(f"{resume_from}: not a training checkpoint (no trainer_state.pt)")
+    if resume_from != "never" and trainer.resume(None if resume_from == "auto" else Path(resume_from)):
         saved = trainer.resumed_metadata.get("feature_recipe")
         if saved and saved != data.recipe and not allow_mixed_recipes:
             raise click.ClickException(f"{out}: the checkpoint was trained on features {saved}, these shards are "

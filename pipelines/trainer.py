@@ -138,11 +138,11 @@ class Trainer:
             raise ValueError("samples per epoch unknown: pass --samples-per-epoch or --max-steps")
         return max(1, math.ceil(self.cfg.epochs * n / self.effective_batch))
 
-    def resume(self) -> bool:
-        """Continue from the newest complete checkpoint under OUT/checkpoints, if any: weights,
-        optimizer, scheduler, scaler, counters and RNG states. Call before building the data
-        stream, so that it can be seeded with the resumed step."""
-        ckpts = list_checkpoints(self.ckpt_root)
+    def resume(self, path: Path | None = None) -> bool:
+        """Continue from checkpoint `path`, or else the newest complete one under OUT/checkpoints,
+        if any: weights, optimizer, scheduler, scaler, counters and RNG states. Call before building
+        the data stream, so that it can be seeded with the resumed step."""
+        ckpts = [Path(path)] if path else list_checkpoints(self.ckpt_root)
         if not ckpts:
             return False
         model, state = load_checkpoint(ckpts[-1], map_location=self.device)
@@ -286,7 +286,11 @@ class Trainer:
             "skipped": self.skipped, "rng": rng_state(),
         }
         meta = {"train_config": self.cfg.to_json_dict(), "feature_recipe": self.recipe, "step": self.step}
-        return save_checkpoint(self.ckpt_root, self.step, self.model, state, meta, self.cfg.keep_last)
+        path = save_checkpoint(self.ckpt_root, self.step, self.model, state, meta, self.cfg.keep_last)
+        csv_path = Path(self.cfg.out) / "metrics.csv"
+        if csv_path.exists() and read_metrics(csv_path):  # keep the curves current in long runs
+            plot_losses(csv_path, Path(self.cfg.out) / "loss_curves.png")
+        return path
 
 
 _SUMS = ("loss", "mlm_loss", "mrm_loss", "align_loss", "align_correct", "align_total", "mlm_correct", "mlm_total")

@@ -50,6 +50,16 @@ def test_train_resume_and_evaluate(corpus, tmp_path, capsys):
     assert "held-out:" in text and "step 9" in text
     assert (out / "loss_curves.png").is_file()
 
+    # --resume never refuses to overwrite a run; --resume DIR continues from that checkpoint
+    with pytest.raises(Exception, match="--resume never"):
+        main(args(corpus, out, "--max-steps", "12", "--resume", "never"))
+    other = tmp_path / "branch"
+    main(args(corpus, other, "--max-steps", "8", "--resume", str(out / "checkpoints" / "step-00000006")))
+    assert [p.name for p in list_checkpoints(other / "checkpoints")] == ["step-00000006", "step-00000008"]
+    (out / "loss_curves.png").unlink()
+    from pipelines.metrics import main as plot_main
+    assert plot_main([str(out)]) == 0 and (out / "loss_curves.png").stat().st_size > 1000
+
 
 def test_refuses_to_resume_on_features_of_another_recipe(corpus, tmp_path):
     out = tmp_path / "run"
