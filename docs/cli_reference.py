@@ -6,7 +6,6 @@ import importlib
 import sys
 from pathlib import Path
 
-import click
 
 COMMANDS = [
     ("vilbert-extract", "extractor.cli", "extract"),
