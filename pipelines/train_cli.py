@@ -33,6 +33,19 @@ def _parse_overrides(items: tuple[str, ...]) -> dict:
     return out
 
 
+def shard_feature_width(url: str) -> int:
+    """The width of the region features in the first sample of a shard (header read, no pickle)."""
+    import io
+
+    import numpy as np
+    import webdataset as wds
+
+    for sample in wds.tarfile_to_samples()([dict(url=url)]):
+        if "features.npy" in sample:
+            return int(np.load(io.BytesIO(sample["features.npy"]), allow_pickle=False).shape[1])
+    raise click.ClickException(f"{url}: no sample with a features.npy member")
+
+
 def _stream_seed(seed: int, step: int) -> int:
     """A resumed run must not replay the samples it already trained on: seed the stream by step."""
     return seed * 1_000_003 + step
@@ -94,6 +107,10 @@ def cli(shards, out, preset, arch, overrides, bert, tokenizer, objective, lr, be
     data = PretrainingData(data_cfg, train=True)  # checks shards, recipe and tokenizer before any model is built
     if not bert and "vocab_size" not in model_overrides:
         model_overrides["vocab_size"] = data.tokenizer.vocab_size
+    width = shard_feature_width(data.urls[0])
+    if model_overrides.setdefault("v_feature_size", width) != width:
+        raise click.ClickException(f"{data.urls[0]}: region features are {width} wide, but --set "
+                                   f"v_feature_size={model_overrides['v_feature_size']} was given")
     train_cfg = TrainConfig(
         out=out, preset=preset, model_overrides=model_overrides, bert=bert, objective=objective, lr=lr,
         bert_lr_scale=bert_lr_scale, weight_decay=weight_decay, warmup=warmup, batch_size=batch_size,

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForPreTraining, BertModel
 
-from vilbert import ViLBert, load_bert_weights, load_preset, load_pretrained, save_pretrained
+from vilbert import ViLBert, ViLBertConfig, load_bert_weights, load_preset, load_pretrained, save_pretrained
 
 
 def tiny_bert_dir(tmp_path, safe=True):
@@ -31,6 +31,7 @@ def test_safetensors_round_trip(tmp_path):
     assert (tmp_path / "ckpt" / "model.safetensors").is_file()
     doc = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert doc["config"]["task_specific_tokens"] is True and doc["task_heads"]["vqa"] == ["answer", 9]
+    assert ViLBertConfig.from_json(tmp_path / "ckpt" / "config.json") == model.config  # usable as a config file
     again = load_pretrained(tmp_path / "ckpt").eval()
     assert again.checkpoint_metadata == {"recipe": {"detector": "x"}}
     for k, v in model.state_dict().items():

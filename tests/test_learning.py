@@ -25,13 +25,3 @@ def test_coattention_learns_what_text_alone_cannot():
     assert got["align_accuracy"] - base["align_accuracy"] >= 0.30
     assert got["mlm_accuracy"] - base["mlm_accuracy"] >= 0.50
 
-
-def test_demo_command_trains_and_saves_a_loadable_checkpoint(tmp_path, capsys):
-    from pipelines.demo import main
-    from vilbert import load_pretrained
-
-    main(["--steps", "20", "--out", str(tmp_path)])
-    text = capsys.readouterr().out
-    assert "vilbert-tiny" in text and "no co-attention" in text and "alignment" in text
-    model = load_pretrained(tmp_path / "checkpoint")
-    assert model.checkpoint_metadata["steps"] == 20

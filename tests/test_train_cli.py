@@ -23,7 +23,7 @@ def corpus(tmp_path_factory):
 
 def args(corpus, out, *extra):
     return [str(corpus / "train"), "--out", str(out), "--preset", "vilbert-tiny", "--tokenizer", str(corpus / "vocab.txt"),
-            "--set", "v_feature_size=32", "--set", "max_position_embeddings=16", "--max-seq-len", "8",
+            "--set", "max_position_embeddings=16", "--max-seq-len", "8",
             "--batch-size", "16", "--micro-batch-size", "8", "--workers", "0", "--shuffle-buffer", "16",
             "--lr", "1e-3", "--log-every", "2", "--save-every", "3", "--seed", "0", *extra]
 
@@ -37,6 +37,7 @@ def test_train_resume_and_evaluate(corpus, tmp_path, capsys):
     assert meta["feature_recipe"]["detector"] == "synthetic-scenes"  # the recipe travels with the weights
     assert meta["train_config"]["objective"] == 1
     assert model.config.vocab_size == 15  # taken from the tokenizer when no BERT is given
+    assert model.config.v_feature_size == 32  # and the feature width from the shards
 
     # the same command with more steps continues where the run stopped
     main(args(corpus, out, "--max-steps", "9", "--eval-shards", str(corpus / "val")))
@@ -77,6 +78,8 @@ def test_help_and_usage_errors(corpus, tmp_path, capsys):
         assert option in help_text.replace("0.0001", "1e-4")
     with pytest.raises(Exception, match="--tokenizer"):
         main([str(corpus / "train"), "--out", str(tmp_path / "x")])
+    with pytest.raises(Exception, match="32 wide"):
+        main(args(corpus, tmp_path / "y", "--set", "v_feature_size=2048"))
 
 
 @pytest.mark.slow
@@ -91,7 +94,7 @@ def test_alignment_rises_well_above_chance_on_synthetic_shards(tmp_path):
     no_dropout = [f"--set={k}=0" for k in ("hidden_dropout_prob", "attention_probs_dropout_prob",
                                            "v_hidden_dropout_prob", "v_attention_probs_dropout_prob")]
     main([str(tmp_path / "train"), "--out", str(out), "--preset", "vilbert-tiny", "--tokenizer", str(tmp_path / "vocab.txt"),
-          "--set", "v_feature_size=64", *no_dropout, "--batch-size", "64", "--micro-batch-size", "64",
+          *no_dropout, "--batch-size", "64", "--micro-batch-size", "64",
           "--max-steps", "1500", "--lr", "2e-3", "--workers", "1", "--log-every", "50", "--save-every", "1500",
           "--eval-shards", str(tmp_path / "val")])
     rows = read_metrics(out / "metrics.csv")

@@ -108,7 +108,11 @@ class ViLBertConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "ViLBertConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """A config JSON, or the config.json of a checkpoint written by save_pretrained."""
+        d = json.loads(Path(path).read_text())
+        if isinstance(d.get("config"), dict) and "task_heads" in d:
+            d = d["config"]
+        return cls.from_dict(d)
 
     @classmethod
     def from_official_json(cls, path: str | Path) -> "ViLBertConfig":
