@@ -316,7 +316,7 @@ def print_summary(s: dict) -> None:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100})
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/demo"), help="output directory")
-@click.option("--data", "sample", type=click.Path(path_type=Path), default=SAMPLE, help="sample corpus (make_sample.py layout)")
+@click.option("--data", "sample", type=click.Path(path_type=Path), default=SAMPLE, show_default="data/sample in the repository", help="sample corpus (make_sample.py layout)")
 @click.option("--config", type=click.Choice(["tiny", "r101"]), default="tiny",
               help="detector architecture (r101 is ~0.03 images/s on a 2-core CPU: use a GPU)")
 @click.option("--weights", type=click.Path(path_type=Path, exists=True), default=None,
