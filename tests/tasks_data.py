@@ -169,15 +169,6 @@ def tiny_checkpoint(folder: Path, feature_size: int = 32, seed: int = 0, **overr
     return save_pretrained(ViLBert(tiny_config(feature_size, **overrides)), folder, {"note": "tiny test model"})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: threads only add overhead (import this fixture into a test module)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def run_cli(task: str, d: dict, out: Path, *extra) -> int:
     """vilbert-eval on a dataset dict (root, data, vocab) -> exit code."""
     from pipelines.eval_cli import main

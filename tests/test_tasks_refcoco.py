@@ -9,7 +9,7 @@ import pytest
 
 from pipelines.tasks.base import TaskOptions
 from pipelines.tasks.refcoco import RefCOCOTask, load_refer
-from tasks_data import one_thread, run_cli, make_refer, tiny_checkpoint, write_vocab  # noqa: F401 (one_thread: autouse fixture)
+from tasks_data import run_cli, make_refer, tiny_checkpoint, write_vocab
 
 
 @pytest.fixture(scope="module")

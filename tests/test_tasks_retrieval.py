@@ -9,7 +9,7 @@ import torch
 from pipelines.tasks.base import TaskOptions
 from pipelines.tasks.pair_scoring import PairScorer
 from pipelines.tasks.retrieval import RetrievalTask, load_retrieval_split
-from tasks_data import one_thread, run_cli, make_retrieval, tiny_checkpoint, tiny_config, write_vocab  # noqa: F401 (one_thread: autouse fixture)
+from tasks_data import run_cli, make_retrieval, tiny_checkpoint, tiny_config, write_vocab
 from vilbert import ViLBert, ViLBertConfig
 
 

@@ -9,7 +9,7 @@ import torch
 from pipelines.tasks.base import TaskOptions
 from pipelines.tasks.metrics import vqa_accuracy
 from pipelines.tasks.vqa import VQATask, build_answer_vocab, load_answer_list, load_vqa_split
-from tasks_data import one_thread, run_cli, make_vqa, tiny_checkpoint, write_vocab  # noqa: F401 (one_thread: autouse fixture)
+from tasks_data import run_cli, make_vqa, tiny_checkpoint, write_vocab
 
 
 @pytest.fixture(scope="module")

@@ -1,20 +1,10 @@
-"""Shared fixtures for the extractor tests: single-threaded torch (much faster for the tiny
-network on a small shared CPU), a tiny random detector, and generated images."""
+"""Shared fixtures for the extractor tests: a tiny random detector and generated images
+(tests/conftest.py makes torch single-threaded for the whole suite)."""
 from __future__ import annotations
 
 import warnings
 
 import pytest
-import torch
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Per module, so the setting never leaks into other test directories."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")
