@@ -95,7 +95,8 @@ class PretrainingData:
         decode = decode_samples(self.errors, cfg.max_regions, expected)
         if self.train:
             source = [wds.ResampledShards(self.urls, seed=cfg.seed or 0, deterministic=cfg.seed is not None)]
-            shuffle = [wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer)] if cfg.shuffle_buffer > 1 else []
+            shuffle = ([wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer, seed=cfg.seed)]
+                       if cfg.shuffle_buffer > 1 else [])  # seed None: fresh randomness
         else:
             source = [wds.SimpleShardList(self.urls, seed=cfg.eval_seed), self.node_split, wds.split_by_worker]
             shuffle = []

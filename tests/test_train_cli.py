@@ -102,3 +102,11 @@ def test_alignment_rises_well_above_chance_on_synthetic_shards(tmp_path):
     assert sum(r["align_accuracy"] for r in rows[-4:]) / 4 >= 0.65
     held_out = json.loads((out / "eval.json").read_text())
     assert held_out["align_accuracy"] >= 0.65, held_out
+
+
+def test_same_seed_same_run(corpus, tmp_path):
+    """Two fresh runs with the same seed (in-process data loading) train identically."""
+    for name in ("a", "b"):
+        main(args(corpus, tmp_path / name, "--max-steps", "4"))
+    a, b = (read_metrics(tmp_path / n / "metrics.csv") for n in ("a", "b"))
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
