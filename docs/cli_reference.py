@@ -1,5 +1,5 @@
-"""Regenerate docs/cli.md from the commands' own --help: `python docs/cli_reference.py`.
-(tests/test_cli_reference.py fails when docs/cli.md is out of date.)"""
+"""Regenerate docs/cli.md and the README's CLI reference from the commands' own --help:
+`python docs/cli_reference.py`. (tests/test_cli_reference.py fails when either is out of date.)"""
 from __future__ import annotations
 
 import importlib
@@ -14,6 +14,8 @@ COMMANDS = [
     ("vilbert-demo", "pipelines.demo", "cli"),
 ]
 TARGET = Path(__file__).with_name("cli.md")
+README = Path(__file__).resolve().parents[1] / "README.md"
+START, END = "<!-- cli-reference:start -->", "<!-- cli-reference:end -->"
 
 
 def render() -> str:
@@ -26,7 +28,17 @@ def render() -> str:
     return "".join(parts)
 
 
+def readme_with(reference: str, readme: str) -> str:
+    """README text with the part between the markers replaced by `reference` (minus its title)."""
+    head, rest = readme.split(START, 1)
+    _, tail = rest.split(END, 1)
+    body = reference.split("\n", 1)[1].lstrip("\n")
+    return f"{head}{START}\n{body}{END}{tail}"
+
+
 if __name__ == "__main__":
-    TARGET.write_text(render())
-    print(f"wrote {TARGET}")
+    text = render()
+    TARGET.write_text(text)
+    README.write_text(readme_with(text, README.read_text()))
+    print(f"wrote {TARGET} and the CLI reference in {README}")
     sys.exit(0)

@@ -9,4 +9,7 @@ def test_cli_reference_is_up_to_date():
     spec = importlib.util.spec_from_file_location("cli_reference", DOCS / "cli_reference.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert (DOCS / "cli.md").read_text() == module.render(), "run: python docs/cli_reference.py"
+    text = module.render()
+    assert (DOCS / "cli.md").read_text() == text, "run: python docs/cli_reference.py"
+    readme = module.README.read_text()
+    assert module.readme_with(text, readme) == readme, "run: python docs/cli_reference.py"
