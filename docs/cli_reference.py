@@ -32,7 +32,7 @@ def readme_with(reference: str, readme: str) -> str:
     """README text with the part between the markers replaced by `reference` (minus its title)."""
     head, rest = readme.split(START, 1)
     _, tail = rest.split(END, 1)
-    body = reference.split("\n", 1)[1].lstrip("\n")
+    body = reference.split("\n", 1)[1].lstrip("\n").replace("\n## `", "\n### `")  # sections of the README
     return f"{head}{START}\n{body}{END}{tail}"
 
 
