@@ -156,12 +156,12 @@ def tiny_model(task: SyntheticTask, coattention: bool = True, seed: int = 0, arc
 
 
 def train_and_evaluate(coattention: bool = True, steps: int = 2000, seed: int = 0, lr: float = 2e-3,
-                       save_to: str | None = None) -> dict:
+                       save_to: str | None = None, arch: str = "vilbert") -> dict:
     """Train a tiny model on the synthetic task (one thread) and evaluate it on held-out scenes.
     A plain function of plain arguments, so that two runs can go to two processes."""
     torch.set_num_threads(1)
     task = SyntheticTask(seed=seed)
-    model = tiny_model(task, coattention, seed)
+    model = tiny_model(task, coattention, seed, arch)
     t0 = time.perf_counter()
     losses = fit(model, task, steps, lr=lr, seed=seed + 1)
     result = evaluate(model, task)
