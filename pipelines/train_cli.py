@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from .checkpointing import list_checkpoints
-from .data import DataConfig, PretrainingData, make_loader
+from .data import DataConfig, PretrainingData, PretrainingLoader, make_loader
 from .trainer import TrainConfig, Trainer
 
 log = logging.getLogger("vilbert.train")
@@ -129,8 +129,8 @@ def cli(shards, out, preset, arch, overrides, bert, tokenizer, objective, lr, be
         if saved and saved != data.recipe and not allow_mixed_recipes:
             raise click.ClickException(f"{out}: the checkpoint was trained on features {saved}, these shards are "
                                        f"{data.recipe}; pass --allow-mixed-recipes to continue anyway")
-    data_cfg.seed = _stream_seed(seed, trainer.step)
-    loader = make_loader(data_cfg, train=True)
+    data_cfg.seed = _stream_seed(seed, trainer.step)  # read when the pipeline is built, below
+    loader = PretrainingLoader(data)  # the shards, recipe and tokenizer checked above, not read again
     last = trainer.fit(loader.forever(), samples_per_epoch=loader.samples_per_epoch)
     errors = loader.error_counts()
     if trainer.dist.is_main:
