@@ -65,6 +65,21 @@ def time_batches(batches, count: int, warmup: int) -> float:
     return samples / (time.perf_counter() - start)
 
 
+def time_tar_read(folder: Path) -> float:
+    """Samples/s of reading the shards' tar members alone (no decoding; every page touched): the
+    shard read rate of this reader, from the page cache when the shards were just written."""
+    from pipelines.tario import iter_tar, open_shard
+    tars = sorted(folder.glob("*.tar"))
+    start, keys = time.perf_counter(), set()
+    for tar in tars:
+        stream = open_shard(str(tar))
+        for name, data in iter_tar(stream):
+            keys.add(name.split(".", 1)[0])
+            bytes(data[::4096])  # touch every page of the memory map
+        stream.close()
+    return len(keys) / (time.perf_counter() - start)
+
+
 def config(folder: Path, vocab: Path, args, workers: int, half: bool = False) -> DataConfig:
     return DataConfig(shards=str(folder), tokenizer=str(vocab), batch_size=args.batch_size,
                       max_regions=args.regions, num_workers=workers, shuffle_buffer=args.shuffle_buffer,
@@ -83,7 +98,9 @@ def run(args) -> dict:
         torch.set_num_threads(1)  # what each DataLoader worker gets
         single = time_batches(PretrainingData(config(folder, vocab, args, 0)).dataset(), args.batches, args.warmup)
         torch.set_num_threads(threads)
-        rows = [{"mode": "in-process, float32", "workers": 1, "samples_per_s": round(single),
+        tar_rate = time_tar_read(folder)
+        rows = [{"mode": "tar read (cached)", "workers": 1, "samples_per_s": round(tar_rate), "per_worker": round(tar_rate)},
+                {"mode": "in-process, float32", "workers": 1, "samples_per_s": round(single),
                  "per_worker": round(single)}]
         for half in (True, False):
             for workers in args.workers:
@@ -91,6 +108,8 @@ def run(args) -> dict:
                 total = time_batches(loader, args.batches, args.warmup * workers)
                 rows.append({"mode": f"DataLoader, {'float16' if half else 'float32'}", "workers": workers,
                              "samples_per_s": round(total), "per_worker": round(total / workers)})
+    for row in rows:  # the shard read rate each row implies
+        row["shard_MB_per_s"] = round(row["samples_per_s"] * disk["bytes_per_sample"] / 1e6, 1)
     return {"disk": disk, "rows": rows}
 
 
@@ -111,9 +130,10 @@ def main(argv=None) -> dict:
                   batch_size=args.batch_size, regions=args.regions, timed_batches=args.batches)
     print(f"shards: {result['disk']['shards']} x {args.samples_per_shard} samples, "
           f"{result['disk']['bytes_per_sample']:,} bytes/sample on disk ({args.regions} regions, float16)")
-    print(f"{'mode':<22} {'workers':>8} {'samples/s':>10} {'per worker':>11}")
+    print(f"{'mode':<22} {'workers':>8} {'samples/s':>10} {'per worker':>11} {'shard MB/s':>11}")
     for row in result["rows"]:
-        print(f"{row['mode']:<22} {row['workers']:>8} {row['samples_per_s']:>10,} {row['per_worker']:>11,}")
+        print(f"{row['mode']:<22} {row['workers']:>8} {row['samples_per_s']:>10,} {row['per_worker']:>11,} "
+              f"{row['shard_MB_per_s']:>11,}")
     print(f"machine: {result['machine']}")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"loader-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"

@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from vilbert import IGNORE_INDEX, ViLBert, load_preset
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import print_table, write_json  # noqa: E402
+from vilbert import IGNORE_INDEX, ViLBert, load_preset  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -107,17 +107,9 @@ def main(argv=None) -> int:
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
 
-    cols = ["preset", "device", "precision", "batch_size", "params_M", "samples_per_s", "step_ms", "peak_memory_MiB"]
-    print(" | ".join(cols))
-    for r in rows:
-        print(" | ".join(str(r[c]) for c in cols))
-    machine = torch.cuda.get_device_name() if a.device == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    doc = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine,
-           "torch": torch.__version__, "command": " ".join(["python", "benchmarks/model_benchmark.py"] + (argv or sys.argv[1:])),
-           "results": rows}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"wrote {a.out}")
+    print_table(rows, ["preset", "device", "precision", "batch_size", "params_M", "samples_per_s", "step_ms",
+                       "peak_memory_MiB"])
+    write_json(a.out, "model_benchmark.py", argv, a.device, rows)
     return 0
 
 

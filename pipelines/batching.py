@@ -10,7 +10,9 @@ Batch contract (a dict; B = batch, T = max_seq_len, R = max_regions, F = feature
   image_loc (B, R+1, 5) f32    x1/W, y1/H, x2/W, y2/H, area fraction; position 0 = [0, 0, 1, 1, 1]
   image_mask (B, R+1) long     1 = real (position 0 always)
   region_labels (B, R+1) long  1 = masked region (MRM target)
-  region_targets (B, R+1, C) f32  detector class distribution (column 0 background)
+  region_targets (M, C) f32    detector class distribution (column 0 background) of each masked
+                               region (region_labels == 1), in row-major order: only what the
+                               loss reads, an eighth of the bytes of all (B, R+1, C)
   align_labels (B,) long       0 = the image's own caption, 1 = another sample's caption
   keys list[str]
 """
@@ -132,6 +134,7 @@ class BatchBuilder:
         if self.objective == 1:  # negatives: inputs masked alike, but no MLM/MRM targets
             text["lm_labels"][align == 1] = IGNORE_INDEX
             visual["region_labels"][align == 1] = 0
+        visual["region_targets"] = self.masked_targets(samples, visual["region_labels"])
         batch = {name: torch.as_tensor(array) for name, array in {**text, **visual}.items()}
         batch["align_labels"] = torch.from_numpy(align)
         batch["keys"] = keys
@@ -144,13 +147,28 @@ class BatchBuilder:
                 "attention_mask": (np.arange(ids.shape[1])[None] < lengths[:, None]).astype(np.int64),
                 "lm_labels": lm_labels}
 
-    def _staging_arrays(self, B: int, F: int, C: int) -> tuple[np.ndarray, np.ndarray]:
-        """Reused float16 (B, R+1, F) and (B, R+1, C) arrays to gather the stored rows in: casting
-        a whole batch once is much cheaper than casting per sample."""
-        shape = (B, self.max_regions + 1)
-        if self._staging is None or self._staging[0].shape != shape + (F,) or self._staging[1].shape != shape + (C,):
-            self._staging = (np.zeros(shape + (F,), np.float16), np.zeros(shape + (C,), np.float16))
+    def _half(self) -> bool:
+        """float16 outputs: asked for, or inside a DataLoader worker (half the bytes to move)."""
+        return self.half_output or torch.utils.data.get_worker_info() is not None
+
+    def _staging_array(self, B: int, F: int) -> np.ndarray:
+        """A reused float16 (B, R+1, F) array to gather the stored rows in: casting a whole batch
+        once is much cheaper than casting per sample."""
+        shape = (B, self.max_regions + 1, F)
+        if self._staging is None or self._staging.shape != shape:
+            self._staging = np.zeros(shape, np.float16)
         return self._staging
+
+    def masked_targets(self, samples: list[RegionSample], region_labels: np.ndarray) -> torch.Tensor:
+        """The class distributions of the masked regions, (M, C) in row-major order of region_labels."""
+        C = samples[0].cls_prob.shape[1]
+        rows = [np.flatnonzero(labels[1:]) for labels in region_labels]  # region r is stored row r - 1
+        out = new_output((sum(len(r) for r in rows), C), torch.float16 if self._half() else torch.float32)
+        targets, start = out.numpy(), 0
+        for s, r in zip(samples, rows):
+            targets[start: start + len(r)] = s.cls_prob[r]
+            start += len(r)
+        return out
 
     def _float_regions(self, B: int, F: int) -> torch.Tensor:
         """A reused float32 (B, R, F) buffer for the [IMG] mean of float16 outputs."""
@@ -158,10 +176,10 @@ class BatchBuilder:
             self._regions32 = torch.empty((B, self.max_regions, F))
         return self._regions32
 
-    def _gather(self, samples: list[RegionSample], feat: np.ndarray, targets: np.ndarray):
-        """Copy each sample's rows to positions 1..n, zero position 0 and the padding.
+    def _gather(self, samples: list[RegionSample], feat: np.ndarray):
+        """Copy each sample's feature rows to positions 1..n, zero position 0 and the padding.
         -> boxes (B, R, 4) in pixels, counts (B,)."""
-        F, C = feat.shape[2], targets.shape[2]
+        F, C = feat.shape[2], samples[0].cls_prob.shape[1]
         boxes = np.zeros((len(samples), self.max_regions, 4), dtype=np.float32)
         counts = np.array([len(s.features) for s in samples])  # (B,)
         for b, s in enumerate(samples):
@@ -170,21 +188,20 @@ class BatchBuilder:
                                  f"{s.cls_prob.shape[1]}, but {samples[0].key!r} has {F}/{C}")
             n = counts[b]
             feat[b, 1:n + 1], feat[b, n + 1:] = s.features, 0
-            targets[b, 1:n + 1], targets[b, n + 1:] = s.cls_prob, 0
             boxes[b, :n] = s.boxes
-        feat[:, 0], targets[:, 0] = 0, 0
+        feat[:, 0] = 0
         return boxes, counts
 
     def visual_arrays(self, samples: list[RegionSample], rng: np.random.Generator) -> dict:
         B, R = len(samples), self.max_regions
-        F, C = samples[0].features.shape[1], samples[0].cls_prob.shape[1]
-        half = self.half_output or torch.utils.data.get_worker_info() is not None
-        if half:  # gather straight into the float16 outputs (shared memory inside a worker)
-            feat_out, targets_out = new_output((B, R + 1, F), torch.float16), new_output((B, R + 1, C), torch.float16)
-            feat, targets = feat_out.numpy(), targets_out.numpy()
+        F = samples[0].features.shape[1]
+        half = self._half()
+        if half:  # gather straight into the float16 output (shared memory inside a worker)
+            feat_out = new_output((B, R + 1, F), torch.float16)
+            feat = feat_out.numpy()
         else:
-            feat, targets = self._staging_arrays(B, F, C)  # float16 (B, R+1, F), (B, R+1, C)
-        boxes, counts = self._gather(samples, feat, targets)
+            feat = self._staging_array(B, F)  # float16 (B, R+1, F)
+        boxes, counts = self._gather(samples, feat)
         real = np.arange(R)[None, :] < counts[:, None]  # (B, R)
         loc = np.zeros((B, R + 1, 5), dtype=np.float32)
         loc[:, 0] = (0, 0, 1, 1, 1)
@@ -196,10 +213,9 @@ class BatchBuilder:
             regions = self._float_regions(B, F).copy_(feat_out[:, 1:])
         else:
             feat_out = new_output(feat.shape).copy_(torch.from_numpy(feat))  # (B, R+1, F) float32
-            targets_out = new_output(targets.shape).copy_(torch.from_numpy(targets))
             regions = feat_out[:, 1:]
         feat_out[:, 0] = torch.bmm(weights, regions)[:, 0]  # [IMG] (B, F), the mean in float32
         image_mask = np.concatenate([np.ones((B, 1), bool), real], axis=1)
         region_labels = np.concatenate([np.zeros((B, 1), bool), masked], axis=1)
         return {"image_feat": feat_out, "image_loc": loc, "image_mask": image_mask.astype(np.int64),
-                "region_labels": region_labels.astype(np.int64), "region_targets": targets_out}
+                "region_labels": region_labels.astype(np.int64)}

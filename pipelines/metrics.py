@@ -5,7 +5,7 @@ import csv
 from pathlib import Path
 
 FIELDS = ["step", "samples", "loss", "mlm_loss", "mrm_loss", "align_loss", "align_accuracy", "mlm_accuracy",
-          "lr", "samples_per_s", "data_wait_s", "skipped_steps"]
+          "lr", "samples_per_s", "data_wait_s", "skipped_steps", "masked_overflow"]
 
 
 class MetricsLogger:

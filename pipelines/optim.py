@@ -36,7 +36,9 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, bert_params: 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.01, bert_params: set[str] = frozenset(),
                     bert_lr_scale: float = 0.1, betas=(0.9, 0.98), eps: float = 1e-8) -> torch.optim.AdamW:
-    fused = all(p.is_cuda for p in model.parameters())
+    # The fused kernel (CUDA and CPU) is the fastest and can skip a non-finite step on the device.
+    devices = {p.device.type for p in model.parameters()}
+    fused = len(devices) == 1 and devices <= {"cuda", "cpu"}
     return torch.optim.AdamW(param_groups(model, lr, weight_decay, bert_params, bert_lr_scale),
                              betas=betas, eps=eps, fused=fused or None)
 

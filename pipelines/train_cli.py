@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import click
+import torch
 
 from .checkpointing import list_checkpoints
 from .data import DataConfig, PretrainingData, PretrainingLoader, make_loader
@@ -103,7 +104,9 @@ def cli(shards, out, preset, arch, overrides, bert, tokenizer, objective, lr, be
         model_overrides["arch"] = arch
     data_cfg = DataConfig(shards=shards, tokenizer=str(tokenizer), batch_size=micro_batch_size, max_seq_len=max_seq_len,
                           max_regions=max_regions, objective=objective, samples_per_epoch=samples_per_epoch,
-                          shuffle_buffer=shuffle_buffer, num_workers=workers, allow_mixed_recipes=allow_mixed_recipes)
+                          shuffle_buffer=shuffle_buffer, num_workers=workers, allow_mixed_recipes=allow_mixed_recipes,
+                          # on a GPU, features travel as float16 (half the bytes) and are cast there
+                          half_features=device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()))
     data = PretrainingData(data_cfg, train=True)  # checks shards, recipe and tokenizer before any model is built
     if not bert and "vocab_size" not in model_overrides:
         model_overrides["vocab_size"] = data.tokenizer.vocab_size

@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from vilbert import ViLBert, load_bert_weights, load_preset
+from vilbert import IGNORE_INDEX, ViLBert, load_bert_weights, load_preset
+from vilbert.pretraining import default_capacity
 
 from .checkpointing import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .metrics import MetricsLogger, plot_losses, read_metrics
@@ -47,6 +48,7 @@ class TrainConfig:
     clip_grad: float = 1.0
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16
     compile: bool = False
+    static_heads: bool | None = None  # fixed-size masked-head selection (no host sync); None: on CUDA or compile
     save_every: int = 1000
     keep_last: int = 3
     log_every: int = 10
@@ -116,6 +118,13 @@ class Trainer:
         self.step = 0
         self.samples = 0
         self.skipped = 0
+        # Non-finite steps are skipped on the device (the fused optimizer's found_inf) and read back
+        # at the next log or save: (step, device flag, batch keys) of the steps since then.
+        self._device_skip = not self.scaler.is_enabled() and config.nan_policy == "skip" \
+            and bool(self.optimizer.defaults.get("fused"))
+        self._pending: list[tuple[int, torch.Tensor, list]] = []
+        self.static_heads = config.static_heads if config.static_heads is not None else \
+            (self.device.type == "cuda" or config.compile)
         self._scheduler_state = None
         self.resumed_metadata: dict = {}
 
@@ -159,9 +168,28 @@ class Trainer:
 
     # ---- one optimizer step -----------------------------------------------------------------
     def _forward(self, model, batch: dict):
+        capacity = self._masked_capacity(batch)
         tensors = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        for k, v in tensors.items():  # float16 features (DataConfig.half_features) are cast here, on the device
+            if v.dtype == torch.float16:
+                tensors[k] = v.float()
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            return model(**tensors, mask_loss_on_mismatch=self.cfg.objective == 0), tensors
+            out = model(**tensors, mask_loss_on_mismatch=self.cfg.objective == 0, masked_capacity=capacity)
+        return out, tensors
+
+    def _masked_capacity(self, batch: dict) -> tuple[int, int] | None:
+        """Fixed head sizes (tokens, regions) for static_heads, or None. A host batch is counted
+        on the host (exact, no device sync) and rounded up to a bucket, so that compiled code and
+        CUDA graphs see a handful of shapes; a batch already on the device gets default_capacity."""
+        if not self.static_heads:
+            return None
+        lm, regions, align = batch["lm_labels"], batch["region_labels"], batch["align_labels"]
+        if lm.device.type != "cpu":
+            return default_capacity(lm.numel()), default_capacity(regions.numel())
+        counted = torch.ones_like(align, dtype=torch.bool) if self.cfg.objective == 0 else align == 0
+        tokens = int(((lm != IGNORE_INDEX) & counted[:, None]).sum())
+        masked = int(((regions == 1) & counted[:, None]).sum())
+        return bucket_size(tokens, lm.numel()), bucket_size(masked, regions.numel())
 
     def _train_step(self, model, batches: Iterator[dict], stats: dict) -> None:
         keys = []
@@ -182,13 +210,12 @@ class Trainer:
             flag = finite.float()
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
             finite = flag.bool()
-        if not bool(finite):
-            self.skipped += 1
-            msg = f"non-finite loss at step {self.step + 1}; batch keys: {keys[:20]}"
+        if self._device_skip:
+            self._device_step(finite, keys)
+            return
+        if not bool(finite):  # host sync: the step is known bad here (nan_policy "stop", fp16, no fused optimizer)
+            self._record_skip(self.step + 1, keys)
             self.optimizer.zero_grad(set_to_none=True)
-            if self.cfg.nan_policy == "stop":
-                raise FloatingPointError(msg)
-            log.warning("%s (update skipped)", msg)
             return
         self.scaler.unscale_(self.optimizer)
         if self.cfg.clip_grad > 0:
@@ -196,6 +223,36 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _device_step(self, finite: torch.Tensor, keys: list) -> None:
+        """Clip and update with no host sync: a non-finite loss or gradient norm sets the fused
+        optimizer's found_inf, which skips the update on the device (as GradScaler does)."""
+        if self.cfg.clip_grad > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
+            finite = finite & torch.isfinite(norm)
+        bad = (~finite).float()
+        self.optimizer.found_inf = bad
+        self.optimizer.step()
+        del self.optimizer.found_inf
+        self.optimizer.zero_grad(set_to_none=True)
+        self._pending.append((self.step + 1, bad, keys[:20]))
+
+    def _settle_skips(self) -> None:
+        """Read the skip flags of the steps since the last call (one host sync) and report them."""
+        if not self._pending:
+            return
+        flags = torch.stack([bad for _, bad, _ in self._pending]).tolist()
+        for (step, _, keys), bad in zip(self._pending, flags):
+            if bad:
+                self._record_skip(step, keys)
+        self._pending = []
+
+    def _record_skip(self, step: int, keys: list) -> None:
+        self.skipped += 1
+        msg = f"non-finite loss at step {step}; batch keys: {keys[:20]}"
+        if self.cfg.nan_policy == "stop":
+            raise FloatingPointError(msg)
+        log.warning("%s (update skipped)", msg)
 
     # ---- the loop -----------------------------------------------------------------------------
     def fit(self, batches: Iterator[dict], samples_per_epoch: int = 0) -> dict:
@@ -258,18 +315,19 @@ class Trainer:
         }
 
     def _log(self, stats, t_log, scheduler, logger, bar) -> dict:
+        self._settle_skips()
         n = max(1, stats["micro_steps"])
         vals = torch.stack([stats[k].to(self.device) for k in _SUMS])
         if self.dist.world_size > 1:
             dist.all_reduce(vals)
             vals[:4] /= self.dist.world_size
-        loss, mlm, mrm, align, a_ok, a_n, m_ok, m_n = vals.tolist()
+        loss, mlm, mrm, align, a_ok, a_n, m_ok, m_n, overflow = vals.tolist()
         elapsed = time.perf_counter() - t_log
         row = {
             "step": self.step, "samples": self.samples, "loss": loss / n, "mlm_loss": mlm / n, "mrm_loss": mrm / n,
             "align_loss": align / n, "align_accuracy": a_ok / max(1, a_n), "mlm_accuracy": m_ok / max(1, m_n),
             "lr": scheduler.get_last_lr()[-1], "samples_per_s": a_n / max(elapsed, 1e-9),
-            "data_wait_s": stats["data_wait_s"], "skipped_steps": self.skipped,
+            "data_wait_s": stats["data_wait_s"], "skipped_steps": self.skipped, "masked_overflow": overflow,
         }
         if logger is not None:
             logger.log(row)
@@ -278,6 +336,7 @@ class Trainer:
         return row
 
     def save(self, scheduler) -> Path | None:
+        self._settle_skips()
         if not self.dist.is_main:
             return None
         state = {
@@ -293,13 +352,20 @@ class Trainer:
         return path
 
 
-_SUMS = ("loss", "mlm_loss", "mrm_loss", "align_loss", "align_correct", "align_total", "mlm_correct", "mlm_total")
+def bucket_size(count: int, positions: int) -> int:
+    """count rounded up to a multiple of max(8, positions / 64) (at most positions, at least 8)."""
+    step = max(8, positions // 64 // 8 * 8)
+    return min(positions, max(step, -(-count // step) * step))
+
+
+_SUMS = ("loss", "mlm_loss", "mrm_loss", "align_loss", "align_correct", "align_total", "mlm_correct", "mlm_total",
+         "overflow")
 
 
 def _new_stats() -> dict:
     z = lambda: torch.zeros(())  # noqa: E731
     return {"loss": z(), "mlm_loss": z(), "mrm_loss": z(), "align_loss": z(), "align_correct": z(),
-            "align_total": z(), "mlm_correct": z(), "mlm_total": z(), "micro_steps": 0, "data_wait_s": 0.0}
+            "align_total": z(), "mlm_correct": z(), "mlm_total": z(), "overflow": z(), "micro_steps": 0, "data_wait_s": 0.0}
 
 
 def _accumulate(stats: dict, out, tensors: dict) -> None:
@@ -310,5 +376,6 @@ def _accumulate(stats: dict, out, tensors: dict) -> None:
     stats["align_correct"] = stats["align_correct"].to(labels.device) + (out.align_logits.argmax(-1) == labels).sum()
     stats["align_total"] = stats["align_total"].to(labels.device) + labels.numel()
     stats["mlm_correct"] = stats["mlm_correct"].to(labels.device) + (out.mlm_logits.argmax(-1) == out.mlm_labels).sum()
-    stats["mlm_total"] = stats["mlm_total"].to(labels.device) + out.mlm_labels.numel()
+    stats["mlm_total"] = stats["mlm_total"].to(labels.device) + (out.mlm_labels != IGNORE_INDEX).sum()
+    stats["overflow"] = stats["overflow"].to(labels.device) + out.overflow
     stats["micro_steps"] += 1

@@ -39,7 +39,8 @@ def test_batch_matches_the_contract(tmp_path, vocab):
     B, T, R = 8, 36, 36
     shapes = {"input_ids": (B, T), "token_type_ids": (B, T), "attention_mask": (B, T), "lm_labels": (B, T),
               "image_feat": (B, R + 1, 2048), "image_loc": (B, R + 1, 5), "image_mask": (B, R + 1),
-              "region_labels": (B, R + 1), "region_targets": (B, R + 1, 1601), "align_labels": (B,)}
+              "region_labels": (B, R + 1), "region_targets": (int(batch["region_labels"].sum()), 1601),
+              "align_labels": (B,)}
     for name, shape in shapes.items():
         assert tuple(batch[name].shape) == shape, name
         want = torch.float32 if name in ("image_feat", "image_loc", "region_targets") else torch.long
@@ -55,7 +56,8 @@ def test_batch_matches_the_contract(tmp_path, vocab):
     assert (batch["image_mask"][:, 0] == 1).all() and (batch["region_labels"][:, 0] == 0).all()
     padding = batch["image_mask"] == 0
     assert (batch["region_labels"][padding] == 0).all() and (batch["image_feat"][padding] == 0).all()
-    assert (batch["region_targets"][:, 0] == 0).all() and (batch["region_targets"][padding] == 0).all()
+    # one class distribution per masked region (the synthetic shards' rows sum to 1 up to float16)
+    torch.testing.assert_close(batch["region_targets"].sum(1), torch.ones(len(batch["region_targets"])), atol=2e-2, rtol=0)
     assert (batch["token_type_ids"] == 0).all()
     assert len(batch["keys"]) == B and all(isinstance(k, str) for k in batch["keys"])
 

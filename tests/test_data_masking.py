@@ -93,6 +93,7 @@ def test_batch_image_token_and_zeroing_match_a_per_sample_reference(tokenizer):
     samples = make_samples(rng, 32)
     batch = BatchBuilder(tokenizer, objective=2, seed=0)(samples)
     feat, labels = batch["image_feat"].numpy(), batch["region_labels"].numpy()
+    targets, row = batch["region_targets"].numpy(), 0
     for b, s in enumerate(samples):
         n = len(s.features)
         masked = labels[b, 1:n + 1].astype(bool)
@@ -106,8 +107,10 @@ def test_batch_image_token_and_zeroing_match_a_per_sample_reference(tokenizer):
             keep.append(not masked[i] and not overlaps)
         expected = original[keep].mean(0) if any(keep) else np.zeros(original.shape[1])
         np.testing.assert_allclose(feat[b, 0], expected, rtol=1e-5, atol=1e-6)
-        np.testing.assert_array_equal(batch["region_targets"][b, 1:n + 1].numpy(), s.cls_prob.astype(np.float32))
-    assert labels[:, 1:].sum() > 0
+        # the compact targets: the stored distributions of this sample's masked regions, in order
+        np.testing.assert_array_equal(targets[row: row + masked.sum()], s.cls_prob[masked].astype(np.float32))
+        row += masked.sum()
+    assert labels[:, 1:].sum() > 0 and row == len(targets)
 
 
 def iou_xyxy(a, b) -> float:

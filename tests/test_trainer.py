@@ -127,6 +127,33 @@ def test_non_finite_loss_skips_the_update(tmp_path, caplog):
     assert all(torch.isfinite(p).all() for p in t.model.parameters())
 
 
+def test_non_finite_step_is_skipped_on_the_device_and_reported_at_the_next_log(tmp_path, caplog):
+    t = Trainer(config(tmp_path, max_steps=4, save_every=100, log_every=4, tensorboard=False))
+    assert t._device_skip  # fused AdamW: found_inf skips the update without a host sync
+    t.fit(nan_batches())
+    assert t.skipped == 1 and "non-finite loss at step 2" in caplog.text and "sample-2-0" in caplog.text
+    some = next(p for p in t.model.parameters() if p.requires_grad)
+    assert t.optimizer.state[some]["step"].item() == 3  # 4 steps, one skipped
+    assert read_metrics(tmp_path / "metrics.csv")[-1]["skipped_steps"] == 1
+    assert all(torch.isfinite(p).all() for p in t.model.parameters())
+
+
+def test_fixed_size_heads_train_exactly_like_exact_selection(tmp_path):
+    runs = []
+    for static in (False, True):
+        t = Trainer(config(tmp_path / str(static), max_steps=3, log_every=1, static_heads=static, tensorboard=False))
+        t.fit(batches())
+        runs.append((t, read_metrics(tmp_path / str(static) / "metrics.csv")))
+    (exact, exact_rows), (fixed, fixed_rows) = runs
+    assert fixed.static_heads and not exact.static_heads
+    for a, b in zip(exact_rows, fixed_rows):
+        for k in ("loss", "mlm_loss", "mrm_loss", "mlm_accuracy"):
+            assert abs(a[k] - b[k]) < 1e-4, (k, a[k], b[k])
+        assert b["masked_overflow"] == 0
+    for (name, a), b in zip(exact.model.state_dict().items(), fixed.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_non_finite_loss_can_stop(tmp_path):
     t = Trainer(config(tmp_path, max_steps=3, nan_policy="stop"))
     with pytest.raises(FloatingPointError, match="step 2"):
@@ -179,3 +206,11 @@ def test_two_process_gloo_run(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-00000004"]
     rows = read_metrics(tmp_path / "run" / "metrics.csv")
     assert [r["step"] for r in rows] == [2, 4]  # one writer: rank 0
+
+
+def test_bucket_sizes_cover_the_count_in_few_shapes():
+    from pipelines.trainer import bucket_size
+    assert bucket_size(0, 100) == 8 and bucket_size(9, 100) == 16 and bucket_size(99, 100) == 100
+    sizes = {bucket_size(n, 256 * 36) for n in range(600, 800)}  # objective 1 at batch 256: ~690 +- 50
+    assert all(s % 8 == 0 for s in sizes) and len(sizes) <= 2 and max(sizes) < 900
+    assert all(bucket_size(n, 9216) >= n for n in range(0, 9217, 7))

@@ -65,23 +65,24 @@ class AlignmentHead(nn.Module):
 # ---- losses -------------------------------------------------------------------------------
 
 def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the given (already selected) masked tokens; 0 when there are none.
+    """Mean cross-entropy over the selected masked tokens; rows labelled IGNORE_INDEX (-100, the
+    padding of a fixed-capacity selection) do not count; 0 when no row counts.
 
     logits (N, V), labels (N,)."""
-    if labels.numel() == 0:
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits.float(), labels)
+    total = F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
+    return total / (labels != -100).sum().clamp(min=1)
 
 
-def masked_region_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def masked_region_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """KL(target || softmax(logits)) summed over classes, averaged over the given regions.
 
-    logits (N, C), target (N, C) (a distribution per row). Zero when N == 0 (no division by 0)."""
-    if target.shape[0] == 0:
-        return logits.sum() * 0.0
+    logits (N, C), target (N, C) (a distribution per row), valid (N,) bool: the rows that count
+    (None: all). Zero when no row counts (no division by 0)."""
     log_pred = F.log_softmax(logits.float(), dim=-1)
     kl = F.kl_div(log_pred, target.float(), reduction="none").sum(-1)  # (N,)
-    return kl.mean()
+    if valid is None:
+        return kl.sum() / max(1, kl.shape[0])
+    return (kl * valid).sum() / valid.sum().clamp(min=1)
 
 
 def alignment_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -22,11 +22,52 @@ class PretrainingOutput:
     align_logits: torch.Tensor  # (B, 2), class 0 = aligned
     mlm_logits: torch.Tensor  # (N, V) at counted masked tokens, or (B, T, V) without labels
     region_logits: torch.Tensor  # (M, C) at counted masked regions, or (B, R, C) without labels
-    mlm_labels: torch.Tensor | None = None  # (N,)
+    mlm_labels: torch.Tensor | None = None  # (N,), IGNORE_INDEX at the padding of a fixed-capacity selection
+    overflow: torch.Tensor | None = None  # () masked positions beyond `masked_capacity` (not in the losses)
     loss: torch.Tensor | None = None
     mlm_loss: torch.Tensor | None = None
     mrm_loss: torch.Tensor | None = None
     align_loss: torch.Tensor | None = None
+
+
+def masked_index(selected: torch.Tensor, capacity: int | None):
+    """Flat indices of the True entries of selected (B, L), in row-major order.
+
+    capacity None: -> index (N,), None, 0: exact (a data-dependent shape: one host sync).
+    capacity K: -> index (K,), valid (K,) bool, overflow (): always K indices, the first N valid;
+    no host sync and a fixed shape (for torch.compile and CUDA graphs). Entries beyond K are
+    dropped and counted in `overflow`."""
+    flat = selected.flatten()  # (B*L,)
+    if capacity is None:
+        return flat.nonzero().squeeze(1), None, torch.zeros((), dtype=torch.long, device=flat.device)
+    index = torch.nonzero_static(flat, size=capacity, fill_value=0).squeeze(1)  # (K,)
+    count = flat.sum()
+    valid = torch.arange(capacity, device=flat.device) < count  # (K,)
+    return index, valid, (count - capacity).clamp(min=0)
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (B, L, ...) -> (N, ...) at flat indices over (B, L)."""
+    return x.flatten(0, 1)[index]
+
+
+def masked_targets(targets: torch.Tensor, region_labels: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The target rows at flat positions `index` (N,) -> (N, C), from full targets (B, R, C) or
+    from compact ones (M, C) that hold the region_labels == 1 positions in row-major order."""
+    if targets.dim() == 3:
+        return gather_rows(targets, index)
+    if targets.shape[0] == 0:  # nothing masked; a fixed-capacity index still wants rows
+        return targets.new_zeros(index.shape[0], targets.shape[1])
+    row = (region_labels == 1).flatten().cumsum(0) - 1  # (B*R,) compact row of each masked position
+    return targets[row[index].clamp(min=0)]
+
+
+def default_capacity(positions: int, prob: float = 0.15) -> int:
+    """A fixed number of head rows for `positions` candidates each selected with `prob`: the mean
+    plus 6 standard deviations (overflow about once in 10^9 batches), a multiple of 8."""
+    mean = positions * prob
+    k = mean + 6 * (mean * (1 - prob)) ** 0.5 + 8
+    return min(positions, int(-(-k // 8) * 8))
 
 
 def init_weights(module: nn.Module, std: float) -> None:
@@ -72,10 +113,12 @@ class ViLBert(nn.Module):
         image_mask: torch.Tensor | None = None,  # (B, R)
         lm_labels: torch.Tensor | None = None,  # (B, T), IGNORE_INDEX where not predicted
         region_labels: torch.Tensor | None = None,  # (B, R), 1 = masked region to predict
-        region_targets: torch.Tensor | None = None,  # (B, R, C) detector class distribution
+        region_targets: torch.Tensor | None = None,  # (B, R, C) detector class distribution, or (M, C) of the
+                                                     # region_labels == 1 positions only, row-major
         align_labels: torch.Tensor | None = None,  # (B,), 0 = aligned, 1 = mismatched caption
         task_ids: torch.Tensor | None = None,
         mask_loss_on_mismatch: bool = False,  # True = official "objective 0", False = "objective 1"
+        masked_capacity: tuple[int, int] | None = None,  # fixed head rows (tokens, regions); see select_rows
         **_unused,
     ) -> PretrainingOutput:
         out = self.backbone(input_ids, image_feat, image_loc, token_type_ids, attention_mask, image_mask, task_ids)
@@ -93,16 +136,21 @@ class ViLBert(nn.Module):
         region_sel = (region_labels == 1) & counted[:, None]  # (B, R)
 
         # The heads run only at the selected positions: (N, D) and (M, Dv) instead of every position.
-        mlm_logits = self.mlm_head(text[token_sel])  # (N, V)
-        mlm_labels = lm_labels[token_sel]  # (N,)
-        region_logits = self.region_head(out.image[region_sel])  # (M, C)
+        cap_t, cap_r = masked_capacity or (None, None)
+        token_idx, token_ok, token_over = masked_index(token_sel, cap_t)  # (N,)
+        region_idx, region_ok, region_over = masked_index(region_sel, cap_r)  # (M,)
+        mlm_labels = gather_rows(lm_labels, token_idx)  # (N,)
+        if token_ok is not None:  # padding rows do not count
+            mlm_labels = mlm_labels.masked_fill(~token_ok, IGNORE_INDEX)
+        mlm_logits = self.mlm_head(gather_rows(text, token_idx))  # (N, V)
+        region_logits = self.region_head(gather_rows(out.image, region_idx))  # (M, C)
 
         mlm = masked_lm_loss(mlm_logits, mlm_labels)
-        mrm = masked_region_loss(region_logits, region_targets[region_sel])
+        mrm = masked_region_loss(region_logits, masked_targets(region_targets, region_labels, region_idx), region_ok)
         align = alignment_loss(align_logits, align_labels)
         return PretrainingOutput(
             out, align_logits, mlm_logits, region_logits, mlm_labels,
-            loss=mlm + mrm + align, mlm_loss=mlm, mrm_loss=mrm, align_loss=align,
+            loss=mlm + mrm + align, mlm_loss=mlm, mrm_loss=mrm, align_loss=align, overflow=token_over + region_over,
         )
 
     def task_logits(self, name: str, out: BackboneOutput, image_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,0 +1,34 @@
+"""What every benchmark prints and writes: a table of rows and a JSON document with the date,
+the machine and the command."""
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+
+def machine_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def print_table(rows: list[dict], cols: list[str]) -> None:
+    print(" | ".join(cols))
+    for r in rows:
+        print(" | ".join(str(r[c]) for c in cols))
+
+
+def write_json(path: Path, script: str, argv: list[str] | None, device: str, rows: list[dict], **extra) -> None:
+    """{date, machine, torch, command, **extra, results: rows} -> path."""
+    doc = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine_name(device),
+           "torch": torch.__version__,
+           "command": " ".join(["python", f"benchmarks/{script}"] + (argv if argv is not None else sys.argv[1:])),
+           **extra, "results": rows}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {path}")

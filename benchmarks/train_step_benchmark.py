@@ -1,0 +1,266 @@
+"""The pretraining step side by side: this project's trainer step against the official model code.
+
+    python benchmarks/train_step_benchmark.py --official-repo PATH          # GPU: bf16, batch 256
+    python benchmarks/train_step_benchmark.py --official-repo PATH --device cpu --batch-size 8 --steps 3 --threads 1
+
+PATH is a local vilbert-multi-task checkout (its `vilbert/vilbert.py`; nothing is downloaded and no
+official code is part of this project). Without it only our variants run. One process, one
+set of random weights: the official `BertForMultiModalPreTraining` is built first and its
+weights are converted into ours, so every variant trains the same model on the same batch
+(36 tokens, 36 regions + [IMG], 15 % masked tokens and regions, half the captions mismatched).
+
+Variants (--variants):
+  official  the official model + torch AdamW (foreach) + grad clipping, losses as its forward computes them
+  eager     our Trainer step: exact masked selection (one host sync per selection), fused AdamW
+  static    + fixed-size masked-head selection and on-device non-finite skip: no host sync in the step
+  compile   + torch.compile (--compile-mode, e.g. max-autotune or reduce-overhead for CUDA graphs)
+
+Each timed step is the whole optimizer step, from a host batch (pinned on CUDA) to the updated
+weights. FLOPs per sample are counted with torch.utils.flop_counter on the official model (forward +
+backward) and MFU = samples/s x those FLOPs / --peak-tflops (default: the dense bf16 peak of the
+GPU, e.g. 989.4 for an H100 SXM, 756 for an H100 PCIe). `--check` first compares the losses of both codes in fp32 on an all-aligned batch.
+Prints a table and writes JSON to benchmarks/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from official_parity import import_official  # noqa: E402
+from report import print_table, write_json  # noqa: E402
+
+from pipelines.trainer import TrainConfig, Trainer  # noqa: E402
+from vilbert import IGNORE_INDEX, load_preset  # noqa: E402
+from vilbert.official import convert_official_state_dict  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+# Dense bf16 tensor-core peaks (NVIDIA data sheets), by a part of torch.cuda.get_device_name().
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}
+
+
+def peak_tflops(device_name: str) -> float | None:
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), None)
+
+OFFICIAL_KEYS = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                 "max_position_embeddings", "type_vocab_size", "hidden_dropout_prob", "attention_probs_dropout_prob",
+                 "v_feature_size", "v_target_size", "v_hidden_size", "v_num_hidden_layers", "v_num_attention_heads",
+                 "v_intermediate_size", "v_hidden_dropout_prob", "v_attention_probs_dropout_prob", "bi_hidden_size",
+                 "bi_num_attention_heads", "v_biattention_id", "t_biattention_id",
+                 "initializer_range"]
+
+
+def make_batch(cfg, B: int, T: int = 36, R: int = 37, aligned_only: bool = False, seed: int = 0) -> dict:
+    """A host batch in the trainer's contract (pipelines/batching.py), but with the full
+    (B, R, C) region targets: `ours()` makes the compact (M, C) rows the loader sends."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, cfg.vocab_size, (B, T), generator=g)
+    lm = torch.randint(1, cfg.vocab_size, (B, T), generator=g)
+    lm[torch.rand(B, T, generator=g) > 0.15] = IGNORE_INDEX
+    lm[:, 0] = IGNORE_INDEX
+    align = torch.zeros(B, dtype=torch.long) if aligned_only else (torch.rand(B, generator=g) < 0.5).long()
+    regions = (torch.rand(B, R, generator=g) < 0.15).long()
+    regions[:, 0] = 0
+    lm[align == 1], regions[align == 1] = IGNORE_INDEX, 0  # objective 1: negatives carry no targets
+    return dict(
+        input_ids=ids, token_type_ids=torch.zeros_like(ids), attention_mask=torch.ones_like(ids), lm_labels=lm,
+        image_feat=torch.randn(B, R, cfg.v_feature_size, generator=g), image_loc=torch.rand(B, R, 5, generator=g),
+        image_mask=torch.ones(B, R, dtype=torch.long), region_labels=regions,
+        region_targets=torch.softmax(torch.randn(B, R, cfg.v_target_size, generator=g), -1), align_labels=align,
+    )
+
+
+def ours(batch: dict, half: bool = False) -> dict:
+    """The loader's form: compact targets of the masked regions; float16 features on a GPU
+    (DataConfig.half_features, as vilbert-train sets there)."""
+    out = dict(batch, region_targets=batch["region_targets"][batch["region_labels"] == 1])
+    if half:
+        out["image_feat"], out["region_targets"] = out["image_feat"].half(), out["region_targets"].half()
+    return out
+
+
+def official_inputs(batch: dict) -> dict:
+    """Our batch -> the official forward's arguments (-1 = no MLM label; regions without [IMG])."""
+    return dict(
+        input_ids=batch["input_ids"], image_feat=batch["image_feat"], image_loc=batch["image_loc"],
+        token_type_ids=batch["token_type_ids"], attention_mask=batch["attention_mask"],
+        image_attention_mask=batch["image_mask"], masked_lm_labels=batch["lm_labels"].masked_fill(
+            batch["lm_labels"] == IGNORE_INDEX, -1),
+        image_label=batch["region_labels"][:, 1:], image_target=batch["region_targets"][:, 1:],
+        next_sentence_label=batch["align_labels"],
+    )
+
+
+def build_models(module, preset: str):
+    """The official pretraining model (random weights) and our Trainer holding the same weights."""
+    cfg = load_preset(preset)
+    if module is None:
+        return cfg, None
+    off_cfg = module.BertConfig(cfg.vocab_size, **{k: getattr(cfg, k) for k in OFFICIAL_KEYS[1:]})
+    off_cfg.fusion_method, off_cfg.visual_target, off_cfg.num_negative = cfg.fusion_method, 0, 128
+    torch.manual_seed(0)
+    official = module.BertForMultiModalPreTraining(off_cfg)
+    return cfg, official
+
+
+def our_trainer(preset: str, state: dict | None, cfg, batch_size: int, device: str, variant: str, mode: str):
+    tc = TrainConfig(out=Path(tempfile.mkdtemp()), preset=preset, batch_size=batch_size, micro_batch_size=batch_size,
+                     device=device, static_heads=variant != "eager", compile=variant == "compile",
+                     tensorboard=False, max_steps=10**9)
+    t = Trainer(tc)
+    if state is not None:
+        converted, _ = convert_official_state_dict(state, cfg)
+        t.model.load_state_dict(converted.state_dict())
+    model = torch.compile(t.model, mode=None if mode == "default" else mode) if variant == "compile" else t.model
+    stats = {k: torch.zeros(()) for k in ("loss", "mlm_loss", "mrm_loss", "align_loss", "align_correct",
+                                          "align_total", "mlm_correct", "mlm_total", "overflow")}
+    stats.update(micro_steps=0, data_wait_s=0.0)
+
+    def step(batch):
+        t._train_step(model, iter([batch]), stats)
+    return t, step
+
+
+def official_step_fn(official, device: torch.device, autocast_dtype):
+    official.to(device).train()
+    opt = torch.optim.AdamW(official.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.01)
+
+    def step(inputs):
+        inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            mlm, mrm, align = official(**inputs)
+        opt.zero_grad(set_to_none=True)
+        (mlm + mrm + align).sum().backward()
+        torch.nn.utils.clip_grad_norm_(official.parameters(), 1.0)
+        opt.step()
+    return step
+
+
+def count_flops(official, cfg, device: torch.device) -> float:
+    """Forward + backward FLOPs per training sample of the official model (fp32, batch 2)."""
+    official.to(device).train()
+    batch = {k: v.to(device) for k, v in official_inputs(make_batch(cfg, 2)).items()}
+    with FlopCounterMode(display=False) as counter:
+        mlm, mrm, align = official(**batch)
+        (mlm + mrm + align).sum().backward()
+    official.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / 2
+
+
+def check_losses(official, trainer, cfg) -> dict:
+    """fp32, dropout off, all captions aligned: the losses of both codes on the same weights."""
+    batch = make_batch(cfg, 4, aligned_only=True, seed=1)
+    official.eval(), trainer.model.eval()
+    dev = trainer.device
+    official.to(dev)
+    with torch.no_grad():
+        mlm, mrm, align = official(**{k: v.to(dev) for k, v in official_inputs(batch).items()})
+        mine = trainer.model(**{k: v.to(dev) for k, v in ours(batch).items()})
+    official.train(), trainer.model.train()
+    return {"mlm": abs(mlm.item() - mine.mlm_loss.item()), "mrm": abs(mrm.item() - mine.mrm_loss.item()),
+            "align": abs(align.item() - mine.align_loss.item())}
+
+
+def time_steps(step, batch: dict, steps: int, warmup: int, device: torch.device) -> tuple[float, float]:
+    """-> (seconds per step, peak CUDA MiB or nan)."""
+    for _ in range(warmup):
+        step(batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step(batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / steps
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
+    return dt, peak
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--official-repo", type=Path, default=None)
+    p.add_argument("--preset", default="vilbert-base")
+    p.add_argument("--variants", default="official,eager,static,compile")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 256 on GPU, 8 on CPU")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default: 30 on GPU, 3 on CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 5 on GPU, 1 on CPU)")
+    p.add_argument("--compile-mode", default="default", help="torch.compile mode for the compile variant")
+    p.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default: the GPU's dense bf16 peak)")
+    p.add_argument("--check", action="store_true", help="compare fp32 losses of both codes first")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", type=Path, default=RESULTS / "train_step_benchmark.json")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
+    gpu = device.type == "cuda"
+    B, steps = a.batch_size or (256 if gpu else 8), a.steps or (30 if gpu else 3)
+    warmup = a.warmup if a.warmup is not None else (5 if gpu else 1)
+    if gpu:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    variants = a.variants.split(",")
+    module = import_official(a.official_repo) if a.official_repo else None
+    if module is None:
+        variants = [v for v in variants if v != "official"]
+    cfg, official = build_models(module, a.preset)
+    state, flops, check = None, None, None
+    if official is not None:
+        official.to(device)
+        state = {k: v.detach().cpu().clone() for k, v in official.state_dict().items()}  # every variant's start
+        flops = count_flops(official, cfg, device)
+        if a.check:
+            trainer, _ = our_trainer(a.preset, state, cfg, B, a.device, "eager", a.compile_mode)
+            check = check_losses(official, trainer, cfg)
+            del trainer
+    peak = a.peak_tflops or (peak_tflops(torch.cuda.get_device_name()) if gpu else None)
+    full = make_batch(cfg, B)
+    batches = {"official": official_inputs(full), "ours": ours(full, half=gpu)}
+    if gpu:
+        batches = {name: {k: v.pin_memory() for k, v in b.items()} for name, b in batches.items()}
+
+    rows = []
+    for variant in variants:
+        if variant == "official":
+            step = official_step_fn(official, device, torch.bfloat16 if gpu else None)
+        else:
+            trainer, step = our_trainer(a.preset, state, cfg, B, a.device, variant, a.compile_mode)
+        inputs = batches["official" if variant == "official" else "ours"]
+        dt, peak_mib = time_steps(step, inputs, steps, warmup + (2 if variant == "compile" else 0), device)
+        rows.append({"variant": variant, "batch_size": B, "step_ms": round(1000 * dt, 1),
+                     "samples_per_s": round(B / dt, 1), "peak_cuda_MiB": round(peak_mib) if gpu else None,
+                     "MFU_pct": round(100 * B / dt * flops / (peak * 1e12), 1) if flops and peak else None})
+        if variant == "official":  # off the GPU: the next variants' peak memory is their own
+            official.zero_grad(set_to_none=True)
+            official.to("cpu")
+        else:
+            trainer._settle_skips()
+            del trainer
+        del step
+        if gpu:
+            torch.cuda.empty_cache()
+    base = next((r["samples_per_s"] for r in rows if r["variant"] == "official"), None)
+    for r in rows:
+        r["x_official"] = round(r["samples_per_s"] / base, 2) if base else None
+
+    print_table(rows, ["variant", "batch_size", "step_ms", "samples_per_s", "x_official", "MFU_pct", "peak_cuda_MiB"])
+    if flops:
+        print(f"official model: {flops / 1e9:.2f} GFLOP per training sample (forward + backward)")
+    if check:
+        print("fp32 loss |difference| official vs ours: " + ", ".join(f"{k} {v:.2e}" for k, v in check.items()))
+    write_json(a.out, "train_step_benchmark.py", argv, a.device, rows, preset=a.preset,
+               precision="bf16 autocast" if gpu else "fp32", gflop_per_sample_official=flops and flops / 1e9,
+               peak_tflops=peak, loss_check=check)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

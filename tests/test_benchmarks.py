@@ -1,0 +1,45 @@
+"""The training-step benchmark runs our variants and writes its JSON (the official code is not
+part of the project, so its variant needs --official-repo and is not run here)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name: str):
+    sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_step_benchmark_runs_our_variants(tmp_path, capsys):
+    bench = load("train_step_benchmark")
+    out = tmp_path / "step.json"
+    assert bench.main(["--preset", "vilbert-tiny", "--variants", "official,eager,static", "--device", "cpu",
+                       "--batch-size", "4", "--steps", "1", "--warmup", "0", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert [r["variant"] for r in doc["results"]] == ["eager", "static"]  # no --official-repo: no official row
+    assert all(r["samples_per_s"] > 0 and r["x_official"] is None for r in doc["results"])
+    assert "samples_per_s" in capsys.readouterr().out
+
+
+def test_benchmark_batches_match_the_loader_and_official_forms():
+    bench = load("train_step_benchmark")
+    cfg = bench.load_preset("vilbert-tiny")
+    full = bench.make_batch(cfg, 6)
+    mine = bench.ours(full)
+    masked = full["region_labels"] == 1
+    assert mine["region_targets"].shape == (int(masked.sum()), cfg.v_target_size)
+    torch.testing.assert_close(mine["region_targets"], full["region_targets"][masked])
+    official = bench.official_inputs(full)
+    assert official["image_target"].shape[1] == official["image_label"].shape[1] == 36  # no [IMG]
+    assert ((official["masked_lm_labels"] == -1) == (full["lm_labels"] == -100)).all()
+    assert (full["lm_labels"][full["align_labels"] == 1] == -100).all() and not masked[full["align_labels"] == 1].any()
