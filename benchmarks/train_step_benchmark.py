@@ -10,7 +10,9 @@ weights are converted into ours, so every variant trains the same model on the s
 (36 tokens, 36 regions + [IMG], 15 % masked tokens and regions, half the captions mismatched).
 
 Variants (--variants):
-  official  the official model + torch AdamW (foreach) + grad clipping, losses as its forward computes them
+  official  the official model + torch AdamW (foreach) + grad clipping, losses as its forward computes them;
+            in fp32 as the official pretraining script runs by default (--official-precision bf16: under
+            the same bf16 autocast as ours)
   eager     our Trainer step: exact masked selection (one host sync per selection), fused AdamW
   static    + fixed-size masked-head selection and on-device non-finite skip: no host sync in the step
   compile   + torch.compile (--compile-mode, e.g. max-autotune or reduce-overhead for CUDA graphs)
@@ -153,6 +155,15 @@ def count_flops(official, cfg, device: torch.device) -> float:
     return counter.get_total_flops() / 2
 
 
+def count_our_flops(trainer, batch: dict) -> float:
+    """Forward + backward FLOPs per sample of our step's model (heads at the masked positions only)."""
+    tensors = {k: v.to(trainer.device) for k, v in batch.items()}
+    with FlopCounterMode(display=False) as counter:
+        trainer.model(**tensors).loss.backward()
+    trainer.model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / len(batch["input_ids"])
+
+
 def check_losses(official, trainer, cfg) -> dict:
     """fp32, dropout off, all captions aligned: the losses of both codes on the same weights."""
     batch = make_batch(cfg, 4, aligned_only=True, seed=1)
@@ -193,6 +204,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=None, help="default: 256 on GPU, 8 on CPU")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default: 30 on GPU, 3 on CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 5 on GPU, 1 on CPU)")
+    p.add_argument("--official-precision", choices=["fp32", "bf16"], default="fp32",
+                   help="the official variant's precision on GPU (its scripts' default: fp32)")
     p.add_argument("--compile-mode", default="default", help="torch.compile mode for the compile variant")
     p.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default: the GPU's dense bf16 peak)")
     p.add_argument("--check", action="store_true", help="compare fp32 losses of both codes first")
@@ -205,8 +218,6 @@ def main(argv=None) -> int:
     gpu = device.type == "cuda"
     B, steps = a.batch_size or (256 if gpu else 8), a.steps or (30 if gpu else 3)
     warmup = a.warmup if a.warmup is not None else (5 if gpu else 1)
-    if gpu:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     variants = a.variants.split(",")
     module = import_official(a.official_repo) if a.official_repo else None
     if module is None:
@@ -220,6 +231,7 @@ def main(argv=None) -> int:
         if a.check:
             trainer, _ = our_trainer(a.preset, state, cfg, B, a.device, "eager", a.compile_mode)
             check = check_losses(official, trainer, cfg)
+            check["our_gflop_per_sample"] = count_our_flops(trainer, ours(make_batch(cfg, 2))) / 1e9
             del trainer
     peak = a.peak_tflops or (peak_tflops(torch.cuda.get_device_name()) if gpu else None)
     full = make_batch(cfg, B)
@@ -230,7 +242,7 @@ def main(argv=None) -> int:
     rows = []
     for variant in variants:
         if variant == "official":
-            step = official_step_fn(official, device, torch.bfloat16 if gpu else None)
+            step = official_step_fn(official, device, torch.bfloat16 if gpu and a.official_precision == "bf16" else None)
         else:
             trainer, step = our_trainer(a.preset, state, cfg, B, a.device, variant, a.compile_mode)
         inputs = batches["official" if variant == "official" else "ours"]
@@ -255,9 +267,10 @@ def main(argv=None) -> int:
     if flops:
         print(f"official model: {flops / 1e9:.2f} GFLOP per training sample (forward + backward)")
     if check:
-        print("fp32 loss |difference| official vs ours: " + ", ".join(f"{k} {v:.2e}" for k, v in check.items()))
+        print("fp32 loss |difference| official vs ours: " + ", ".join(f"{k} {check[k]:.2e}" for k in ("mlm", "mrm", "align")))
+        print(f"our model: {check['our_gflop_per_sample']:.2f} GFLOP per training sample (heads at masked positions only)")
     write_json(a.out, "train_step_benchmark.py", argv, a.device, rows, preset=a.preset,
-               precision="bf16 autocast" if gpu else "fp32", gflop_per_sample_official=flops and flops / 1e9,
+               precision="bf16 autocast" if gpu else "fp32", official_precision=a.official_precision if gpu else "fp32", gflop_per_sample_official=flops and flops / 1e9,
                peak_tflops=peak, loss_check=check)
     return 0
 

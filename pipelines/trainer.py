@@ -173,18 +173,23 @@ class Trainer:
         for k, v in tensors.items():  # float16 features (DataConfig.half_features) are cast here, on the device
             if v.dtype == torch.float16:
                 tensors[k] = v.float()
+        targets = tensors.get("region_targets")
+        if capacity and targets is not None and targets.dim() == 2 and len(targets) < capacity[1]:
+            # compact targets (M, C) padded to the region capacity: one shape for compiled code
+            tensors["region_targets"] = torch.nn.functional.pad(targets, (0, 0, 0, capacity[1] - len(targets)))
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             out = model(**tensors, mask_loss_on_mismatch=self.cfg.objective == 0, masked_capacity=capacity)
         return out, tensors
 
     def _masked_capacity(self, batch: dict) -> tuple[int, int] | None:
-        """Fixed head sizes (tokens, regions) for static_heads, or None. A host batch is counted
-        on the host (exact, no device sync) and rounded up to a bucket, so that compiled code and
-        CUDA graphs see a handful of shapes; a batch already on the device gets default_capacity."""
+        """Fixed head sizes (tokens, regions) for static_heads, or None. With torch.compile (or a
+        batch already on the device): default_capacity, one shape per batch shape (positions past
+        it are dropped and counted as masked_overflow, about once in 10^9 batches). Otherwise the
+        host batch is counted on the host (exact, no device sync) and rounded up to a bucket."""
         if not self.static_heads:
             return None
         lm, regions, align = batch["lm_labels"], batch["region_labels"], batch["align_labels"]
-        if lm.device.type != "cpu":
+        if self.cfg.compile or lm.device.type != "cpu":
             return default_capacity(lm.numel()), default_capacity(regions.numel())
         counted = torch.ones_like(align, dtype=torch.bool) if self.cfg.objective == 0 else align == 0
         tokens = int(((lm != IGNORE_INDEX) & counted[:, None]).sum())

@@ -154,6 +154,29 @@ def test_fixed_size_heads_train_exactly_like_exact_selection(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_compiled_step_matches_eager_in_one_graph(tmp_path, monkeypatch):
+    """torch.compile of the whole model with fixed-size heads: one graph for every batch (no graph
+    break, no recompilation), and the same training as eager in fp32 (with eager's dropout RNG)."""
+    import torch._inductor.config as inductor
+    torch._dynamo.reset()
+    monkeypatch.setattr(inductor, "fallback_random", True)
+    small = dict(num_hidden_layers=2, v_num_hidden_layers=1, v_biattention_id=[0], t_biattention_id=[1])
+    runs = []
+    for compiled in (False, True):
+        cfg = config(tmp_path / str(compiled), max_steps=3, log_every=1, save_every=100, tensorboard=False,
+                     compile=compiled, static_heads=True)
+        cfg.model_overrides.update(small)
+        t = Trainer(cfg)
+        t.fit(batches())
+        runs.append((t, read_metrics(tmp_path / str(compiled) / "metrics.csv")))
+    (eager, eager_rows), (comp, comp_rows) = runs
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    for a, b in zip(eager_rows, comp_rows):
+        assert abs(a["loss"] - b["loss"]) < 1e-4, (a["loss"], b["loss"])
+    for (name, a), b in zip(eager.model.state_dict().items(), comp.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=name)
+
+
 def test_non_finite_loss_can_stop(tmp_path):
     t = Trainer(config(tmp_path, max_steps=3, nan_policy="stop"))
     with pytest.raises(FloatingPointError, match="step 2"):
