@@ -48,6 +48,7 @@ class TrainConfig:
     clip_grad: float = 1.0
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune, ...
     static_heads: bool | None = None  # fixed-size masked-head selection (no host sync); None: on CUDA or compile
     save_every: int = 1000
     keep_last: int = 3
@@ -273,7 +274,7 @@ class Trainer:
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=not self.model.config.with_coattention)
         if self.cfg.compile:
-            model = torch.compile(model)
+            model = torch.compile(model, mode=None if self.cfg.compile_mode == "default" else self.cfg.compile_mode)
         model.train()
         logger = MetricsLogger(self.cfg.out, self.step, self.cfg.tensorboard) if self.dist.is_main else None
         bar = tqdm(total=total, initial=self.step, desc="train", unit="step", disable=not self.dist.is_main)
