@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from official_parity import import_official  # noqa: E402
 from report import print_table, write_json  # noqa: E402
 
-from pipelines.trainer import TrainConfig, Trainer  # noqa: E402
+from pipelines.trainer import TrainConfig, Trainer, _new_stats  # noqa: E402
 from vilbert import IGNORE_INDEX, load_preset  # noqa: E402
 from vilbert.official import convert_official_state_dict  # noqa: E402
 
@@ -120,9 +120,7 @@ def our_trainer(preset: str, state: dict | None, cfg, batch_size: int, device: s
         converted, _ = convert_official_state_dict(state, cfg)
         t.model.load_state_dict(converted.state_dict())
     model = torch.compile(t.model, mode=None if mode == "default" else mode) if variant == "compile" else t.model
-    stats = {k: torch.zeros(()) for k in ("loss", "mlm_loss", "mrm_loss", "align_loss", "align_correct",
-                                          "align_total", "mlm_correct", "mlm_total", "overflow")}
-    stats.update(micro_steps=0, data_wait_s=0.0)
+    stats = _new_stats(t.device)
 
     def step(batch):
         t._train_step(model, iter([batch]), stats)

@@ -278,7 +278,7 @@ class Trainer:
         model.train()
         logger = MetricsLogger(self.cfg.out, self.step, self.cfg.tensorboard) if self.dist.is_main else None
         bar = tqdm(total=total, initial=self.step, desc="train", unit="step", disable=not self.dist.is_main)
-        stats, t_log, last = _new_stats(), time.perf_counter(), {}
+        stats, t_log, last = _new_stats(self.device), time.perf_counter(), {}
         batches = iter(batches)
         try:
             while self.step < total:
@@ -289,7 +289,7 @@ class Trainer:
                 bar.update(1)
                 if self.step % self.cfg.log_every == 0 or self.step == total:
                     last = self._log(stats, t_log, scheduler, logger, bar)
-                    stats, t_log = _new_stats(), time.perf_counter()
+                    stats, t_log = _new_stats(self.device), time.perf_counter()
                 if self.step % self.cfg.save_every == 0 or self.step == total:
                     self.save(scheduler)
         finally:
@@ -304,12 +304,12 @@ class Trainer:
     def evaluate(self, batches) -> dict:
         """Mean losses and accuracies over one pass of `batches` (all processes together)."""
         self.model.eval()
-        stats = _new_stats()
+        stats = _new_stats(self.device)
         for batch in batches:
             out, tensors = self._forward(self.model, batch)
             _accumulate(stats, out, tensors)
         self.model.train()
-        vals = torch.stack([stats[k].to(self.device) for k in _SUMS] + [torch.tensor(float(stats["micro_steps"]), device=self.device)])
+        vals = torch.stack([stats[k] for k in _SUMS] + [torch.tensor(float(stats["micro_steps"]), device=self.device)])
         if self.dist.world_size > 1:
             dist.all_reduce(vals)
         sums = dict(zip(_SUMS + ("micro_steps",), vals.tolist()))
@@ -323,7 +323,7 @@ class Trainer:
     def _log(self, stats, t_log, scheduler, logger, bar) -> dict:
         self._settle_skips()
         n = max(1, stats["micro_steps"])
-        vals = torch.stack([stats[k].to(self.device) for k in _SUMS])
+        vals = torch.stack([stats[k] for k in _SUMS])
         if self.dist.world_size > 1:
             dist.all_reduce(vals)
             vals[:4] /= self.dist.world_size
@@ -368,20 +368,21 @@ _SUMS = ("loss", "mlm_loss", "mrm_loss", "align_loss", "align_correct", "align_t
          "overflow")
 
 
-def _new_stats() -> dict:
-    z = lambda: torch.zeros(())  # noqa: E731
-    return {"loss": z(), "mlm_loss": z(), "mrm_loss": z(), "align_loss": z(), "align_correct": z(),
-            "align_total": z(), "mlm_correct": z(), "mlm_total": z(), "overflow": z(), "micro_steps": 0, "data_wait_s": 0.0}
+def _new_stats(device: torch.device | str = "cpu") -> dict:
+    """Zeroed sums, on the training device: a host-to-device copy of pageable memory would wait
+    for the GPU."""
+    sums = {k: torch.zeros((), device=device) for k in _SUMS}
+    return {**sums, "micro_steps": 0, "data_wait_s": 0.0}
 
 
 def _accumulate(stats: dict, out, tensors: dict) -> None:
     """Device-side sums; read back only when logging (no host sync per step)."""
     for k in ("loss", "mlm_loss", "mrm_loss", "align_loss"):
-        stats[k] = stats[k].to(out.loss.device) + getattr(out, k).detach().float()
+        stats[k] = stats[k] + getattr(out, k).detach().float()
     labels = tensors["align_labels"]
-    stats["align_correct"] = stats["align_correct"].to(labels.device) + (out.align_logits.argmax(-1) == labels).sum()
-    stats["align_total"] = stats["align_total"].to(labels.device) + labels.numel()
-    stats["mlm_correct"] = stats["mlm_correct"].to(labels.device) + (out.mlm_logits.argmax(-1) == out.mlm_labels).sum()
-    stats["mlm_total"] = stats["mlm_total"].to(labels.device) + (out.mlm_labels != IGNORE_INDEX).sum()
-    stats["overflow"] = stats["overflow"].to(labels.device) + out.overflow
+    stats["align_correct"] = stats["align_correct"] + (out.align_logits.argmax(-1) == labels).sum()
+    stats["align_total"] = stats["align_total"] + labels.numel()
+    stats["mlm_correct"] = stats["mlm_correct"] + (out.mlm_logits.argmax(-1) == out.mlm_labels).sum()
+    stats["mlm_total"] = stats["mlm_total"] + (out.mlm_labels != IGNORE_INDEX).sum()
+    stats["overflow"] = stats["overflow"] + out.overflow
     stats["micro_steps"] += 1
