@@ -17,7 +17,8 @@ Variants (--variants):
   static    + fixed-size masked-head selection and on-device non-finite skip: no host sync in the step
   compile   + torch.compile (--compile-mode, e.g. max-autotune or reduce-overhead for CUDA graphs)
 
-Each timed step is the whole optimizer step, from a host batch (pinned on CUDA) to the updated
+On CUDA, one extra step runs under torch.cuda.set_sync_debug_mode("warn"): `host_syncs` counts the
+host synchronisations it reports. Each timed step is the whole optimizer step, from a host batch (pinned on CUDA) to the updated
 weights. FLOPs per sample are counted with torch.utils.flop_counter on the official model (forward +
 backward) and MFU = samples/s x those FLOPs / --peak-tflops (default: the dense bf16 peak of the
 GPU, e.g. 989.4 for an H100 SXM, 756 for an H100 PCIe). `--check` first compares the losses of both codes in fp32 on an all-aligned batch.
@@ -29,6 +30,7 @@ import argparse
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -176,11 +178,20 @@ def check_losses(official, trainer, cfg) -> dict:
             "align": abs(align.item() - mine.align_loss.item())}
 
 
-def time_steps(step, batch: dict, steps: int, warmup: int, device: torch.device) -> tuple[float, float]:
-    """-> (seconds per step, peak CUDA MiB or nan)."""
+def time_steps(step, batch: dict, steps: int, warmup: int, device: torch.device) -> tuple[float, float, int | None]:
+    """-> (seconds per step, peak CUDA MiB or nan, host syncs per step seen by CUDA's sync debug mode
+    in one extra step, or None on CPU)."""
     for _ in range(warmup):
         step(batch)
+    syncs = None
     if device.type == "cuda":
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            step(batch)
+            torch.cuda.set_sync_debug_mode("default")
+        syncs = sum("synchroniz" in str(w.message) for w in seen)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -190,7 +201,7 @@ def time_steps(step, batch: dict, steps: int, warmup: int, device: torch.device)
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / steps
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
-    return dt, peak
+    return dt, peak, syncs
 
 
 def main(argv=None) -> int:
@@ -244,9 +255,9 @@ def main(argv=None) -> int:
         else:
             trainer, step = our_trainer(a.preset, state, cfg, B, a.device, variant, a.compile_mode)
         inputs = batches["official" if variant == "official" else "ours"]
-        dt, peak_mib = time_steps(step, inputs, steps, warmup + (2 if variant == "compile" else 0), device)
+        dt, peak_mib, syncs = time_steps(step, inputs, steps, warmup + (2 if variant == "compile" else 0), device)
         rows.append({"variant": variant, "batch_size": B, "step_ms": round(1000 * dt, 1),
-                     "samples_per_s": round(B / dt, 1), "peak_cuda_MiB": round(peak_mib) if gpu else None,
+                     "samples_per_s": round(B / dt, 1), "peak_cuda_MiB": round(peak_mib) if gpu else None, "host_syncs": syncs,
                      "MFU_pct": round(100 * B / dt * flops / (peak * 1e12), 1) if flops and peak else None})
         if variant == "official":  # off the GPU: the next variants' peak memory is their own
             official.zero_grad(set_to_none=True)
@@ -261,7 +272,8 @@ def main(argv=None) -> int:
     for r in rows:
         r["x_official"] = round(r["samples_per_s"] / base, 2) if base else None
 
-    print_table(rows, ["variant", "batch_size", "step_ms", "samples_per_s", "x_official", "MFU_pct", "peak_cuda_MiB"])
+    print_table(rows, ["variant", "batch_size", "step_ms", "samples_per_s", "x_official", "MFU_pct", "peak_cuda_MiB",
+                       "host_syncs"])
     if flops:
         print(f"official model: {flops / 1e9:.2f} GFLOP per training sample (forward + backward)")
     if check:
