@@ -77,3 +77,21 @@ def test_all_pairs_path_equals_batched_nms(seed):
     selector = RegionSelector()
     assert torch.allclose(selector.best_surviving_scores_all_pairs(boxes, scores),
                           selector.best_surviving_scores(boxes, scores, floor=0.0))
+
+
+@pytest.mark.parametrize("seed,pairs", [(5, 40), (6, 200), (7, 10_000)])
+def test_top_pairs_path_equals_the_all_pairs_rule_on_the_chosen_boxes(seed, pairs):
+    """Few confident proposals (flat scores): the widening floor gives the exact best scores of
+    the selected proposals, whatever the first floor (40 pairs: several widenings; 10,000: all)."""
+    generator = torch.Generator().manual_seed(seed)
+    xy = torch.rand(60, 2, generator=generator) * 80
+    boxes = torch.cat([xy, xy + torch.rand(60, 2, generator=generator) * 30 + 1], dim=1)
+    scores = (torch.randn(60, 41, generator=generator) * 0.3).softmax(dim=1)[:, 1:]  # all far below 0.2
+    selector = RegionSelector(min_boxes=10, max_boxes=36, conf_threshold=0.2)
+    exact = selector.best_surviving_scores_all_pairs(boxes, scores)
+    fast = selector.best_surviving_scores_top_pairs(boxes, scores, wanted=10, pairs=pairs)
+    top = torch.argsort(exact, descending=True, stable=True)[:10]
+    torch.testing.assert_close(fast[top], exact[top])
+    assert (fast <= exact + 1e-7).all()  # below the floor a score may be missing, never too high
+    indices, best = _reference(boxes, scores, 10, 36, 0.2)
+    assert selector(boxes, scores).scores.numpy() == pytest.approx(best, abs=1e-6)
