@@ -257,7 +257,7 @@ def main(argv=None) -> int:
         inputs = batches["official" if variant == "official" else "ours"]
         dt, peak_mib, syncs = time_steps(step, inputs, steps, warmup + (2 if variant == "compile" else 0), device)
         rows.append({"variant": variant, "batch_size": B, "step_ms": round(1000 * dt, 1),
-                     "samples_per_s": round(B / dt, 1), "peak_cuda_MiB": round(peak_mib) if gpu else None, "host_syncs": syncs,
+                     "samples_per_s": float(f"{B / dt:.4g}"), "peak_cuda_MiB": round(peak_mib) if gpu else None, "host_syncs": syncs,
                      "MFU_pct": round(100 * B / dt * flops / (peak * 1e12), 1) if flops and peak else None})
         if variant == "official":  # off the GPU: the next variants' peak memory is their own
             official.zero_grad(set_to_none=True)
@@ -268,9 +268,9 @@ def main(argv=None) -> int:
         del step
         if gpu:
             torch.cuda.empty_cache()
-    base = next((r["samples_per_s"] for r in rows if r["variant"] == "official"), None)
+    base = next((r["step_ms"] for r in rows if r["variant"] == "official"), None)
     for r in rows:
-        r["x_official"] = round(r["samples_per_s"] / base, 2) if base else None
+        r["x_official"] = round(base / r["step_ms"], 2) if base else None
 
     print_table(rows, ["variant", "batch_size", "step_ms", "samples_per_s", "x_official", "MFU_pct", "peak_cuda_MiB",
                        "host_syncs"])
