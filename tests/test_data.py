@@ -264,3 +264,28 @@ def test_tar_helper_writes_the_documented_members(tmp_path):
         names = sorted(tar.getnames())
     assert names == sorted(f"shard000_00000.{e}" for e in ("json", "txt", "features.npy", "boxes.npy",
                                                             "cls_prob.npy"))
+
+
+def test_trainer_on_loader_batches_with_fixed_size_heads_and_float16_features(tmp_path, vocab):
+    """The GPU path on CPU: float16 features and compact targets from the loader, cast and padded in
+    the trainer, fixed-size heads, on-device skip: the same training as exact selection."""
+    from pipelines.metrics import read_metrics
+    from pipelines.trainer import TrainConfig, Trainer
+    write_shards(tmp_path / "shards", num_shards=2, per_shard=12, **SMALL)
+    rows = []
+    for static in (False, True):
+        data = config(str(tmp_path / "shards"), vocab, batch_size=6, seed=3, half_features=True,
+                      samples_per_epoch=10 ** 6)
+        overrides = dict(vocab_size=100, v_feature_size=16, v_target_size=6, max_position_embeddings=40)
+        batch = next(iter(make_loader(data)))
+        assert batch["image_feat"].dtype == torch.float16 and batch["region_targets"].dim() == 2
+        trainer = Trainer(TrainConfig(out=tmp_path / str(static), preset="vilbert-tiny", model_overrides=overrides,
+                                      batch_size=6, micro_batch_size=6, max_steps=4, log_every=1, save_every=100,
+                                      tensorboard=False, static_heads=static, seed=1))
+        trainer.fit(make_loader(data).forever())
+        rows.append(read_metrics(tmp_path / str(static) / "metrics.csv"))
+    for exact, fixed in zip(*rows):
+        for key in ("loss", "mlm_loss", "mrm_loss", "align_loss"):
+            assert abs(exact[key] - fixed[key]) < 1e-4 * max(1.0, abs(exact[key])), (key, exact[key], fixed[key])
+        assert fixed["masked_overflow"] == 0
+    assert rows[1][-1]["mrm_loss"] > 0
