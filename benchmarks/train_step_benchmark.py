@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from official_parity import import_official  # noqa: E402
 from report import print_table, write_json  # noqa: E402
 
-from pipelines.trainer import TrainConfig, Trainer, _new_stats  # noqa: E402
+from pipelines.metrics import new_step_sums  # noqa: E402
+from pipelines.trainer import TrainConfig, Trainer  # noqa: E402
 from vilbert import IGNORE_INDEX, load_preset  # noqa: E402
 from vilbert.official import convert_official_state_dict  # noqa: E402
 
@@ -122,7 +123,7 @@ def our_trainer(preset: str, state: dict | None, cfg, batch_size: int, device: s
         converted, _ = convert_official_state_dict(state, cfg)
         t.model.load_state_dict(converted.state_dict())
     model = torch.compile(t.model, mode=None if mode == "default" else mode) if variant == "compile" else t.model
-    stats = _new_stats(t.device)
+    stats = new_step_sums(t.device)
 
     def step(batch):
         t._train_step(model, iter([batch]), stats)

@@ -1,8 +1,13 @@
-"""Training logs: a CSV of per-step scalars, TensorBoard event files and a PNG of the loss curves."""
+"""Training logs: a CSV of per-step scalars, TensorBoard event files and a PNG of the loss curves;
+the per-step sums behind them, kept on the training device."""
 from __future__ import annotations
 
 import csv
 from pathlib import Path
+
+import torch
+
+from vilbert import IGNORE_INDEX
 
 FIELDS = ["step", "samples", "loss", "mlm_loss", "mrm_loss", "align_loss", "align_accuracy", "mlm_accuracy",
           "lr", "samples_per_s", "data_wait_s", "skipped_steps", "masked_overflow"]
@@ -90,6 +95,33 @@ def main(argv=None) -> int:
         return 1
     print(plot_losses(run / "metrics.csv", run / "loss_curves.png"))
     return 0
+
+
+
+# ---- per-step sums, on the training device ------------------------------------------------
+
+STEP_SUMS = ("loss", "mlm_loss", "mrm_loss", "align_loss", "align_correct", "align_total", "mlm_correct",
+             "mlm_total", "overflow")
+
+
+def new_step_sums(device: torch.device | str = "cpu") -> dict:
+    """Zeroed sums, on the training device: a host-to-device copy of pageable memory would wait
+    for the GPU."""
+    sums = {k: torch.zeros((), device=device) for k in STEP_SUMS}
+    return {**sums, "micro_steps": 0, "data_wait_s": 0.0}
+
+
+def accumulate_step(stats: dict, out, tensors: dict) -> None:
+    """Device-side sums; read back only when logging (no host sync per step)."""
+    for k in ("loss", "mlm_loss", "mrm_loss", "align_loss"):
+        stats[k] = stats[k] + getattr(out, k).detach().float()
+    labels = tensors["align_labels"]
+    stats["align_correct"] = stats["align_correct"] + (out.align_logits.argmax(-1) == labels).sum()
+    stats["align_total"] = stats["align_total"] + labels.numel()
+    stats["mlm_correct"] = stats["mlm_correct"] + (out.mlm_logits.argmax(-1) == out.mlm_labels).sum()
+    stats["mlm_total"] = stats["mlm_total"] + (out.mlm_labels != IGNORE_INDEX).sum()
+    stats["overflow"] = stats["overflow"] + out.overflow
+    stats["micro_steps"] += 1
 
 
 if __name__ == "__main__":

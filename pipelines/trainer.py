@@ -23,7 +23,7 @@ from vilbert import IGNORE_INDEX, ViLBert, load_bert_weights, load_preset
 from vilbert.pretraining import default_capacity
 
 from .checkpointing import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .metrics import MetricsLogger, plot_losses, read_metrics
+from .metrics import STEP_SUMS, MetricsLogger, accumulate_step, new_step_sums, plot_losses, read_metrics
 from .optim import build_optimizer, build_scheduler
 
 log = logging.getLogger("vilbert.train")
@@ -211,7 +211,7 @@ class Trainer:
                 out, tensors = self._forward(model, batch)
                 finite &= torch.isfinite(out.loss.detach())
                 self.scaler.scale(out.loss / self.accumulation).backward()
-            _accumulate(stats, out, tensors)
+            accumulate_step(stats, out, tensors)
         if self.dist.world_size > 1:  # every rank must agree to skip
             flag = finite.float()
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
@@ -278,7 +278,7 @@ class Trainer:
         model.train()
         logger = MetricsLogger(self.cfg.out, self.step, self.cfg.tensorboard) if self.dist.is_main else None
         bar = tqdm(total=total, initial=self.step, desc="train", unit="step", disable=not self.dist.is_main)
-        stats, t_log, last = _new_stats(self.device), time.perf_counter(), {}
+        stats, t_log, last = new_step_sums(self.device), time.perf_counter(), {}
         batches = iter(batches)
         try:
             while self.step < total:
@@ -289,7 +289,7 @@ class Trainer:
                 bar.update(1)
                 if self.step % self.cfg.log_every == 0 or self.step == total:
                     last = self._log(stats, t_log, scheduler, logger, bar)
-                    stats, t_log = _new_stats(self.device), time.perf_counter()
+                    stats, t_log = new_step_sums(self.device), time.perf_counter()
                 if self.step % self.cfg.save_every == 0 or self.step == total:
                     self.save(scheduler)
         finally:
@@ -304,15 +304,15 @@ class Trainer:
     def evaluate(self, batches) -> dict:
         """Mean losses and accuracies over one pass of `batches` (all processes together)."""
         self.model.eval()
-        stats = _new_stats(self.device)
+        stats = new_step_sums(self.device)
         for batch in batches:
             out, tensors = self._forward(self.model, batch)
-            _accumulate(stats, out, tensors)
+            accumulate_step(stats, out, tensors)
         self.model.train()
-        vals = torch.stack([stats[k] for k in _SUMS] + [torch.tensor(float(stats["micro_steps"]), device=self.device)])
+        vals = torch.stack([stats[k] for k in STEP_SUMS] + [torch.tensor(float(stats["micro_steps"]), device=self.device)])
         if self.dist.world_size > 1:
             dist.all_reduce(vals)
-        sums = dict(zip(_SUMS + ("micro_steps",), vals.tolist()))
+        sums = dict(zip(STEP_SUMS + ("micro_steps",), vals.tolist()))
         n = max(1.0, sums["micro_steps"])
         return {
             "loss": sums["loss"] / n, "mlm_loss": sums["mlm_loss"] / n, "mrm_loss": sums["mrm_loss"] / n,
@@ -323,7 +323,7 @@ class Trainer:
     def _log(self, stats, t_log, scheduler, logger, bar) -> dict:
         self._settle_skips()
         n = max(1, stats["micro_steps"])
-        vals = torch.stack([stats[k] for k in _SUMS])
+        vals = torch.stack([stats[k] for k in STEP_SUMS])
         if self.dist.world_size > 1:
             dist.all_reduce(vals)
             vals[:4] /= self.dist.world_size
@@ -362,27 +362,3 @@ def bucket_size(count: int, positions: int) -> int:
     """count rounded up to a multiple of max(8, positions / 64) (at most positions, at least 8)."""
     step = max(8, positions // 64 // 8 * 8)
     return min(positions, max(step, -(-count // step) * step))
-
-
-_SUMS = ("loss", "mlm_loss", "mrm_loss", "align_loss", "align_correct", "align_total", "mlm_correct", "mlm_total",
-         "overflow")
-
-
-def _new_stats(device: torch.device | str = "cpu") -> dict:
-    """Zeroed sums, on the training device: a host-to-device copy of pageable memory would wait
-    for the GPU."""
-    sums = {k: torch.zeros((), device=device) for k in _SUMS}
-    return {**sums, "micro_steps": 0, "data_wait_s": 0.0}
-
-
-def _accumulate(stats: dict, out, tensors: dict) -> None:
-    """Device-side sums; read back only when logging (no host sync per step)."""
-    for k in ("loss", "mlm_loss", "mrm_loss", "align_loss"):
-        stats[k] = stats[k] + getattr(out, k).detach().float()
-    labels = tensors["align_labels"]
-    stats["align_correct"] = stats["align_correct"] + (out.align_logits.argmax(-1) == labels).sum()
-    stats["align_total"] = stats["align_total"] + labels.numel()
-    stats["mlm_correct"] = stats["mlm_correct"] + (out.mlm_logits.argmax(-1) == out.mlm_labels).sum()
-    stats["mlm_total"] = stats["mlm_total"] + (out.mlm_labels != IGNORE_INDEX).sum()
-    stats["overflow"] = stats["overflow"] + out.overflow
-    stats["micro_steps"] += 1
