@@ -83,13 +83,14 @@ def plot_losses(csv_path: Path, png_path: Path) -> Path:
 
 def main(argv=None) -> int:
     """`python -m pipelines.metrics RUN_DIR`: (re)draw RUN_DIR/loss_curves.png from metrics.csv now."""
+    import argparse
     import sys
 
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m pipelines.metrics RUN_DIR", file=sys.stderr)
-        return 2
-    run = Path(args[0])
+    parser = argparse.ArgumentParser(prog="python -m pipelines.metrics",
+                                     description="Redraw RUN_DIR/loss_curves.png from RUN_DIR/metrics.csv "
+                                                 "(a vilbert-train run directory, also while it trains).")
+    parser.add_argument("run_dir", metavar="RUN_DIR")
+    run = Path(parser.parse_args(argv).run_dir)
     if not (run / "metrics.csv").is_file():
         print(f"{run / 'metrics.csv'}: not found", file=sys.stderr)
         return 1
