@@ -77,6 +77,7 @@ OPTS = dict(show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", help="auto: bf16 autocast on GPU, fp32 on CPU", **OPTS)
 @click.option("--compile/--no-compile", default=False, help="torch.compile the model (one graph; first step compiles)", **OPTS)
 @click.option("--compile-mode", type=click.Choice(["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]), default="default", help="torch.compile mode; reduce-overhead = CUDA graphs", **OPTS)
+@click.option("--profile-steps", type=int, default=0, help="record N steps (after 5) with torch.profiler into OUT/profile", **OPTS)
 @click.option("--device", default="auto", help="auto, cpu, cuda", **OPTS)
 @click.option("--workers", type=int, default=4, help="data-loading processes per training process", **OPTS)
 @click.option("--shuffle-buffer", type=int, default=1000, **OPTS)
@@ -92,8 +93,8 @@ OPTS = dict(show_default=True)
 @click.option("--seed", type=int, default=0, **OPTS)
 def cli(shards, out, preset, arch, overrides, bert, tokenizer, objective, lr, bert_lr_scale, weight_decay, warmup,
         batch_size, micro_batch_size, epochs, samples_per_epoch, max_steps, clip_grad, precision, compile, compile_mode,
-        device, workers, shuffle_buffer, max_seq_len, max_regions, allow_mixed_recipes, save_every, keep_last, log_every,
-        nan_policy, resume_from, eval_shards, seed):
+        profile_steps, device, workers, shuffle_buffer, max_seq_len, max_regions, allow_mixed_recipes, save_every,
+        keep_last, log_every, nan_policy, resume_from, eval_shards, seed):
     """Pretrain on SHARDS (a directory, a brace pattern such as 'cc-{000000..000331}.tar', or a
     pipe: URL) with masked language modelling, masked region modelling and image-caption alignment."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -120,7 +121,7 @@ def cli(shards, out, preset, arch, overrides, bert, tokenizer, objective, lr, be
         bert_lr_scale=bert_lr_scale, weight_decay=weight_decay, warmup=warmup, batch_size=batch_size,
         micro_batch_size=micro_batch_size, epochs=epochs, samples_per_epoch=samples_per_epoch, max_steps=max_steps,
         clip_grad=clip_grad, precision=precision, compile=compile,
-        compile_mode=compile_mode, save_every=save_every, keep_last=keep_last,
+        compile_mode=compile_mode, profile_steps=profile_steps, save_every=save_every, keep_last=keep_last,
         log_every=log_every, nan_policy=nan_policy, seed=seed, device=device,
     )
     trainer = Trainer(train_cfg, recipe=data.recipe)

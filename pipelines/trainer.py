@@ -49,6 +49,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16
     compile: bool = False
     compile_mode: str = "default"  # torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune, ...
+    profile_steps: int = 0  # >0: record this many steps (after 5 to warm up) with torch.profiler into OUT/profile
     static_heads: bool | None = None  # fixed-size masked-head selection (no host sync); None: on CUDA or compile
     save_every: int = 1000
     keep_last: int = 3
@@ -280,9 +281,11 @@ class Trainer:
         bar = tqdm(total=total, initial=self.step, desc="train", unit="step", disable=not self.dist.is_main)
         stats, t_log, last = new_step_sums(self.device), time.perf_counter(), {}
         batches = iter(batches)
+        profiler = self._profiler()
         try:
             while self.step < total:
                 self._train_step(model, batches, stats)
+                profiler.step()
                 scheduler.step()
                 self.step += 1
                 self.samples += self.effective_batch
@@ -293,12 +296,26 @@ class Trainer:
                 if self.step % self.cfg.save_every == 0 or self.step == total:
                     self.save(scheduler)
         finally:
+            profiler.stop()
             bar.close()
             if logger is not None:
                 logger.close()
                 if read_metrics(logger.csv_path):
                     plot_losses(logger.csv_path, Path(self.cfg.out) / "loss_curves.png")
         return last
+
+    def _profiler(self):
+        """torch.profiler over `profile_steps` steps after 5 warm-up steps (main process), written
+        for TensorBoard / chrome://tracing to OUT/profile; a no-op object otherwise."""
+        if not (self.cfg.profile_steps > 0 and self.dist.is_main):
+            return _NoProfiler()
+        from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        prof = profile(activities=activities, schedule=schedule(wait=4, warmup=1, active=self.cfg.profile_steps),
+                       on_trace_ready=tensorboard_trace_handler(str(Path(self.cfg.out) / "profile")))
+        prof.start()
+        return prof
 
     @torch.no_grad()
     def evaluate(self, batches) -> dict:
@@ -356,6 +373,14 @@ class Trainer:
         if csv_path.exists() and read_metrics(csv_path):  # keep the curves current in long runs
             plot_losses(csv_path, Path(self.cfg.out) / "loss_curves.png")
         return path
+
+
+class _NoProfiler:
+    def step(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
 
 
 def bucket_size(count: int, positions: int) -> int:

@@ -237,3 +237,11 @@ def test_bucket_sizes_cover_the_count_in_few_shapes():
     sizes = {bucket_size(n, 256 * 36) for n in range(600, 800)}  # objective 1 at batch 256: ~690 +- 50
     assert all(s % 8 == 0 for s in sizes) and len(sizes) <= 2 and max(sizes) < 900
     assert all(bucket_size(n, 9216) >= n for n in range(0, 9217, 7))
+
+
+def test_profile_steps_write_a_trace(tmp_path):
+    t = Trainer(config(tmp_path, max_steps=8, save_every=100, log_every=4, tensorboard=False, profile_steps=2))
+    t.fit(batches())
+    traces = list((tmp_path / "profile").glob("*.pt.trace.json"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 1000
+    assert "scaled_dot_product_attention" in traces[0].read_text()  # the model's attention ops were recorded
