@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
-IGNORE_INDEX = -100
+from vilbert import IGNORE_INDEX
+
 TEXT_MASK_PROB = 0.15
 REGION_MASK_PROB = 0.15
 REGION_ZERO_PROB = 0.9  # of the masked regions, the share whose feature is zeroed

@@ -98,7 +98,6 @@ def main(argv=None) -> int:
     return 0
 
 
-
 # ---- per-step sums, on the training device ------------------------------------------------
 
 STEP_SUMS = ("loss", "mlm_loss", "mrm_loss", "align_loss", "align_correct", "align_total", "mlm_correct",

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from vilbert import IGNORE_INDEX
+
 COLOURS = ["red", "green", "blue", "yellow"]
 SHAPES = ["circle", "square", "triangle", "star"]
 SPECIALS = ["[PAD]", "[CLS]", "[SEP]", "[MASK]", "a", "and"]
@@ -24,7 +26,6 @@ VOCAB = SPECIALS + COLOURS + SHAPES
 TOKEN_ID = {w: i for i, w in enumerate(VOCAB)}
 COLOUR_IDS = [TOKEN_ID[c] for c in COLOURS]
 PAD, CLS, SEP, MASK = 0, 1, 2, 3
-IGNORE_INDEX = -100
 
 
 @dataclass

@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from vilbert import IGNORE_INDEX, ViLBert, load_bert_weights, load_preset
-from vilbert.pretraining import default_capacity
+from vilbert import ViLBert, load_bert_weights, load_preset
+from vilbert.pretraining import default_capacity, predicted_positions
 
 from .checkpointing import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .metrics import STEP_SUMS, MetricsLogger, accumulate_step, new_step_sums, plot_losses, read_metrics
@@ -190,13 +190,11 @@ class Trainer:
         host batch is counted on the host (exact, no device sync) and rounded up to a bucket."""
         if not self.static_heads:
             return None
-        lm, regions, align = batch["lm_labels"], batch["region_labels"], batch["align_labels"]
+        lm, regions = batch["lm_labels"], batch["region_labels"]
         if self.cfg.compile or lm.device.type != "cpu":
             return default_capacity(lm.numel()), default_capacity(regions.numel())
-        counted = torch.ones_like(align, dtype=torch.bool) if self.cfg.objective == 0 else align == 0
-        tokens = int(((lm != IGNORE_INDEX) & counted[:, None]).sum())
-        masked = int(((regions == 1) & counted[:, None]).sum())
-        return bucket_size(tokens, lm.numel()), bucket_size(masked, regions.numel())
+        tokens, masked = predicted_positions(lm, regions, batch["align_labels"], self.cfg.objective == 0)
+        return bucket_size(int(tokens.sum()), lm.numel()), bucket_size(int(masked.sum()), regions.numel())
 
     def _train_step(self, model, batches: Iterator[dict], stats: dict) -> None:
         keys = []

@@ -70,14 +70,19 @@ def region_features(task: SyntheticTask, objects, rng) -> np.ndarray:
     return (f + task.noise * rng.normal(size=f.shape)).astype(np.float32)
 
 
+def task_folder(root: Path, name: str, num_objects: int, feature_size: int, seed: int):
+    """The synthetic scenes of one dataset, its generator and its new annotation folder root/name."""
+    task = SyntheticTask(feature_size=feature_size, num_objects=num_objects, noise=0.3, seed=seed)
+    data = root / name
+    data.mkdir(parents=True)
+    return task, np.random.default_rng(seed), data
+
+
 def make_refer(root: Path, n_images=(60, 10, 8, 8), n_objects: int = 4, feature_size: int = 32, seed: int = 0):
     """refcoco+/refs(unc).p (protocol 2), refcoco+/instances.json, detected and gt-box shards.
     Detected regions: each object's box jittered by a few pixels (IoU >= 0.5), then one large
     background box that overlaps no object by IoU >= 0.5."""
-    task = SyntheticTask(feature_size=feature_size, num_objects=n_objects, noise=0.3, seed=seed)
-    rng = np.random.default_rng(seed)
-    data = root / "refcoco+"
-    data.mkdir(parents=True)
+    task, rng, data = task_folder(root, "refcoco+", n_objects, feature_size, seed)
     refs, images, anns, det, gt = [], [], [], {}, {}
     image_id, ann_id, sent_id = 1, 1, 1
     for split, count in zip(("train", "val", "testA", "testB"), n_images):
@@ -111,10 +116,7 @@ def make_refer(root: Path, n_images=(60, 10, 8, 8), n_objects: int = 4, feature_
 
 def make_retrieval(root: Path, n_train: int = 24, n_test: int = 8, feature_size: int = 32, seed: int = 1):
     """Flickr-style train.jsonl / test.jsonl ({"img_path", "sentences"}) + shards keyed by file stem."""
-    task = SyntheticTask(feature_size=feature_size, num_objects=2, noise=0.3, seed=seed)
-    rng = np.random.default_rng(seed)
-    data = root / "flickr30k"
-    data.mkdir(parents=True)
+    task, rng, data = task_folder(root, "flickr30k", 2, feature_size, seed)
     samples, n = {}, 1000092795
     for split, count in (("train", n_train), ("test", n_test)):
         lines = []
@@ -132,10 +134,7 @@ def make_retrieval(root: Path, n_train: int = 24, n_test: int = 8, feature_size:
 
 def make_vqa(root: Path, n_train: int = 40, n_val: int = 12, feature_size: int = 32, seed: int = 2):
     """VQA v2 questions/annotations JSON ("what colour is the circle") + COCO-keyed shards."""
-    task = SyntheticTask(feature_size=feature_size, num_objects=3, noise=0.3, seed=seed)
-    rng = np.random.default_rng(seed)
-    data = root / "vqa"
-    data.mkdir(parents=True)
+    task, rng, data = task_folder(root, "vqa", 3, feature_size, seed)
     samples, image_id, qid = {}, 42, 1
     for split, count in (("train", n_train), ("val", n_val)):
         qs, anns = [], []

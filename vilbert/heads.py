@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+IGNORE_INDEX = -100  # lm_labels value for tokens that are not predicted
+
 
 class PredictionTransform(nn.Module):
     """dense -> GELU -> LayerNorm, before a prediction decoder."""
@@ -65,12 +67,12 @@ class AlignmentHead(nn.Module):
 # ---- losses -------------------------------------------------------------------------------
 
 def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the selected masked tokens; rows labelled IGNORE_INDEX (-100, the
-    padding of a fixed-capacity selection) do not count; 0 when no row counts.
+    """Mean cross-entropy over the selected masked tokens; rows labelled IGNORE_INDEX (the padding
+    of a fixed-capacity selection) do not count; 0 when no row counts.
 
     logits (N, V), labels (N,)."""
-    total = F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
-    return total / (labels != -100).sum().clamp(min=1)
+    total = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
 
 def masked_region_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:

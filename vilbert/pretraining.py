@@ -8,12 +8,11 @@ from torch import nn
 
 from .config import ViLBertConfig
 from .heads import (
-    AlignmentHead, MaskedLanguageHead, MaskedRegionHead, alignment_loss, masked_lm_loss, masked_region_loss,
+    IGNORE_INDEX, AlignmentHead, MaskedLanguageHead, MaskedRegionHead, alignment_loss, masked_lm_loss, masked_region_loss,
 )
 from .model import BackboneOutput, build_backbone
 from .task_heads import TaskHeads
 
-IGNORE_INDEX = -100  # lm_labels value for tokens that are not predicted
 
 
 @dataclass
@@ -28,6 +27,16 @@ class PretrainingOutput:
     mlm_loss: torch.Tensor | None = None
     mrm_loss: torch.Tensor | None = None
     align_loss: torch.Tensor | None = None
+
+
+def predicted_positions(lm_labels: torch.Tensor, region_labels: torch.Tensor, align_labels: torch.Tensor,
+                        mask_loss_on_mismatch: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The masked tokens (B, T) and regions (B, R) whose labels count: all of them, or with
+    mask_loss_on_mismatch False (official "objective 1") only those of aligned pairs."""
+    counted = torch.ones_like(align_labels, dtype=torch.bool)
+    if not mask_loss_on_mismatch:
+        counted = align_labels == 0
+    return (lm_labels != IGNORE_INDEX) & counted[:, None], (region_labels == 1) & counted[:, None]
 
 
 def masked_index(selected: torch.Tensor, capacity: int | None):
@@ -118,7 +127,7 @@ class ViLBert(nn.Module):
         align_labels: torch.Tensor | None = None,  # (B,), 0 = aligned, 1 = mismatched caption
         task_ids: torch.Tensor | None = None,
         mask_loss_on_mismatch: bool = False,  # True = official "objective 0", False = "objective 1"
-        masked_capacity: tuple[int, int] | None = None,  # fixed head rows (tokens, regions); see select_rows
+        masked_capacity: tuple[int, int] | None = None,  # fixed head rows (tokens, regions); see masked_index
         **_unused,
     ) -> PretrainingOutput:
         out = self.backbone(input_ids, image_feat, image_loc, token_type_ids, attention_mask, image_mask, task_ids)
@@ -129,11 +138,8 @@ class ViLBert(nn.Module):
         text = out.text
         if self.backbone.embeddings.task_embeddings is not None:  # drop the task token
             text = torch.cat([text[:, :1], text[:, 2:]], dim=1)
-        counted = torch.ones_like(align_labels, dtype=torch.bool)
-        if not mask_loss_on_mismatch:
-            counted = align_labels == 0
-        token_sel = (lm_labels != IGNORE_INDEX) & counted[:, None]  # (B, T)
-        region_sel = (region_labels == 1) & counted[:, None]  # (B, R)
+        token_sel, region_sel = predicted_positions(lm_labels, region_labels, align_labels,
+                                                    mask_loss_on_mismatch)  # (B, T), (B, R)
 
         # The heads run only at the selected positions: (N, D) and (M, Dv) instead of every position.
         cap_t, cap_r = masked_capacity or (None, None)
