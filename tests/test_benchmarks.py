@@ -43,3 +43,12 @@ def test_benchmark_batches_match_the_loader_and_official_forms():
     assert official["image_target"].shape[1] == official["image_label"].shape[1] == 36  # no [IMG]
     assert ((official["masked_lm_labels"] == -1) == (full["lm_labels"] == -100)).all()
     assert (full["lm_labels"][full["align_labels"] == 1] == -100).all() and not masked[full["align_labels"] == 1].any()
+
+
+def test_extract_parts_benchmark_runs_and_the_two_selections_agree(tmp_path):
+    bench = load("extract_parts_benchmark")
+    out = tmp_path / "parts.json"
+    assert bench.main(["--repeats", "1", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert len(rows) == 4 and all(r["per_second"] > 0 for r in rows)
+    assert [r["same_result"] for r in rows[2:]] == [True, True]
