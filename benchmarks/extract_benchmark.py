@@ -3,14 +3,17 @@ r"""Extraction throughput: images/s of detection + region selection + sample enc
 
     python benchmarks/extract_benchmark.py                       # tiny and r101 on this machine
     python benchmarks/extract_benchmark.py --configs r101 --device cuda --batch-sizes 1,8,16 \
-        --precisions fp32,bf16 --images 64
+        --precisions fp32,bf16 --memory-formats contiguous,channels_last --images 64 --size 1000x600
     python benchmarks/extract_benchmark.py --configs r101 --device cuda --weights faster_rcnn_from_caffe.pkl \
         --compare-precision bf16,fp16 --images 16
     python benchmarks/extract_benchmark.py --configs r101 --images 2 --size 320x240 --threads 1 \
         --compare-precision fp16 --test-size 240,400 --proposals 50   # fp16 on CPU: slow reference kernels
 
 Synthetic 640x480 images (random weights unless --weights: the speed is the same). Prints a table
-and writes the rows as JSON to benchmarks/results/extract-<device>-<UTC time>.json.
+and writes the rows as JSON to benchmarks/results/extract-<device>-<UTC time>.json. Each row also
+counts, on its first batch, the FLOPs per image (torch.utils.flop_counter: detector, all proposals
+through the res5 head) and so the TFLOP/s reached, and the ops per image that make the host wait for
+the GPU (pipelines/host_syncs.py; device-to-host copies are only seen on a GPU).
 
 --compare-precision runs the same images in fp32 and in each given precision. Feature drift is
 measured on the SAME boxes (the fp32-selected ones, fed back through the fixed-box path that
@@ -34,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 from torchvision.ops import box_iou
 
 from extractor.cli import PRECISIONS
@@ -42,6 +46,7 @@ from extractor.detector import build_detector
 from extractor.pipeline import encode_sample, select_regions
 from extractor.select import RegionSelector
 from extractor.sources import InputRecord
+from pipelines.host_syncs import HostSyncCounter
 
 
 def synthetic_images(count: int, width: int, height: int, seed: int = 0):
@@ -59,6 +64,16 @@ def synthetic_images(count: int, width: int, height: int, seed: int = 0):
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def count_per_image(detector, images, batch_size: int) -> tuple[float, float]:
+    """Detection + selection of one batch: (GFLOP per image, host-syncing ops per image)."""
+    batch, selector = images[:batch_size], RegionSelector()
+    with FlopCounterMode(display=False) as flops, HostSyncCounter() as syncs:
+        outputs, scales = detector(batch)
+        for image, output, scale in zip(batch, outputs, scales):
+            select_regions(output, scale, image.shape[1], image.shape[0], selector)
+    return flops.get_total_flops() / 1e9 / len(batch), syncs.total / len(batch)
 
 
 def measure(detector, images, batch_size: int, device: str) -> float:
@@ -200,15 +215,22 @@ def run_throughput(args, width: int, height: int) -> list:
         detector, _ = build(config_name, args)
         count = image_count(args, config_name)
         images = synthetic_images(count, width, height)
-        for precision in args.precisions.split(","):
+        for precision, memory_format in ((p, m) for p in args.precisions.split(",")
+                                         for m in args.memory_formats.split(",")):
             detector.autocast_dtype = PRECISIONS[precision]
+            if memory_format != "auto":
+                detector.use_channels_last(memory_format == "channels_last")
+            memory_format = "channels_last" if detector.channels_last else "contiguous"
             for batch_size in (int(b) for b in args.batch_sizes.split(",")):
                 rate = measure(detector, images, batch_size, args.device)
+                gflop, syncs = count_per_image(detector, images, batch_size)
                 rows.append(dict(config=config_name, device=args.device, precision=precision,
-                                 batch_size=batch_size, images=count, size=args.size,
-                                 images_per_second=round(rate, 3)))
-                print(f"{config_name:6s} {args.device:8s} {precision:5s} batch {batch_size:3d}  "
-                      f"{rate:9.2f} images/s", flush=True)
+                                 memory_format=memory_format, batch_size=batch_size, images=count, size=args.size,
+                                 images_per_second=round(rate, 3), gflop_per_image=round(gflop, 1),
+                                 tflops=round(rate * gflop / 1000, 2), sync_ops_per_image=syncs))
+                print(f"{config_name:6s} {args.device:8s} {precision:5s} {memory_format:13s} batch {batch_size:3d}  "
+                      f"{rate:9.2f} images/s  {gflop:8.1f} GFLOP/image  {rate * gflop / 1000:7.2f} TFLOP/s  "
+                      f"{syncs:5.1f} sync ops/image", flush=True)
     return rows
 
 
@@ -218,6 +240,9 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-sizes", default="1,4")
     parser.add_argument("--precisions", default="fp32")
+    parser.add_argument("--memory-formats", default="auto",
+                        help="contiguous,channels_last to compare the conv layouts (auto: vilbert-extract's "
+                             "default, channels_last on a GPU)")
     parser.add_argument("--compare-precision", default=None, metavar="P[,P]",
                         help="e.g. bf16,fp16: compare these with fp32 instead of timing")
     parser.add_argument("--images", type=int, default=None, help="default: 16 on GPU, 4 on CPU (r101: 2)")

@@ -38,6 +38,8 @@ def _rank_and_world(rank, num_workers):
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, help="Images per forward pass.")
 @click.option("--precision", type=click.Choice(sorted(PRECISIONS)), default="fp32",
               help="Autocast dtype for the network (box selection always runs in fp32).")
+@click.option("--channels-last/--no-channels-last", default=None,
+              help="NHWC convolutions (faster tensor-core kernels) [default: on a GPU].")
 @click.option("--workers", type=click.IntRange(min=0), default=2,
               help="DataLoader processes decoding images in parallel.")
 @click.option("--captions", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -69,7 +71,7 @@ def _rank_and_world(rank, num_workers):
 @click.option("--throttle", type=float, default=0.0, hidden=True)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def extract(images, out, weights, config_name, attributes, backend, device, batch_size, precision,
-            workers, captions, min_boxes, max_boxes, conf_threshold, proposals, gt_boxes, preview,
+            channels_last, workers, captions, min_boxes, max_boxes, conf_threshold, proposals, gt_boxes, preview,
             class_names, max_pixels, shard_size, prefix, num_workers, rank, seed, throttle, quiet):
     """Extract bottom-up-attention region features from IMAGES (a folder of images, a folder of
     img2dataset .tar shards, or one .tar) into WebDataset shards in OUT (docs/shard-format.md).
@@ -98,7 +100,7 @@ def extract(images, out, weights, config_name, attributes, backend, device, batc
 
             detector = build_detectron2_detector(config, weights, device, seed)
         else:
-            detector = build_detector(config, weights, device=device, seed=seed)
+            detector = build_detector(config, weights, device=device, seed=seed, channels_last=channels_last)
     except (WeightsError, ImportError) as error:
         raise click.ClickException(str(error)) from error
     detector.autocast_dtype = PRECISIONS[precision]

@@ -39,6 +39,13 @@ class BottomUpDetector(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(config.pixel_mean_bgr).view(3, 1, 1),
                              persistent=False)
         self.weights_hash = "random-init"
+        self.channels_last = False
+
+    def use_channels_last(self, enabled: bool = True) -> "BottomUpDetector":
+        """NHWC convolutions, which tensor cores prefer (above all under bf16/fp16 autocast): the
+        conv weights and the image batch in channels_last; the ROI head follows the feature map."""
+        self.channels_last = enabled
+        return self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
 
     @property
     def device(self) -> torch.device:
@@ -98,6 +105,8 @@ class BottomUpDetector(nn.Module):
         batch = torch.zeros((len(resized), 3, max_h, max_w), device=self.device)
         for index, tensor in enumerate(resized):
             batch[index, :, : tensor.shape[1], : tensor.shape[2]] = tensor
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
         return batch, sizes, scales
 
     # ----- inference -----------------------------------------------------------------------
@@ -123,9 +132,10 @@ class BottomUpDetector(nn.Module):
         return outputs, scales
 
 
-def build_detector(config: DetectorConfig, weights: Optional[str] = None,
-                   device: str = "cpu", seed: int = RANDOM_INIT_SEED) -> BottomUpDetector:
-    """Build, load weights (strict) or warn loudly and random-init, move to device, eval mode."""
+def build_detector(config: DetectorConfig, weights: Optional[str] = None, device: str = "cpu",
+                   seed: int = RANDOM_INIT_SEED, channels_last: Optional[bool] = None) -> BottomUpDetector:
+    """Build, load weights (strict) or warn loudly and random-init, move to device, eval mode;
+    channels_last None: on a GPU."""
     from extractor.weights import load_detector_weights
 
     model = BottomUpDetector(config)
@@ -138,4 +148,6 @@ def build_detector(config: DetectorConfig, weights: Optional[str] = None,
             "!! bottom-up-attention weights for real features.\n" + "!" * 78,
             stacklevel=2)
         model.random_init(seed)
-    return model.to(device).eval()
+    if channels_last is None:
+        channels_last = torch.device(device).type == "cuda"
+    return model.to(device).use_channels_last(channels_last).eval()

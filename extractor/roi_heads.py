@@ -65,7 +65,9 @@ class Res5ROIHeads(nn.Module):
                           for i, b in enumerate(boxes)]).float()  # (R, 5)
         size = self.config.pooler_resolution
         pooled = roi_pool(features.float(), rois, output_size=(size, size),  # no bf16 CPU kernel
-                          spatial_scale=self.spatial_scale)
+                          spatial_scale=self.spatial_scale)  # (R, C4, 14, 14)
+        if features.is_contiguous(memory_format=torch.channels_last) and not features.is_contiguous():
+            pooled = pooled.contiguous(memory_format=torch.channels_last)  # res5 convs as the backbone's
         return self.res5(pooled).mean(dim=(2, 3))  # (R, D)
 
     @torch.no_grad()

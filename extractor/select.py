@@ -89,10 +89,10 @@ class RegionSelector:
         wanted = min(self.min_boxes, count)
         # cheap pass: only pairs above the threshold; exact whenever enough proposals reach it
         best = self.best_surviving_scores(boxes, fg_class_scores, self.conf_threshold)
-        if int((best >= self.conf_threshold).sum()) < wanted:
+        confident = int((best >= self.conf_threshold).sum())  # exact, and the same after a lower floor
+        if confident < wanted:
             best = self.best_surviving_scores_top_pairs(boxes, fg_class_scores, wanted)
         order = torch.argsort(best, descending=True, stable=True)
-        confident = int((best >= self.conf_threshold).sum())
         count_kept = max(min(confident, self.max_boxes), wanted)
         indices = order[:count_kept]
         return Selection(indices=indices, scores=best[indices])

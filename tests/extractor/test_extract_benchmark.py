@@ -13,8 +13,13 @@ def test_benchmark_prints_and_writes_json(tmp_path, capsys):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     rows = module.main(["--configs", "tiny", "--device", "cpu", "--images", "2", "--batch-sizes", "1,2",
+                        "--memory-formats", "contiguous,channels_last",
                         "--size", "80x60", "--out", str(tmp_path)])
-    assert [r["batch_size"] for r in rows] == [1, 2] and all(r["images_per_second"] > 0 for r in rows)
+    assert [(r["memory_format"], r["batch_size"]) for r in rows] == [
+        ("contiguous", 1), ("contiguous", 2), ("channels_last", 1), ("channels_last", 2)]
+    assert all(r["images_per_second"] > 0 for r in rows)
+    assert len({r["gflop_per_image"] for r in rows}) == 1 and rows[0]["gflop_per_image"] > 0
+    assert all(r["sync_ops_per_image"] >= 3 for r in rows)  # RPN: mask + NMS; selection: nonzero, NMS, count
     assert "images/s" in capsys.readouterr().out
     (result,) = tmp_path.glob("extract-cpu-*.json")
     assert json.loads(result.read_text())["rows"] == rows

@@ -125,3 +125,26 @@ def test_real_r101_runs_once_on_a_small_image():
     assert scales == [pytest.approx(128 / 48)]
     assert outputs[0].features.shape[1] == 2048 and outputs[0].cls_probs.shape[1] == 1601
     assert 1 <= len(outputs[0].boxes) <= 10 and torch.isfinite(outputs[0].features).all()
+
+
+def test_channels_last_gives_the_same_regions():
+    """NHWC convolutions (the default on a GPU) change the memory layout only: same boxes,
+    features and class distributions, and the layout reaches the res5 head."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = build_detector(tiny_config(), channels_last=False)
+        nhwc = build_detector(tiny_config(), channels_last=True)
+    assert not plain.channels_last and nhwc.channels_last
+    assert nhwc.backbone.stem.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    make_image = __import__("extract_helpers").make_image
+    images = [np.asarray(make_image(64, 48)), np.asarray(make_image(50, 70))]
+    formats = []
+    nhwc.roi_heads.res5.register_forward_pre_hook(
+        lambda module, args: formats.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    expected, _ = plain(images)
+    got, _ = nhwc(images)
+    assert formats == [True]
+    for a, b in zip(expected, got):
+        torch.testing.assert_close(b.boxes, a.boxes, rtol=0, atol=1e-3)  # float rounding of other kernels
+        torch.testing.assert_close(b.features, a.features, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b.cls_probs, a.cls_probs, rtol=1e-4, atol=1e-6)
