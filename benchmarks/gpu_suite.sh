@@ -32,6 +32,7 @@ run step python3 benchmarks/train_step_benchmark.py "${OFFICIAL[@]}" --check --o
 run step-b512 python3 benchmarks/train_step_benchmark.py --variants static,compile --batch-size 512 --out "$WORK/train_step_b512.json"
 run step-graphs python3 benchmarks/train_step_benchmark.py --variants compile --compile-mode reduce-overhead --out "$WORK/train_step_graphs.json"
 run extract python3 benchmarks/extract_benchmark.py --configs r101 --device cuda --batch-sizes 1,8,16 --precisions fp32,bf16 --memory-formats contiguous,channels_last --images 64 --size 1000x600 --out "$WORK"
+run extract-precision python3 benchmarks/extract_benchmark.py --configs r101 --device cuda --compare-precision bf16,fp16 --images 16 --size 1000x600 --out "$WORK"
 run loader python3 benchmarks/loader_benchmark.py --workers 1 4 8 12 --batches 100 --out "$WORK"
 cp "$WORK/summary.txt" "$OUT/summary.txt"
 tar -czf "$OUT/gpu_suite.tar.gz" -C "$WORK" .
