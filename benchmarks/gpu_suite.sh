@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Every GPU benchmark of issue 7 in one command, for one call on a lent GPU machine:
+# Every GPU benchmark of issue 7, in parts that each fit one 10-minute call on a lent GPU machine:
 #
-#   bash benchmarks/gpu_suite.sh
+#   bash benchmarks/gpu_suite.sh step            # training step side by side, big batch, CUDA graphs (~7 min)
+#   bash benchmarks/gpu_suite.sh extract loader  # extraction speed and bf16/fp16 drift, loader (~4 min)
+#   bash benchmarks/gpu_suite.sh                 # all parts (longer than one call allows)
 #
-# Writes $OUT/summary.txt (every printed table) and $OUT/gpu_suite.tar.gz (the JSON and logs); OUT
-# defaults to benchmarks/results (the device tool sets it to the folder that comes back).
+# Writes $OUT/summary.txt (every printed table) and $OUT/gpu_suite-<parts>.tar.gz (the JSON and
+# logs); OUT defaults to benchmarks/results (the device tool sets it to the folder that comes back).
+# Each benchmark is cut at $BENCH_TIMEOUT seconds (default 400) so one hang cannot eat the call.
 #
 # Needs: python3 with torch (the device image has it); webdataset + braceexpand wheels in .wheels/
 # if the image lacks them; the official vilbert-multi-task checkout in .official/vilbert-multi-task
@@ -12,28 +15,46 @@
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
+PARTS=${*:-step extract loader}
+LIMIT=${BENCH_TIMEOUT:-400}
+PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
 WORK=$(mktemp -d)
 export PYTHONPATH=$PWD
-if ! python3 -c "import webdataset" 2>/dev/null && ls .wheels/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-deps --no-index .wheels/*.whl
+if ! $PYTHON -c "import webdataset" 2>/dev/null && ls .wheels/*.whl >/dev/null 2>&1; then
+  $PYTHON -m pip install -q --no-deps --no-index .wheels/*.whl
 fi
 OFFICIAL=()
 [ -f .official/vilbert-multi-task/vilbert/vilbert.py ] && OFFICIAL=(--official-repo .official/vilbert-multi-task)
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$WORK/gpu.txt"
-run() {  # name, command...: keep going when one benchmark fails
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>&1 | tee "$WORK/gpu.txt"
+run() {  # name, command...: keep going when one benchmark fails or runs out of time
   local name=$1; shift
   echo "== $name: $*"
-  "$@" > "$WORK/$name.log" 2>&1
+  timeout "$LIMIT" "$@" > "$WORK/$name.log" 2>&1
   echo "== $name (exit $?): $*" >> "$WORK/summary.txt"
   grep -v "^ *\(W[0-9]\|warnings.warn\)" "$WORK/$name.log" | tail -25 | tee -a "$WORK/summary.txt"
 }
-run step python3 benchmarks/train_step_benchmark.py "${OFFICIAL[@]}" --check --out "$WORK/train_step.json"
-run step-b512 python3 benchmarks/train_step_benchmark.py --variants static,compile --batch-size 512 --out "$WORK/train_step_b512.json"
-run step-graphs python3 benchmarks/train_step_benchmark.py --variants compile --compile-mode reduce-overhead --out "$WORK/train_step_graphs.json"
-run extract python3 benchmarks/extract_benchmark.py --configs r101 --device cuda --batch-sizes 1,8,16 --precisions fp32,bf16 --memory-formats contiguous,channels_last --images 64 --size 1000x600 --out "$WORK"
-run extract-precision python3 benchmarks/extract_benchmark.py --configs r101 --device cuda --compare-precision bf16,fp16 --images 16 --size 1000x600 --out "$WORK"
-run loader python3 benchmarks/loader_benchmark.py --workers 1 4 8 12 --batches 100 --out "$WORK"
-cp "$WORK/summary.txt" "$OUT/summary.txt"
-tar -czf "$OUT/gpu_suite.tar.gz" -C "$WORK" .
+for part in $PARTS; do
+  case $part in
+    step)
+      run step $PYTHON benchmarks/train_step_benchmark.py "${OFFICIAL[@]}" --check --out "$WORK/train_step.json"
+      run step-b512 $PYTHON benchmarks/train_step_benchmark.py --variants static,compile --batch-size 512 --out "$WORK/train_step_b512.json"
+      run step-graphs $PYTHON benchmarks/train_step_benchmark.py --variants compile --compile-mode reduce-overhead --out "$WORK/train_step_graphs.json"
+      ;;
+    extract)
+      run extract $PYTHON benchmarks/extract_benchmark.py --configs r101 --device cuda --batch-sizes 1,8,16 --precisions fp32,bf16 --memory-formats contiguous,channels_last --images 64 --size 1000x600 --out "$WORK"
+      run extract-precision $PYTHON benchmarks/extract_benchmark.py --configs r101 --device cuda --compare-precision bf16,fp16 --images 16 --size 1000x600 --out "$WORK"
+      ;;
+    loader)
+      run loader $PYTHON benchmarks/loader_benchmark.py --workers 1 4 8 12 --batches 100 --out "$WORK"
+      ;;
+    *)
+      echo "unknown part: $part (step, extract, loader)" >&2
+      exit 2
+      ;;
+  esac
+done
+cat "$WORK/summary.txt" >> "$OUT/summary.txt"
+TAG=$(echo "$PARTS" | tr ' ' '-')
+tar -czf "$OUT/gpu_suite-$TAG.tar.gz" -C "$WORK" .
 ls -la "$OUT"

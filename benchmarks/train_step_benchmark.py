@@ -118,10 +118,11 @@ def build_models(module, preset: str):
     return cfg, official
 
 
-def our_trainer(preset: str, state: dict | None, cfg, batch_size: int, device: str, variant: str, mode: str):
+def our_trainer(preset: str, state: dict | None, cfg, batch_size: int, device: str, variant: str, mode: str,
+                precision: str = "auto"):
     tc = TrainConfig(out=Path(tempfile.mkdtemp()), preset=preset, batch_size=batch_size, micro_batch_size=batch_size,
                      device=device, static_heads=variant != "eager", compile=variant == "compile",
-                     tensorboard=False, max_steps=10**9)
+                     tensorboard=False, max_steps=10**9, precision=precision)
     t = Trainer(tc)
     if state is not None:
         converted, _ = convert_official_state_dict(state, cfg)
@@ -218,8 +219,10 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=None, help="default: 256 on GPU, 8 on CPU")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default: 30 on GPU, 3 on CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 5 on GPU, 1 on CPU)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="our variants' precision (auto: bf16 autocast on a GPU, fp32 on a CPU, as vilbert-train)")
     p.add_argument("--official-precision", choices=["fp32", "bf16"], default="fp32",
-                   help="the official variant's precision on GPU (its scripts' default: fp32)")
+                   help="the official variant's precision (its scripts' default: fp32)")
     p.add_argument("--compile-mode", default="default", help="torch.compile mode for the compile variant")
     p.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default: the GPU's dense bf16 peak)")
     p.add_argument("--check", action="store_true", help="compare fp32 losses of both codes first")
@@ -243,7 +246,7 @@ def main(argv=None) -> int:
         state = {k: v.detach().cpu().clone() for k, v in official.state_dict().items()}  # every variant's start
         flops = count_flops(official, cfg, device)
         if a.check:
-            trainer, _ = our_trainer(a.preset, state, cfg, B, a.device, "eager", a.compile_mode)
+            trainer, _ = our_trainer(a.preset, state, cfg, B, a.device, "eager", a.compile_mode, "fp32")
             check = check_losses(official, trainer, cfg)
             check["our_gflop_per_sample"] = count_our_flops(trainer, ours(make_batch(cfg, 2))) / 1e9
             del trainer
@@ -253,12 +256,13 @@ def main(argv=None) -> int:
     if gpu:
         batches = {name: {k: v.pin_memory() for k, v in b.items()} for name, b in batches.items()}
 
-    rows = []
+    rows, precision = [], a.precision
     for variant in variants:
         if variant == "official":
-            step = official_step_fn(official, device, torch.bfloat16 if gpu and a.official_precision == "bf16" else None)
+            step = official_step_fn(official, device, torch.bfloat16 if a.official_precision == "bf16" else None)
         else:
-            trainer, step = our_trainer(a.preset, state, cfg, B, a.device, variant, a.compile_mode)
+            trainer, step = our_trainer(a.preset, state, cfg, B, a.device, variant, a.compile_mode, a.precision)
+            precision = trainer.precision
         inputs = batches["official" if variant == "official" else "ours"]
         dt, peak_mib, syncs = time_steps(step, inputs, steps, warmup + (2 if variant == "compile" else 0), device)
         sync_ops = None
@@ -289,7 +293,7 @@ def main(argv=None) -> int:
         print("fp32 loss |difference| official vs ours: " + ", ".join(f"{k} {check[k]:.2e}" for k in ("mlm", "mrm", "align")))
         print(f"our model: {check['our_gflop_per_sample']:.2f} GFLOP per training sample (heads at masked positions only)")
     write_json(a.out, "train_step_benchmark.py", argv, a.device, rows, preset=a.preset,
-               precision="bf16 autocast" if gpu else "fp32", official_precision=a.official_precision if gpu else "fp32", gflop_per_sample_official=flops and flops / 1e9,
+               precision=precision, official_precision=a.official_precision, gflop_per_sample_official=flops and flops / 1e9,
                peak_tflops=peak, loss_check=check)
     return 0
 
