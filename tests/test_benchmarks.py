@@ -29,6 +29,7 @@ def test_train_step_benchmark_runs_our_variants(tmp_path, capsys):
     assert [r["variant"] for r in doc["results"]] == ["eager", "static"]  # no --official-repo: no official row
     assert all(r["samples_per_s"] > 0 and r["x_official"] is None for r in doc["results"])
     assert [r["sync_ops"] for r in doc["results"]] == [2, 0]  # exact selection: token and region nonzero
+    assert doc["precision"] == "fp32" and doc["official_precision"] == "fp32"  # a CPU's defaults
     assert "samples_per_s" in capsys.readouterr().out
 
 
