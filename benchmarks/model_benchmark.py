@@ -21,33 +21,18 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from batches import make_batch  # noqa: E402
 from report import print_table, write_json  # noqa: E402
-from vilbert import IGNORE_INDEX, ViLBert, load_preset  # noqa: E402
+from vilbert import ViLBert, load_preset  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def make_batch(cfg, B: int, T: int = 36, R: int = 37, device="cpu", seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    lm = torch.randint(1, cfg.vocab_size, (B, T), generator=g)
-    lm[torch.rand(B, T, generator=g) > 0.15] = IGNORE_INDEX
-    batch = dict(
-        input_ids=torch.randint(1, cfg.vocab_size, (B, T), generator=g),
-        image_feat=torch.randn(B, R, cfg.v_feature_size, generator=g),
-        image_loc=torch.rand(B, R, 5, generator=g),
-        lm_labels=lm,
-        region_labels=(torch.rand(B, R, generator=g) < 0.15).long(),
-        region_targets=torch.softmax(torch.randn(B, R, cfg.v_target_size, generator=g), -1),
-        align_labels=torch.randint(0, 2, (B,), generator=g),
-    )
-    return {k: v.to(device) for k, v in batch.items()}
 
 
 def run_one(preset: str, batch_size: int, steps: int, device: str) -> dict:
     cfg = load_preset(preset)
     model = ViLBert(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
-    batch = make_batch(cfg, batch_size, device=device)
+    batch = {k: v.to(device) for k, v in make_batch(cfg, batch_size).items()}
     use_bf16 = device == "cuda"
 
     def step():
