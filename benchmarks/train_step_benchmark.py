@@ -21,7 +21,8 @@ On CUDA, one extra step runs under torch.cuda.set_sync_debug_mode("warn"): `host
 host synchronisations it reports. On every device, `sync_ops` counts the ops of one step that would make
 the host wait for a GPU (pipelines/host_syncs.py: scalar reads, data-dependent shapes), for our eager
 variants (the official one reads torch AdamW's host-side step counters, which the counter cannot tell
-from device tensors on a CPU). Each timed step is the whole optimizer step, from a host batch (pinned on CUDA) to the updated
+from device tensors on a CPU). `ops`: the ops one step dispatches (eager variants and official), about
+its kernel launches on a GPU, where a small batch is bound by launching them. Each timed step is the whole optimizer step, from a host batch (pinned on CUDA) to the updated
 weights. FLOPs per sample are counted with torch.utils.flop_counter on the official model (forward +
 backward) and MFU = samples/s x those FLOPs / --peak-tflops (default: the dense bf16 peak of the
 GPU, e.g. 989.4 for an H100 SXM, 756 for an H100 PCIe). `--check` first compares the losses of both codes in fp32 on an all-aligned batch.
@@ -44,7 +45,7 @@ from batches import make_batch, official_inputs, ours  # noqa: E402
 from official_parity import import_official  # noqa: E402
 from report import print_table, write_json  # noqa: E402
 
-from pipelines.host_syncs import count_step_syncs  # noqa: E402
+from pipelines.host_syncs import HostSyncCounter, count_step_syncs  # noqa: E402
 from pipelines.metrics import new_step_sums  # noqa: E402
 from pipelines.trainer import TrainConfig, Trainer  # noqa: E402
 from vilbert import load_preset  # noqa: E402
@@ -97,7 +98,8 @@ def our_trainer(preset: str, state: dict | None, cfg, batch_size: int, device: s
 
 def official_step_fn(official, device: torch.device, autocast_dtype):
     official.to(device).train()
-    opt = torch.optim.AdamW(official.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.01)
+    opt = torch.optim.AdamW(official.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.01,
+                            foreach=True)  # what a GPU gets by default, on every device
 
     def step(inputs):
         inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
@@ -225,12 +227,17 @@ def main(argv=None) -> int:
             precision = trainer.precision
         inputs = batches["official" if variant == "official" else "ours"]
         dt, peak_mib, syncs = time_steps(step, inputs, steps, warmup + (2 if variant == "compile" else 0), device)
-        sync_ops = None
+        sync_ops = ops = None
         if variant in ("eager", "static"):
-            sync_ops = sum(count_step_syncs(trainer, trainer.model, inputs, new_step_sums(trainer.device)).values())
+            counted = count_step_syncs(trainer, trainer.model, inputs, new_step_sums(trainer.device))
+            sync_ops, ops = counted.total, counted.ops
+        elif variant == "official":
+            with HostSyncCounter() as counted:
+                step(inputs)
+            ops = counted.ops
         rows.append({"variant": variant, "batch_size": B, "step_ms": round(1000 * dt, 1),
                      "samples_per_s": float(f"{B / dt:.4g}"), "peak_cuda_MiB": round(peak_mib) if gpu else None, "host_syncs": syncs,
-                     "sync_ops": sync_ops,
+                     "sync_ops": sync_ops, "ops": ops,
                      "MFU_pct": round(100 * B / dt * flops / (peak * 1e12), 1) if flops and peak else None})
         if variant == "official":  # off the GPU: the next variants' peak memory is their own
             official.zero_grad(set_to_none=True)
@@ -246,7 +253,7 @@ def main(argv=None) -> int:
         r["x_official"] = round(base / r["step_ms"], 2) if base else None
 
     print_table(rows, ["variant", "batch_size", "step_ms", "samples_per_s", "x_official", "MFU_pct", "peak_cuda_MiB",
-                       "host_syncs", "sync_ops"])
+                       "host_syncs", "sync_ops", "ops"])
     if flops:
         print(f"official model: {flops / 1e9:.2f} GFLOP per training sample (forward + backward)")
     if check:

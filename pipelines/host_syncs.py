@@ -21,6 +21,7 @@ GPU, CUDA's sync debug mode (benchmarks/train_step_benchmark.py `host_syncs`) ha
     with HostSyncCounter() as syncs:
         step()
     syncs.total, syncs.counts  # e.g. 0, Counter() -- or 2, Counter({'aten::nonzero': 2})
+    syncs.ops                  # every op dispatched (about the GPU kernel launches)
 """
 from __future__ import annotations
 
@@ -76,6 +77,7 @@ class HostSyncCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.counts: Counter = Counter()
+        self.ops = 0  # every op dispatched: about the kernel launches of the same code on a GPU
         self._paused = 0
 
     @property
@@ -94,12 +96,14 @@ class HostSyncCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func._schema.name
-        if not self._paused and syncs_host(name, args, kwargs):
-            self.counts[name] += 1
+        if not self._paused:
+            self.ops += 1
+            if syncs_host(name, args, kwargs):
+                self.counts[name] += 1
         return func(*args, **kwargs)
 
 
-def count_step_syncs(trainer, model, batch: dict, stats: dict) -> Counter:
+def count_step_syncs(trainer, model, batch: dict, stats: dict) -> HostSyncCounter:
     """The host-syncing ops of one optimizer step of a `pipelines.trainer.Trainer` on `batch`
     (one micro-batch per accumulation step). Counting the masked positions of the host copy of
     the batch (static heads) is host work, not a sync, and is left out."""
@@ -116,4 +120,4 @@ def count_step_syncs(trainer, model, batch: dict, stats: dict) -> Counter:
             trainer._train_step(model, iter([batch] * trainer.accumulation), stats)
     finally:
         del trainer._masked_capacity  # the instance attribute shadowed the method
-    return counter.counts
+    return counter

@@ -25,7 +25,7 @@ def test_counter_flags_data_dependent_ops_and_scalar_reads_only():
         torchvision.ops.nms(torch.tensor([[0, 0, 1, 1.0], [0, 0, 1, 1.1]]), torch.tensor([1.0, 0.5]), 0.5)
     assert syncs.counts == {"aten::_local_scalar_dense": 2, "aten::index": 1, "aten::index_put_": 1,
                             "aten::nonzero": 2, "aten::repeat_interleave": 1, "torchvision::nms": 1}
-    assert syncs.total == 8
+    assert syncs.total == 8 and syncs.ops >= 8
     with HostSyncCounter() as fixed_shapes:
         torch.nonzero_static(mask, size=10)
         torch.where(mask, 1.0, 0.0)
@@ -53,7 +53,8 @@ def test_the_static_training_step_never_waits_for_the_device():
         stats = new_step_sums(trainer.device)
         trainer.model.train()
         count_step_syncs(trainer, trainer.model, batch, stats)  # the first step creates the optimizer state
-        counts[static] = count_step_syncs(trainer, trainer.model, batch, stats)
-        assert trainer.optimizer.state  # the step did update
+        counted = count_step_syncs(trainer, trainer.model, batch, stats)
+        counts[static] = counted.counts
+        assert counted.ops > 100 and trainer.optimizer.state  # the step did run and update
     assert counts[False] == {"aten::nonzero": 4}  # 2 micro-batches x (tokens, regions)
     assert counts[True] == {}
