@@ -21,8 +21,8 @@ On CUDA, one extra step runs under torch.cuda.set_sync_debug_mode("warn"): `host
 host synchronisations it reports. On every device, `sync_ops` counts the ops of one step that would make
 the host wait for a GPU (pipelines/host_syncs.py: scalar reads, data-dependent shapes), for our eager
 variants (the official one reads torch AdamW's host-side step counters, which the counter cannot tell
-from device tensors on a CPU). `ops`: the ops one step dispatches (eager variants and official), about
-its kernel launches on a GPU, where a small batch is bound by launching them. Each timed step is the whole optimizer step, from a host batch (pinned on CUDA) to the updated
+from device tensors on a CPU). `ops`: the ops of one step that compute (not views or allocations; eager
+variants and official), about its kernel launches on a GPU, where a small batch is bound by launching them. Each timed step is the whole optimizer step, from a host batch (pinned on CUDA) to the updated
 weights. FLOPs per sample are counted with torch.utils.flop_counter on the official model (forward +
 backward) and MFU = samples/s x those FLOPs / --peak-tflops (default: the dense bf16 peak of the
 GPU, e.g. 989.4 for an H100 SXM, 756 for an H100 PCIe). `--check` first compares the losses of both codes in fp32 on an all-aligned batch.

@@ -21,7 +21,7 @@ GPU, CUDA's sync debug mode (benchmarks/train_step_benchmark.py `host_syncs`) ha
     with HostSyncCounter() as syncs:
         step()
     syncs.total, syncs.counts  # e.g. 0, Counter() -- or 2, Counter({'aten::nonzero': 2})
-    syncs.ops                  # every op dispatched (about the GPU kernel launches)
+    syncs.ops                  # ops that compute, not views (about the GPU kernel launches)
 """
 from __future__ import annotations
 
@@ -38,6 +38,9 @@ ALWAYS_SYNC = frozenset({
 })
 INDEXING = frozenset({"aten::index", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_"})
 COPIES = frozenset({"aten::_to_copy", "aten::copy_", "aten::_copy_from"})
+# ops that only make tensor metadata or memory, beyond the views (OpOverload.is_view): no kernel
+NO_KERNEL = frozenset({"aten::_unsafe_view", "aten::empty", "aten::empty_like", "aten::empty_strided",
+                       "aten::scalar_tensor", "aten::lift_fresh", "aten::_local_scalar_dense"})
 
 
 def _on_host(x) -> bool:
@@ -77,7 +80,7 @@ class HostSyncCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.counts: Counter = Counter()
-        self.ops = 0  # every op dispatched: about the kernel launches of the same code on a GPU
+        self.ops = 0  # ops that compute (not views, not allocations): about the kernel launches on a GPU
         self._paused = 0
 
     @property
@@ -97,7 +100,7 @@ class HostSyncCounter(TorchDispatchMode):
         kwargs = kwargs or {}
         name = func._schema.name
         if not self._paused:
-            self.ops += 1
+            self.ops += not func.is_view and name not in NO_KERNEL
             if syncs_host(name, args, kwargs):
                 self.counts[name] += 1
         return func(*args, **kwargs)
