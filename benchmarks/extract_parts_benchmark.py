@@ -7,7 +7,11 @@ decode: `extractor.images.decode_image` (what the extraction workers run) on smo
 (quality 90) of two sizes, images/s on one core. selection: 300 proposals x 1,600 classes of
 near-uniform scores (a randomly initialised detector; nothing reaches 0.2), the rank-by-rank
 all-pairs loop against the widening score floor that RegionSelector uses, ms per image, and
-whether their 10 best boxes agree. Prints a table and writes JSON to benchmarks/results/.
+whether their 10 best boxes agree. hand-off: 1000x750 JPEGs decoded in one DataLoader worker and
+handed to the main process as numpy arrays (pickled through a pipe, as before) or as tensors
+(`extractor.images.pixel_tensor`: shared memory, as now): images/s through the worker, and the
+main process's CPU ms per image (`ms`), which is what the GPU-feeding process spends.
+Prints a table and writes JSON to benchmarks/results/.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import print_table, write_json  # noqa: E402
 
-from extractor.images import decode_image  # noqa: E402
+from extractor.images import decode_image, pixel_tensor  # noqa: E402
 from extractor.select import RegionSelector  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -76,6 +80,35 @@ def selection_rows(repeats: int) -> list[dict]:
     return rows
 
 
+class DecodedJpegs(torch.utils.data.Dataset):
+    def __init__(self, data: bytes, count: int, as_tensor: bool):
+        self.data, self.count, self.as_tensor = data, count, as_tensor
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int):
+        pixels = decode_image(self.data).pixels
+        return {"index": index, "pixels": pixel_tensor(pixels) if self.as_tensor else pixels}
+
+
+def handoff_rows(count: int) -> list[dict]:
+    data, rows = jpeg(1000, 750), []
+    for name, as_tensor in (("hand-off 1000x750, numpy pickled (before)", False),
+                            ("hand-off 1000x750, tensor in shared memory (now)", True)):
+        loader = torch.utils.data.DataLoader(DecodedJpegs(data, count + 8, as_tensor), batch_size=8, num_workers=1,
+                                             collate_fn=list, prefetch_factor=4)
+        batches = iter(loader)
+        next(batches)  # the worker has started
+        cpu, wall, seen = time.process_time(), time.perf_counter(), 0
+        for batch in batches:
+            seen += sum(item["pixels"].shape[0] > 0 for item in batch)
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        rows.append({"part": name, "per_second": round(seen / wall, 1), "ms": round(1000 * cpu / seen, 3),
+                     "same_result": None})
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=20)
@@ -84,7 +117,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    rows = decode_rows(a.repeats) + selection_rows(a.repeats)
+    rows = decode_rows(a.repeats) + selection_rows(a.repeats) + handoff_rows(8 * a.repeats)
     print_table(rows, ["part", "per_second", "ms", "same_result"])
     write_json(a.out, "extract_parts_benchmark.py", argv, "cpu", rows)
     return 0

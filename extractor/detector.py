@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from extractor.config import DetectorConfig
+from extractor.images import pixel_tensor
 from extractor.resnet import ConvNorm, FrozenBatchNorm2d, ResNetC4Backbone
 from extractor.roi_heads import RegionOutputs, Res5ROIHeads
 from extractor.rpn import RPN
@@ -85,17 +86,19 @@ class BottomUpDetector(nn.Module):
         self.weights_hash = "random-init"
 
     # ----- preprocessing -------------------------------------------------------------------
-    def preprocess(self, images_rgb: Sequence[np.ndarray]) -> Tuple[torch.Tensor, List[Tuple[int, int]], List[float]]:
-        """uint8 RGB (H, W, 3) arrays -> padded BGR mean-subtracted batch (B, 3, Hmax, Wmax),
-        resized sizes [(h, w)] and scales (resized / original)."""
+    def preprocess(self, images_rgb: Sequence[np.ndarray | torch.Tensor]
+                   ) -> Tuple[torch.Tensor, List[Tuple[int, int]], List[float]]:
+        """uint8 RGB (H, W, 3) arrays or tensors -> padded BGR mean-subtracted batch (B, 3, Hmax, Wmax),
+        resized sizes [(h, w)] and scales (resized / original). The uint8 pixels go to the device as
+        they are (the fewest bytes, no host copy); channel order, float and resize happen there."""
         cfg = self.config
         resized, sizes, scales = [], [], []
         for image in images_rgb:
             height, width = image.shape[:2]
             scale = resize_scale(height, width, cfg.test_min_size, cfg.test_max_size)
             new_h, new_w = max(1, int(round(height * scale))), max(1, int(round(width * scale)))
-            tensor = torch.from_numpy(np.ascontiguousarray(image[:, :, ::-1])).to(self.device)
-            tensor = tensor.permute(2, 0, 1).float().unsqueeze(0)  # (1, 3, H, W) BGR
+            tensor = (image if isinstance(image, torch.Tensor) else pixel_tensor(image)).to(self.device)
+            tensor = tensor.permute(2, 0, 1).flip(0).float().unsqueeze(0)  # (1, 3, H, W) BGR
             tensor = F.interpolate(tensor, size=(new_h, new_w), mode="bilinear", align_corners=False)
             resized.append(tensor[0] - self.pixel_mean)
             sizes.append((new_h, new_w))
@@ -111,7 +114,7 @@ class BottomUpDetector(nn.Module):
 
     # ----- inference -----------------------------------------------------------------------
     @torch.no_grad()
-    def forward(self, images_rgb: Sequence[np.ndarray],
+    def forward(self, images_rgb: Sequence[np.ndarray | torch.Tensor],
                 given_boxes: Optional[Sequence[Optional[np.ndarray]]] = None
                 ) -> Tuple[List[RegionOutputs], List[float]]:
         """Run on a batch of RGB images. Without `given_boxes`, boxes are the RPN proposals;

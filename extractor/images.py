@@ -6,6 +6,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb warning limit
@@ -65,3 +66,14 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedIm
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         raise ImageRejected(f"corrupt or truncated image: {error}") from None
     return DecodedImage(pixels=np.ascontiguousarray(pixels), original_mode=image.mode, frames=frames)
+
+
+def pixel_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 array -> a tensor on the same memory, never written to. A DataLoader worker
+    hands tensors to the main process through shared memory, which costs the main process about a
+    third of unpickling the array (benchmarks/extract_parts_benchmark.py)."""
+    if any(stride < 0 for stride in pixels.strides):  # e.g. a flipped view: torch needs positive strides
+        pixels = np.ascontiguousarray(pixels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # PIL's arrays are read-only; nothing writes here
+        return torch.from_numpy(pixels)

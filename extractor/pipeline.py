@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from extractor.detector import BottomUpDetector
 from extractor.gt_boxes import GroundTruthBoxes
-from extractor.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_image
+from extractor.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_image, pixel_tensor
 from extractor.preview import draw_preview, load_class_names
 from extractor.roi_heads import RegionOutputs
 from extractor.select import RegionSelector, background_first
@@ -49,7 +49,7 @@ class DecodingDataset(Dataset):
         item = {"index": index, "pixels": None, "reason": None, "mode": None, "frames": 1}
         try:
             decoded = decode_image(record.read_bytes(), self.max_pixels)
-            item.update(pixels=decoded.pixels, mode=decoded.original_mode, frames=decoded.frames)
+            item.update(pixels=pixel_tensor(decoded.pixels), mode=decoded.original_mode, frames=decoded.frames)
         except ImageRejected as error:
             item["reason"] = str(error)
         except OSError as error:
@@ -218,7 +218,7 @@ def run_extraction(detector: BottomUpDetector, records: List[InputRecord], write
                                                    cls_prob, attr, header))
             done += 1
             if previews < settings.preview:
-                draw_preview(item["pixels"], boxes, cls_prob, names,
+                draw_preview(item["pixels"].numpy(), boxes, cls_prob, names,
                              Path(writer.out_dir) / "preview" / f"{record.key}.png")
                 previews += 1
         bar.update(len(batch))

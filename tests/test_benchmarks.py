@@ -52,5 +52,6 @@ def test_extract_parts_benchmark_runs_and_the_two_selections_agree(tmp_path):
     out = tmp_path / "parts.json"
     assert bench.main(["--repeats", "1", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["results"]
-    assert len(rows) == 4 and all(r["per_second"] > 0 for r in rows)
-    assert [r["same_result"] for r in rows[2:]] == [True, True]
+    assert len(rows) == 6 and all(r["per_second"] > 0 and r["ms"] > 0 for r in rows)
+    assert [r["same_result"] for r in rows[2:4]] == [True, True]
+    assert "numpy" in rows[4]["part"] and "tensor" in rows[5]["part"]

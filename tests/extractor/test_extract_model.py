@@ -148,3 +148,23 @@ def test_channels_last_gives_the_same_regions():
         torch.testing.assert_close(b.boxes, a.boxes, rtol=0, atol=1e-3)  # float rounding of other kernels
         torch.testing.assert_close(b.features, a.features, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(b.cls_probs, a.cls_probs, rtol=1e-4, atol=1e-6)
+
+
+def test_preprocess_makes_the_caffe_input_from_arrays_and_tensors(tiny_detector):
+    """RGB uint8 -> BGR minus the pixel mean, resized by the shortest-edge rule, zero-padded to the
+    batch's largest size; numpy arrays (even flipped views) and tensors give the same batch."""
+    from extractor.images import pixel_tensor
+
+    cfg = tiny_detector.config
+    first = np.zeros((20, 30, 3), np.uint8)
+    first[..., 0], first[..., 1], first[..., 2] = 200, 100, 50  # R, G, B
+    second = np.arange(40 * 20 * 3, dtype=np.uint8).reshape(40, 20, 3)
+    batch, sizes, scales = tiny_detector.preprocess([first, second[:, ::-1]])
+    scale = resize_scale(20, 30, cfg.test_min_size, cfg.test_max_size)
+    assert scales[0] == scale and sizes[0] == (round(20 * scale), round(30 * scale))
+    assert batch.shape == (2, 3, max(s[0] for s in sizes), max(s[1] for s in sizes))
+    mean = torch.tensor(cfg.pixel_mean_bgr)
+    torch.testing.assert_close(batch[0, :, 3, 3], torch.tensor([50.0, 100.0, 200.0]) - mean)  # B, G, R
+    assert (batch[0, :, sizes[0][0]:] == 0).all() and (batch[0, :, :, sizes[0][1]:] == 0).all()
+    again, _, _ = tiny_detector.preprocess([pixel_tensor(first), torch.from_numpy(second[:, ::-1].copy())])
+    assert torch.equal(again, batch)
