@@ -18,9 +18,13 @@ private part RssAnon (heap: where a leak shows) and its file-backed part RssFile
 memory-maps shards, so samples held in the shuffle buffer keep shard pages mapped; a shard mapped
 twice counts twice), and how many shard files are mapped at once. Per stream and process: the values
 after warm-up (the first sample past --warmup of the stream), at the end, the maximum, and the
-least-squares slope in MiB per 1,000 samples over the second half of the stream; "flat" when the
-RssAnon slope is below --flat-threshold (VmRSS of the loader rises and falls with each virtual epoch
-of --samples-per-epoch samples, as the shuffle buffer refills). The trainer's progress bar is hidden.
+slope in MiB per 1,000 samples over the second half of the stream, both least-squares and robust
+(Theil-Sen: the median of the slopes between every two points). A leak tilts both; a transient peak
+(glibc keeps a freed block of the heap until it trims it: ~100 MiB now and then in the extraction
+stream, before and after any change) tilts a least-squares fit over 20 points by tens of MiB per
+1,000 samples, the median not. "Flat" when the robust RssAnon slope is below --flat-threshold
+(VmRSS of the loader rises and falls with each virtual epoch of --samples-per-epoch samples, as the
+shuffle buffer refills). The trainer's progress bar is hidden.
 Prints a table, writes JSON (with every sample point) to benchmarks/results/memory-<UTC time>.json.
 """
 from __future__ import annotations
@@ -127,6 +131,16 @@ def slope_per_1000(xs, ys) -> float:
     return float(np.polyfit(np.asarray(xs, float), np.asarray(ys, float), 1)[0] * 1000)
 
 
+def robust_slope_per_1000(xs, ys) -> float:
+    """Theil-Sen: the median slope over every pair of points, in MiB per 1,000 samples."""
+    if len(xs) < 2:
+        return float("nan")
+    x, y = np.asarray(xs, float), np.asarray(ys, float)
+    i, j = np.triu_indices(len(x), 1)
+    distinct = x[j] != x[i]
+    return float(np.median((y[j] - y[i])[distinct] / (x[j] - x[i])[distinct]) * 1000)
+
+
 def summarize(stream: str, sampler: RssSampler, warmup: float, threshold: float) -> list:
     """One row for this process and one for its children (if it had any)."""
     points, total = sampler.points, sampler.count
@@ -137,8 +151,9 @@ def summarize(stream: str, sampler: RssSampler, warmup: float, threshold: float)
         if process == "workers" and not any(p["children"] for p in after):
             continue
         series = {key: [p[process][key] for p in after] for key in ("rss", "anon", "file", "tar_maps")}
-        slopes = {key: slope_per_1000([p["samples"] for p in second], [p[process][key] for p in second])
-                  for key in ("rss", "anon")}
+        xs = [p["samples"] for p in second]
+        slopes = {key: slope_per_1000(xs, [p[process][key] for p in second]) for key in ("rss", "anon")}
+        robust = robust_slope_per_1000(xs, [p[process]["anon"] for p in second])
         rows.append(dict(
             stream=stream, process=process, samples=total, seconds=round(sampler.seconds, 1),
             rss_start_mib=round(series["rss"][0], 1), rss_end_mib=round(series["rss"][-1], 1),
@@ -146,9 +161,10 @@ def summarize(stream: str, sampler: RssSampler, warmup: float, threshold: float)
             slope_mib_per_1000=round(slopes["rss"], 3),
             anon_start_mib=round(series["anon"][0], 1), anon_end_mib=round(series["anon"][-1], 1),
             anon_slope_mib_per_1000=round(slopes["anon"], 3),
+            anon_robust_slope_mib_per_1000=round(robust, 3),
             file_min_mib=round(min(series["file"]), 1), file_max_mib=round(max(series["file"]), 1),
             tar_maps_max=max(series["tar_maps"]),
-            flat=bool(abs(slopes["anon"]) < threshold)))
+            flat=bool(abs(robust) < threshold)))
     return rows
 
 
@@ -275,14 +291,14 @@ def run_streams(args) -> list:
 
 def print_rows(rows: list, header: bool) -> None:
     if header:
-        print(f"{'':<27} {'---- VmRSS MiB ----':^32} {'-- RssAnon MiB --':^24} {'RssFile MiB':^13} {'tar':>4}")
+        print(f"{'':<27} {'---- VmRSS MiB ----':^32} {'------ RssAnon MiB ------':^33} {'RssFile MiB':^13} {'tar':>4}")
         print(f"{'stream':<10} {'process':<8} {'samples':>7} {'start':>7} {'end':>7} {'max':>7} {'/1k':>8} "
-              f"{'start':>7} {'end':>7} {'/1k':>8} {'min':>6} {'max':>6} {'maps':>4} {'flat':>5}")
+              f"{'start':>7} {'end':>7} {'/1k':>8} {'robust':>8} {'min':>6} {'max':>6} {'maps':>4} {'flat':>5}")
     for r in rows:
         print(f"{r['stream']:<10} {r['process']:<8} {r['samples']:>7} {r['rss_start_mib']:>7.0f} "
               f"{r['rss_end_mib']:>7.0f} {r['rss_max_mib']:>7.0f} {r['slope_mib_per_1000']:>8.3f} "
               f"{r['anon_start_mib']:>7.0f} {r['anon_end_mib']:>7.0f} {r['anon_slope_mib_per_1000']:>8.3f} "
-              f"{r['file_min_mib']:>6.0f} {r['file_max_mib']:>6.0f} {r['tar_maps_max']:>4} "
+              f"{r['anon_robust_slope_mib_per_1000']:>8.3f} {r['file_min_mib']:>6.0f} {r['file_max_mib']:>6.0f} {r['tar_maps_max']:>4} "
               f"{'yes' if r['flat'] else 'NO':>5}", flush=True)
 
 
@@ -303,7 +319,7 @@ def parse_args(argv=None):
     p.add_argument("--samples-per-epoch", type=int, default=10000, help="virtual epoch of the loader")
     p.add_argument("--shuffle-buffer", type=int, default=1000)
     p.add_argument("--warmup", type=float, default=0.1, help="fraction of each stream before 'start'")
-    p.add_argument("--flat-threshold", type=float, default=1.0, help="RssAnon MiB per 1,000 samples")
+    p.add_argument("--flat-threshold", type=float, default=1.0, help="robust RssAnon slope, MiB per 1,000 samples")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     return p.parse_args(argv)
@@ -321,8 +337,8 @@ def main(argv=None) -> dict:
     path = args.out / f"memory-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"start: after {args.warmup:.0%} of the stream; /1k: least-squares slope over the second half, MiB per "
-          f"1,000 samples; flat: |RssAnon slope| < {args.flat_threshold}; tar maps: most shard-file mappings "
-          f"at once; wrote {path}")
+          f"1,000 samples; robust: Theil-Sen slope of RssAnon; flat: |robust| < {args.flat_threshold}; tar maps: "
+          f"most shard-file mappings at once; wrote {path}")
     return result
 
 

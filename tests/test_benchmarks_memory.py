@@ -1,4 +1,4 @@
-"""benchmarks/memory_benchmark.py: RSS reading, the slope and flat rule, and a short loader stream
+"""benchmarks/memory_benchmark.py: RSS reading, the slopes and flat rule, and a short loader stream
 end to end; plus extract_benchmark.py --compare-precision on the tiny detector (a few seconds)."""
 from __future__ import annotations
 
@@ -53,8 +53,13 @@ def test_slope_and_flat_rule(memory):
     (row,) = memory.summarize("s", sampler, warmup=0.1, threshold=1.0)
     assert row["process"] == "main" and row["rss_start_mib"] == pytest.approx(500.6)
     assert row["anon_slope_mib_per_1000"] == pytest.approx(3.0) and not row["flat"]
+    assert row["anon_robust_slope_mib_per_1000"] == pytest.approx(3.0)  # steady growth tilts every pair
     (row,) = memory.summarize("s", sampler, warmup=0.1, threshold=5.0)
     assert row["flat"]
+    for point in sampler.points:  # no growth, but a transient peak of 100 MiB near the end
+        point["main"] = dict(point["main"], anon=300.0 + (100.0 if point["samples"] == 1_900 else 0.0))
+    (row,) = memory.summarize("s", sampler, warmup=0.1, threshold=1.0)
+    assert row["anon_slope_mib_per_1000"] > 20 and row["anon_robust_slope_mib_per_1000"] == 0 and row["flat"]
 
 
 def test_loader_stream_end_to_end(memory, tmp_path, capsys):
