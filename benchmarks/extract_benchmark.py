@@ -242,7 +242,7 @@ def parse_args(argv=None):
     parser.add_argument("--precisions", default="fp32")
     parser.add_argument("--memory-formats", default="auto",
                         help="contiguous,channels_last to compare the conv layouts (auto: vilbert-extract's "
-                             "default, channels_last on a GPU)")
+                             "default, channels_last)")
     parser.add_argument("--compare-precision", default=None, metavar="P[,P]",
                         help="e.g. bf16,fp16: compare these with fp32 instead of timing")
     parser.add_argument("--images", type=int, default=None, help="default: 16 on GPU, 4 on CPU (r101: 2)")
