@@ -54,7 +54,8 @@ class RPN(nn.Module):
             boxes = clip_boxes(boxes, image_h, image_w)
             sides = torch.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
             valid = (sides > cfg.rpn_min_box_size) & torch.isfinite(boxes).all(dim=1)
-            boxes, scores = boxes[valid], scores[valid]
+            kept = valid.nonzero().squeeze(1)  # one host sync for both gathers
+            boxes, scores = boxes[kept], scores[kept]
             keep = nms(boxes, scores, cfg.rpn_nms_iou)[: cfg.rpn_post_nms_topk]
             proposals.append(boxes[keep])
         return proposals
