@@ -22,8 +22,11 @@ mkdir -p "$OUT"
 WORK=$(mktemp -d)
 export PYTHONPATH=$PWD
 if ! $PYTHON -c "import webdataset" 2>/dev/null && ls .wheels/*.whl >/dev/null 2>&1; then
-  $PYTHON -m pip install -q --no-deps --no-index .wheels/*.whl
+  # the device image lacks webdataset/braceexpand (pure-Python wheels); a private target, not its venv
+  $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .wheels/*.whl
+  export PYTHONPATH=$PWD:/tmp/site
 fi
+$PYTHON -c "import torch, torchvision, webdataset; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
 OFFICIAL=()
 [ -f .official/vilbert-multi-task/vilbert/vilbert.py ] && OFFICIAL=(--official-repo .official/vilbert-multi-task)
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>&1 | tee "$WORK/gpu.txt"
