@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU benchmark of issue 7, in parts that each fit one 10-minute call on a lent GPU machine:
 #
-#   bash benchmarks/gpu_suite.sh step            # training step side by side, big batch, CUDA graphs (~7 min)
-#   bash benchmarks/gpu_suite.sh extract loader  # extraction speed and bf16/fp16 drift, loader (~4 min)
+#   bash benchmarks/gpu_suite.sh step            # training step side by side, big batch, CUDA graphs (estimated ~7 min)
+#   bash benchmarks/gpu_suite.sh extract loader  # extraction speed and bf16/fp16 drift, loader (estimated ~4 min)
 #   bash benchmarks/gpu_suite.sh                 # all parts (longer than one call allows)
 #
 # Writes $OUT/summary.txt (every printed table) and $OUT/gpu_suite-<parts>.tar.gz (the JSON and
