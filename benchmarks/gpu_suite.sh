@@ -5,9 +5,10 @@
 #   bash benchmarks/gpu_suite.sh extract loader  # extraction speed and bf16/fp16 drift, loader (estimated ~4 min)
 #   bash benchmarks/gpu_suite.sh                 # all parts (longer than one call allows)
 #
-# Writes $OUT/summary.txt (every printed table) and $OUT/gpu_suite-<parts>.tar.gz (the JSON and
-# logs); OUT defaults to benchmarks/results (the device tool sets it to the folder that comes back).
-# Each benchmark is cut at $BENCH_TIMEOUT seconds (default 400) so one hang cannot eat the call.
+# Writes into $OUT/gpu_suite-<parts>/ as it goes (so a call cut at its limit still returns what
+# finished): summary.txt (every printed table), each benchmark's log and JSON. OUT defaults to
+# benchmarks/results (the device tool sets it to the folder that comes back). Each benchmark is cut
+# at $BENCH_TIMEOUT seconds (default 400) so one hang cannot eat the call.
 #
 # Needs: python3 with torch (the device image has it); webdataset + braceexpand wheels in .wheels/
 # if the image lacks them; the official vilbert-multi-task checkout in .official/vilbert-multi-task
@@ -18,9 +19,9 @@ OUT=${OUT:-benchmarks/results}
 PARTS=${*:-step extract loader}
 LIMIT=${BENCH_TIMEOUT:-400}
 PYTHON=${PYTHON:-python3}
-mkdir -p "$OUT"
-WORK=$(mktemp -d)
-export PYTHONPATH=$PWD
+WORK="$OUT/gpu_suite-$(echo "$PARTS" | tr ' ' '-')"
+mkdir -p "$WORK"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1  # a benchmark cut at its limit keeps what it printed
 if ! $PYTHON -c "import webdataset" 2>/dev/null && ls .wheels/*.whl >/dev/null 2>&1; then
   # the device image lacks webdataset/braceexpand (pure-Python wheels); a private target, not its venv
   $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .wheels/*.whl
@@ -57,7 +58,4 @@ for part in $PARTS; do
       ;;
   esac
 done
-cat "$WORK/summary.txt" >> "$OUT/summary.txt"
-TAG=$(echo "$PARTS" | tr ' ' '-')
-tar -czf "$OUT/gpu_suite-$TAG.tar.gz" -C "$WORK" .
-ls -la "$OUT"
+ls -la "$WORK"
