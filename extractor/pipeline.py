@@ -91,13 +91,13 @@ def select_regions(output: RegionOutputs, scale: float, width: int, height: int,
         index = torch.arange(len(output.boxes), device=output.boxes.device)
     else:
         index = selector(output.boxes, cls_prob[:, 1:]).indices
-    parts = [output.boxes[index] / scale, output.features[index], cls_prob[index]] + \
+    rows = [output.boxes[index] / scale, output.features[index], cls_prob[index]] + \
         ([] if attr is None else [attr[index]])
-    parts = torch.cat([p.float() for p in parts], dim=1).cpu().split([p.shape[1] for p in parts], dim=1)  # one copy
-    boxes = parts[0].clone()
+    host = torch.cat([r.float() for r in rows], dim=1).cpu().split([r.shape[1] for r in rows], dim=1)  # one copy
+    boxes = host[0]
     boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
     boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
-    return (boxes.numpy(), parts[1].numpy(), parts[2].numpy(), None if attr is None else parts[3].numpy())
+    return (boxes.numpy(), host[1].numpy(), host[2].numpy(), None if attr is None else host[3].numpy())
 
 
 def _plan(records: List[InputRecord], writer: ShardWriter):
