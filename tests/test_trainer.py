@@ -154,19 +154,24 @@ def test_fixed_size_heads_train_exactly_like_exact_selection(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_compiled_step_matches_eager_in_one_graph(tmp_path, monkeypatch):
+def test_compiled_step_matches_eager_in_one_graph(tmp_path):
     """torch.compile of the whole model with fixed-size heads: one graph for every batch (no graph
-    break, no recompilation), and the same training as eager in fp32 (with eager's dropout RNG)."""
-    import torch._inductor.config as inductor
+    break, no recompilation), and the same training as eager in fp32. Dropout is off: inductor may
+    run independent random ops in another order than eager (torch 2.11 does, 2.14 does not), so
+    dropout masks are not comparable between the two even with `fallback_random`."""
     torch._dynamo.reset()
-    monkeypatch.setattr(inductor, "fallback_random", True)
-    small = dict(num_hidden_layers=2, v_num_hidden_layers=1, v_biattention_id=[0], t_biattention_id=[1])
+    no_dropout = {k: 0.0 for k in ("hidden_dropout_prob", "attention_probs_dropout_prob", "v_hidden_dropout_prob",
+                                   "v_attention_probs_dropout_prob")}
+    small = dict(num_hidden_layers=2, v_num_hidden_layers=1, v_biattention_id=[0], t_biattention_id=[1], **no_dropout)
     runs = []
     for compiled in (False, True):
         cfg = config(tmp_path / str(compiled), max_steps=3, log_every=1, save_every=100, tensorboard=False,
                      compile=compiled, static_heads=True)
         cfg.model_overrides.update(small)
         t = Trainer(cfg)
+        for module in t.model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0  # the alignment head's fixed rate too
         t.fit(batches())
         runs.append((t, read_metrics(tmp_path / str(compiled) / "metrics.csv")))
     (eager, eager_rows), (comp, comp_rows) = runs
