@@ -105,14 +105,24 @@ def test_no_weights_warns_loudly():
     assert model.weights_hash == "random-init"
 
 
-@pytest.mark.parametrize("precision", [torch.bfloat16])
-def test_autocast_runs(tiny_detector, precision):
-    tiny_detector.autocast_dtype = precision
+def test_bf16_autocast_keeps_the_classifier_in_float32(tiny_detector):
+    """Under bf16 autocast the backbone and res5 run in bf16, but the class distributions (the
+    masked-region targets) come from a float32 classifier over those features: bf16 logits tie."""
+    tiny_detector.autocast_dtype = torch.bfloat16
     try:
-        outputs, _ = tiny_detector([np.full((40, 40, 3), 128, np.uint8)])
+        outputs, _ = tiny_detector([np.full((40, 40, 3), 128, np.uint8), np.asarray(
+            __import__("extract_helpers").make_image(48, 40))])
     finally:
         tiny_detector.autocast_dtype = None
-    assert torch.isfinite(outputs[0].features).all()
+    classifier = tiny_detector.roi_heads.box_predictor.cls_score
+    for out in outputs:
+        assert torch.isfinite(out.features).all() and out.cls_probs.dtype == torch.float32
+        with torch.no_grad():
+            expected = classifier(out.features).softmax(dim=-1)  # fp32 on the (bf16-computed) features
+            in_bf16 = torch.nn.functional.linear(out.features.bfloat16(), classifier.weight.bfloat16(),
+                                                 classifier.bias.bfloat16()).float().softmax(dim=-1)
+        torch.testing.assert_close(out.cls_probs, expected, rtol=1e-5, atol=1e-7)
+        assert not torch.allclose(out.cls_probs, in_bf16, rtol=1e-5, atol=1e-7)  # the test can tell
 
 
 def test_real_r101_runs_once_on_a_small_image():
