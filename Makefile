@@ -4,6 +4,7 @@ PY := $(VENV)/bin/python
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1  # the tested pair (2.11 / 0.26 passes too)
 	$(VENV)/bin/pip install -q -e '.[test]'
 	touch $@
 
