@@ -3,6 +3,7 @@ the machine and the command."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 from datetime import datetime, timezone
@@ -25,9 +26,11 @@ def print_table(rows: list[dict], cols: list[str]) -> None:
 
 def write_json(path: Path, script: str, argv: list[str] | None, device: str, rows: list[dict], **extra) -> None:
     """{date, machine, torch, command, **extra, results: rows} -> path."""
+    allocator = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")]  # glibc knobs
     doc = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine_name(device),
            "torch": torch.__version__,
-           "command": " ".join(["python", f"benchmarks/{script}"] + (argv if argv is not None else sys.argv[1:])),
+           "command": " ".join(allocator + ["python", f"benchmarks/{script}"]
+                               + (argv if argv is not None else sys.argv[1:])),
            **extra, "results": rows}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2) + "\n")

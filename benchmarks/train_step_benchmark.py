@@ -27,6 +27,15 @@ weights. FLOPs per sample are counted with torch.utils.flop_counter on the offic
 backward) and MFU = samples/s x those FLOPs / --peak-tflops (default: the dense bf16 peak of the
 GPU, e.g. 989.4 for an H100 SXM, 756 for an H100 PCIe). `--check` first compares the losses of both codes in fp32 on an all-aligned batch.
 Prints a table and writes JSON to benchmarks/results/.
+
+On a CPU, glibc hands buffers above its mmap threshold (at most 32 MiB by default; the 94 MB word
+embedding gradient, the bf16 weight casts) back to the kernel when freed and page-faults them in
+again every step: 12 % of our bf16 step goes to zero-filling that gradient's fresh pages, and the
+official code, which allocates more, loses more (its bf16 step: 2.4-2.7 samples/s with glibc's
+defaults, 3.4 with freed memory kept). A GPU's caching allocator keeps freed memory, so for CPU
+ratios that stand for a GPU run the benchmark with glibc keeping it too:
+
+    MALLOC_MMAP_THRESHOLD_=2147483647 MALLOC_TRIM_THRESHOLD_=4294967295 python benchmarks/train_step_benchmark.py ...
 """
 from __future__ import annotations
 
