@@ -2,7 +2,8 @@
 # Every GPU benchmark of issue 7, in parts that each fit one 10-minute call on a lent GPU machine:
 #
 #   bash benchmarks/gpu_suite.sh step            # training step side by side, big batch, CUDA graphs (estimated ~7 min)
-#   bash benchmarks/gpu_suite.sh extract loader  # extraction speed and bf16/fp16 drift, loader (estimated ~4 min)
+#   bash benchmarks/gpu_suite.sh extract loader demo  # extraction speed and bf16/fp16 drift, loader, and
+#                                                # the whole demo on the GPU: CLIs end to end, learning (estimated ~6 min)
 #   bash benchmarks/gpu_suite.sh                 # all parts (longer than one call allows)
 #
 # Writes into $OUT/gpu_suite-<parts>/ as it goes (so a call cut at its limit still returns what
@@ -16,7 +17,7 @@
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
-PARTS=${*:-step extract loader}
+PARTS=${*:-step extract loader demo}
 LIMIT=${BENCH_TIMEOUT:-400}
 PYTHON=${PYTHON:-python3}
 WORK="$OUT/gpu_suite-$(echo "$PARTS" | tr ' ' '-')"
@@ -52,8 +53,13 @@ for part in $PARTS; do
     loader)
       run loader $PYTHON benchmarks/loader_benchmark.py --workers 1 4 8 12 --batches 100 --out "$WORK"
       ;;
+    demo)  # every stage's CLI on CUDA (extract, train, eval); its bulky outputs stay on the machine
+      run demo $PYTHON -c "import sys; from pipelines.cli import demo_main; sys.exit(demo_main())" \
+        --device cuda --out /tmp/gpu_suite_demo --visualize 2
+      cp /tmp/gpu_suite_demo/summary.json /tmp/gpu_suite_demo/demo.log /tmp/gpu_suite_demo/train/metrics.csv "$WORK/" 2>/dev/null
+      ;;
     *)
-      echo "unknown part: $part (step, extract, loader)" >&2
+      echo "unknown part: $part (step, extract, loader, demo)" >&2
       exit 2
       ;;
   esac
