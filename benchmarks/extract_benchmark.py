@@ -32,6 +32,7 @@ import sys
 import time
 import warnings
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,9 @@ from extractor.pipeline import encode_sample, select_regions
 from extractor.select import RegionSelector
 from extractor.sources import InputRecord
 from pipelines.host_syncs import HostSyncCounter
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import time_profile  # noqa: E402
 
 
 def synthetic_images(count: int, width: int, height: int, seed: int = 0):
@@ -66,13 +70,19 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def run_batch(detector, batch) -> None:
+    """Detection and region selection of one batch, as extraction runs them."""
+    selector = RegionSelector()
+    outputs, scales = detector(batch)
+    for image, output, scale in zip(batch, outputs, scales):
+        select_regions(output, scale, image.shape[1], image.shape[0], selector)
+
+
 def count_per_image(detector, images, batch_size: int) -> tuple[float, float]:
     """Detection + selection of one batch: (GFLOP per image, host-syncing ops per image)."""
-    batch, selector = images[:batch_size], RegionSelector()
+    batch = images[:batch_size]
     with FlopCounterMode(display=False) as flops, HostSyncCounter() as syncs:
-        outputs, scales = detector(batch)
-        for image, output, scale in zip(batch, outputs, scales):
-            select_regions(output, scale, image.shape[1], image.shape[0], selector)
+        run_batch(detector, batch)
     return flops.get_total_flops() / 1e9 / len(batch), syncs.total / len(batch)
 
 
@@ -231,6 +241,10 @@ def run_throughput(args, width: int, height: int) -> list:
                 print(f"{config_name:6s} {args.device:8s} {precision:5s} {memory_format:13s} batch {batch_size:3d}  "
                       f"{rate:9.2f} images/s  {gflop:8.1f} GFLOP/image  {rate * gflop / 1000:7.2f} TFLOP/s  "
                       f"{syncs:5.1f} sync ops/image", flush=True)
+                if args.profile:
+                    batch = images[:batch_size]
+                    print(time_profile(partial(run_batch, detector, batch), args.device, args.profile,
+                                       repeat=1), flush=True)
     return rows
 
 
@@ -254,6 +268,8 @@ def parse_args(argv=None):
                         help="RPN proposals kept (as vilbert-extract --proposals; default: the config's)")
     parser.add_argument("--weights", default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                        help="also print the top ROWS ops/kernels of each measured setting (torch.profiler)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     return parser.parse_args(argv)
 

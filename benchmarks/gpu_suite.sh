@@ -42,12 +42,13 @@ run() {  # name, command...: keep going when one benchmark fails or runs out of 
 for part in $PARTS; do
   case $part in
     step)
-      run step $PYTHON benchmarks/train_step_benchmark.py "${OFFICIAL[@]}" --check --out "$WORK/train_step.json"
+      run step $PYTHON benchmarks/train_step_benchmark.py "${OFFICIAL[@]}" --check --profile 25 --out "$WORK/train_step.json"
       run step-b512 $PYTHON benchmarks/train_step_benchmark.py --variants static,compile --batch-size 512 --out "$WORK/train_step_b512.json"
       run step-graphs $PYTHON benchmarks/train_step_benchmark.py --variants compile --compile-mode reduce-overhead --out "$WORK/train_step_graphs.json"
       ;;
     extract)
       run extract $PYTHON benchmarks/extract_benchmark.py --configs r101 --device cuda --batch-sizes 1,8,16 --precisions fp32,bf16 --memory-formats contiguous,channels_last --images 64 --size 1000x600 --out "$WORK"
+      run extract-profile $PYTHON benchmarks/extract_benchmark.py --configs r101 --device cuda --batch-sizes 8 --precisions bf16 --images 16 --size 1000x600 --profile 30 --out "$WORK"
       run extract-precision $PYTHON benchmarks/extract_benchmark.py --configs r101 --device cuda --compare-precision bf16,fp16 --images 16 --size 1000x600 --out "$WORK"
       ;;
     loader)

@@ -35,3 +35,18 @@ def write_json(path: Path, script: str, argv: list[str] | None, device: str, row
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"wrote {path}")
+
+
+def time_profile(run, device: str, rows: int, repeat: int = 2) -> str:
+    """Where `run()` spends its time, from torch.profiler: the top `rows` ops and, on a GPU, kernels
+    by self device time (by self CPU time on a CPU), over `repeat` runs. For tuning from one GPU call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = device.startswith("cuda")
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])) as prof:
+        for _ in range(repeat):
+            run()
+        if gpu:
+            torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="self_device_time_total" if gpu else "self_cpu_time_total",
+                                     row_limit=rows, max_name_column_width=70)

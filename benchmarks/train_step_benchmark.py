@@ -44,6 +44,7 @@ import sys
 import tempfile
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -52,7 +53,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from batches import make_batch, official_inputs, ours  # noqa: E402
 from official_parity import import_official  # noqa: E402
-from report import print_table, write_json  # noqa: E402
+from report import print_table, time_profile, write_json  # noqa: E402
 
 from pipelines.host_syncs import HostSyncCounter, count_step_syncs  # noqa: E402
 from pipelines.metrics import new_step_sums  # noqa: E402
@@ -198,6 +199,8 @@ def main(argv=None) -> int:
     p.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default: the GPU's dense bf16 peak)")
     p.add_argument("--check", action="store_true", help="compare fp32 losses of both codes first")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                   help="also print each variant's top ROWS ops/kernels over 2 steps (torch.profiler)")
     p.add_argument("--out", type=Path, default=RESULTS / "train_step_benchmark.json")
     a = p.parse_args(argv)
     if a.threads:
@@ -236,6 +239,9 @@ def main(argv=None) -> int:
             precision = trainer.precision
         inputs = batches["official" if variant == "official" else "ours"]
         dt, peak_mib, syncs = time_steps(step, inputs, steps, warmup + (2 if variant == "compile" else 0), device)
+        if a.profile:
+            print(f"== where a step's time goes: {variant}\n" + time_profile(partial(step, inputs), a.device, a.profile),
+                  flush=True)
         sync_ops = ops = None
         if variant in ("eager", "static"):
             counted = count_step_syncs(trainer, trainer.model, inputs, new_step_sums(trainer.device))

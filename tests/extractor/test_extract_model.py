@@ -6,11 +6,12 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from extractor.boxes import apply_deltas, cell_anchors
 from extractor.config import r101_config, tiny_config
 from extractor.detector import BottomUpDetector, build_detector, resize_scale
-from extractor.resnet import BasicStem, FrozenBatchNorm2d
+from extractor.resnet import BasicStem, ConvNorm, FrozenBatchNorm2d
 
 
 def test_parameter_names_follow_detectron2():
@@ -54,6 +55,30 @@ def test_frozen_batchnorm_formula():
     norm.running_var.copy_(torch.tensor([4.0 - 1e-5, 1.0 - 1e-5]))
     x = torch.tensor([5.0, 7.0]).view(1, 2, 1, 1)
     assert torch.allclose(norm(x).flatten(), torch.tensor([2 * (5 - 3) / 2 + 1, 7.0]), atol=1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv_with_its_norm_folded_in_is_conv_then_norm(channels_last):
+    """ConvNorm runs one conv on weight * scale with bias shift: the same as the conv followed by
+    the frozen norm (what detectron2 computes), by hand, for dilated and strided convs."""
+    torch.manual_seed(0)
+    for conv in (ConvNorm(3, 5, 3, stride=1, padding=2, dilation=2), ConvNorm(3, 5, 1, stride=2)):
+        conv.weight.data.normal_()
+        conv.norm.weight.uniform_(0.5, 2)
+        conv.norm.bias.normal_()
+        conv.norm.running_mean.normal_()
+        conv.norm.running_var.uniform_(0.5, 3)
+        x = torch.randn(2, 3, 9, 11)
+        if channels_last:
+            conv, x = conv.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+        plain = F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation)  # (2, 5, h, w)
+        n = conv.norm
+        expected = (plain - n.running_mean.view(1, -1, 1, 1)) / (n.running_var.view(1, -1, 1, 1) + n.eps).sqrt() \
+            * n.weight.view(1, -1, 1, 1) + n.bias.view(1, -1, 1, 1)
+        with torch.no_grad():
+            torch.testing.assert_close(conv(x), expected, rtol=1e-5, atol=1e-5)
+        assert sorted(conv.state_dict()) == ["norm.bias", "norm.running_mean", "norm.running_var", "norm.weight",
+                                             "weight"]  # detectron2's keys, nothing folded is saved
 
 
 def test_caffe_maxpool_uses_ceil_mode_and_no_padding():
