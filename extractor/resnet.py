@@ -61,7 +61,7 @@ class BasicStem(nn.Module):
         self.caffe_maxpool = caffe_maxpool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.conv1(x))
+        x = F.relu_(self.conv1(x))
         if self.caffe_maxpool:
             return F.max_pool2d(x, kernel_size=3, stride=2, padding=0, ceil_mode=True)
         return F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
@@ -83,11 +83,12 @@ class BottleneckBlock(nn.Module):
         self.conv3 = ConvNorm(bottleneck_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.conv1(x))
-        out = F.relu(self.conv2(out))
+        # in place on the fresh conv outputs: no new buffer per ReLU and residual add
+        out = F.relu_(self.conv1(x))
+        out = F.relu_(self.conv2(out))
         out = self.conv3(out)
-        identity = x if self.shortcut is None else self.shortcut(x)
-        return F.relu(out + identity)
+        out += x if self.shortcut is None else self.shortcut(x)
+        return F.relu_(out)
 
 
 def make_stage(num_blocks: int, in_channels: int, bottleneck_channels: int, out_channels: int,
