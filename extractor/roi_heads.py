@@ -76,8 +76,12 @@ class Res5ROIHeads(nn.Module):
         size = self.config.pooler_resolution
         pooled = roi_pool(features.float(), rois, output_size=(size, size),  # no bf16 CPU kernel
                           spatial_scale=self.spatial_scale)  # (R, C4, 14, 14)
-        if features.is_contiguous(memory_format=torch.channels_last) and not features.is_contiguous():
-            pooled = pooled.contiguous(memory_format=torch.channels_last)  # res5 convs as the backbone's
+        # one copy into what the res5 convs take: the backbone's layout and the autocast precision
+        # (left to autocast, each of the first block's two convs would cast it again)
+        device = pooled.device.type
+        channels_last = features.is_contiguous(memory_format=torch.channels_last) and not features.is_contiguous()
+        pooled = pooled.to(dtype=torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None,
+                           memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         return self.res5(pooled).mean(dim=(2, 3))  # (R, D)
 
     @torch.no_grad()
