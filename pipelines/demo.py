@@ -318,7 +318,7 @@ def print_summary(s: dict) -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/demo"), help="output directory")
 @click.option("--data", "sample", type=click.Path(path_type=Path), default=SAMPLE, show_default="data/sample in the repository", help="sample corpus (make_sample.py layout)")
 @click.option("--config", type=click.Choice(["tiny", "r101"]), default="tiny",
-              help="detector architecture (r101 is ~0.03 images/s on a 2-core CPU: use a GPU)")
+              help="detector architecture (r101 is ~0.2 images/s on a 2-core CPU: use a GPU)")
 @click.option("--weights", type=click.Path(path_type=Path, exists=True), default=None,
               help="detector weights (.pkl / .bin, r101 config); default: random init")
 @click.option("--train-scenes", type=int, default=None, help="use the first N training scenes (default all)")
