@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from extractor.boxes import apply_deltas, cell_anchors
 from extractor.config import r101_config, tiny_config
 from extractor.detector import BottomUpDetector, build_detector, resize_scale
-from extractor.resnet import BasicStem, ConvNorm, FrozenBatchNorm2d
+from extractor.resnet import BasicStem, BottleneckBlock, ConvNorm, FrozenBatchNorm2d
 
 
 def test_parameter_names_follow_detectron2():
@@ -79,6 +79,28 @@ def test_conv_with_its_norm_folded_in_is_conv_then_norm(channels_last):
             torch.testing.assert_close(conv(x), expected, rtol=1e-5, atol=1e-5)
         assert sorted(conv.state_dict()) == ["norm.bias", "norm.running_mean", "norm.running_var", "norm.weight",
                                              "weight"]  # detectron2's keys, nothing folded is saved
+
+
+@pytest.mark.parametrize("in_channels", [8, 4])  # identity shortcut, projection shortcut
+def test_bottleneck_in_place_ops_leave_the_input_alone(in_channels):
+    """The block's in-place ReLUs and residual add give relu(conv3(relu(conv2(relu(conv1(x))))) + s(x))
+    and never write into x (the previous block's output, or the res4 map the RPN also reads)."""
+    torch.manual_seed(0)
+    block = BottleneckBlock(in_channels, 3, 8, dilation=2)
+    for conv in (block.conv1, block.conv2, block.conv3, block.shortcut):
+        if conv is not None:
+            conv.weight.data.normal_()
+            conv.norm.bias.normal_()
+    x = torch.randn(2, in_channels, 7, 6)
+    before = x.clone()
+    with torch.no_grad():
+        out = block(x)
+        hidden = F.relu(block.conv2(F.relu(block.conv1(x))))
+        identity = x if block.shortcut is None else block.shortcut(x)
+        expected = F.relu(block.conv3(hidden) + identity)
+    assert torch.equal(x, before)
+    torch.testing.assert_close(out, expected)
+    assert (out == 0).any() and (out > 0).any()  # the ReLU did something
 
 
 def test_caffe_maxpool_uses_ceil_mode_and_no_padding():
