@@ -70,12 +70,13 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_batch(detector, batch) -> None:
-    """Detection and region selection of one batch, as extraction runs them."""
-    selector = RegionSelector()
+def run_batch(detector, batch, selector: RegionSelector | None = None) -> list[tuple]:
+    """Detection and region selection of one batch, as extraction runs them. -> per image,
+    select_regions' (boxes, features, class distributions, attributes)."""
+    selector = selector or RegionSelector()
     outputs, scales = detector(batch)
-    for image, output, scale in zip(batch, outputs, scales):
-        select_regions(output, scale, image.shape[1], image.shape[0], selector)
+    return [select_regions(output, scale, image.shape[1], image.shape[0], selector)
+            for image, output, scale in zip(batch, outputs, scales)]
 
 
 def count_per_image(detector, images, batch_size: int) -> tuple[float, float]:
@@ -95,9 +96,7 @@ def measure(detector, images, batch_size: int, device: str) -> float:
     started = time.perf_counter()
     for start in range(0, len(images), batch_size):
         batch = images[start: start + batch_size]
-        outputs, scales = detector(batch)
-        for image, output, scale in zip(batch, outputs, scales):
-            boxes, features, probs, attrs = select_regions(output, scale, image.shape[1], image.shape[0], selector)
+        for image, (boxes, features, probs, attrs) in zip(batch, run_batch(detector, batch, selector)):
             encode_sample(record, image.shape[1], image.shape[0], boxes, features, probs, attrs, header)
     _sync(device)
     return len(images) / (time.perf_counter() - started)

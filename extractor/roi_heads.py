@@ -88,7 +88,7 @@ class Res5ROIHeads(nn.Module):
     def forward(self, features: torch.Tensor, boxes: List[torch.Tensor]) -> List[RegionOutputs]:
         pooled = self.pooled_features(features, boxes)
         class_logits, attr_logits = self.box_predictor(pooled)
-        cls_probs = class_logits.float().softmax(dim=-1)
+        cls_probs = class_logits.softmax(dim=-1)  # float32 logits (class_logits)
         attr_probs = None if attr_logits is None else attr_logits.float().softmax(dim=-1)
         outputs, start = [], 0
         for image_boxes in boxes:

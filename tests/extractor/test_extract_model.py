@@ -166,8 +166,8 @@ def test_bf16_autocast_keeps_the_classifier_in_float32(tiny_detector):
         assert torch.isfinite(out.features).all() and out.cls_probs.dtype == torch.float32
         with torch.no_grad():
             expected = classifier(out.features).softmax(dim=-1)  # fp32 on the (bf16-computed) features
-            in_bf16 = torch.nn.functional.linear(out.features.bfloat16(), classifier.weight.bfloat16(),
-                                                 classifier.bias.bfloat16()).float().softmax(dim=-1)
+            in_bf16 = F.linear(out.features.bfloat16(), classifier.weight.bfloat16(),
+                               classifier.bias.bfloat16()).float().softmax(dim=-1)
         torch.testing.assert_close(out.cls_probs, expected, rtol=1e-5, atol=1e-7)
         assert not torch.allclose(out.cls_probs, in_bf16, rtol=1e-5, atol=1e-7)  # the test can tell
 
