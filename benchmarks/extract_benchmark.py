@@ -79,12 +79,19 @@ def run_batch(detector, batch, selector: RegionSelector | None = None) -> list[t
             for image, output, scale in zip(batch, outputs, scales)]
 
 
-def count_per_image(detector, images, batch_size: int) -> tuple[float, float]:
-    """Detection + selection of one batch: (GFLOP per image, host-syncing ops per image)."""
+DETECTOR_PARTS = ("backbone", "proposal_generator", "roi_heads")
+
+
+def count_per_image(detector, images, batch_size: int) -> tuple[float, dict, float]:
+    """Detection + selection of one batch: (GFLOP per image, GFLOP per image of each of the
+    detector's parts, host-syncing ops per image)."""
     batch = images[:batch_size]
     with FlopCounterMode(display=False) as flops, HostSyncCounter() as syncs:
         run_batch(detector, batch)
-    return flops.get_total_flops() / 1e9 / len(batch), syncs.total / len(batch)
+    counts = flops.get_flop_counts()  # by module path, e.g. "BottomUpDetector.backbone"
+    parts = {part: round(sum(counts.get(f"{type(detector).__name__}.{part}", {}).values()) / 1e9 / len(batch), 3)
+             for part in DETECTOR_PARTS}
+    return flops.get_total_flops() / 1e9 / len(batch), parts, syncs.total / len(batch)
 
 
 def measure(detector, images, batch_size: int, device: str) -> float:
@@ -232,10 +239,11 @@ def run_throughput(args, width: int, height: int) -> list:
             memory_format = "channels_last" if detector.channels_last else "contiguous"
             for batch_size in (int(b) for b in args.batch_sizes.split(",")):
                 rate = measure(detector, images, batch_size, args.device)
-                gflop, syncs = count_per_image(detector, images, batch_size)
+                gflop, gflop_parts, syncs = count_per_image(detector, images, batch_size)
                 rows.append(dict(config=config_name, device=args.device, precision=precision,
                                  memory_format=memory_format, batch_size=batch_size, images=count, size=args.size,
                                  images_per_second=round(rate, 3), gflop_per_image=round(gflop, 1),
+                                 gflop_per_image_by_part=gflop_parts,
                                  tflops=round(rate * gflop / 1000, 2), sync_ops_per_image=syncs))
                 print(f"{config_name:6s} {args.device:8s} {precision:5s} {memory_format:13s} batch {batch_size:3d}  "
                       f"{rate:9.2f} images/s  {gflop:8.1f} GFLOP/image  {rate * gflop / 1000:7.2f} TFLOP/s  "

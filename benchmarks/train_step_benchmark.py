@@ -30,7 +30,8 @@ Prints a table and writes JSON to benchmarks/results/.
 
 On a CPU, glibc hands buffers above its mmap threshold (at most 32 MiB by default; the 94 MB word
 embedding gradient, the bf16 weight casts) back to the kernel when freed and page-faults them in
-again every step: 12 % of our bf16 step goes to zero-filling that gradient's fresh pages, and the
+again every step (`--profile`: 9 % of our bf16 step in zero-filling, most of it that gradient's fresh
+pages), and the
 official code, which allocates more, loses more (its bf16 step: 2.4-2.7 samples/s with glibc's
 defaults, 3.4 with freed memory kept). A GPU's caching allocator keeps freed memory, so for CPU
 ratios that stand for a GPU run the benchmark with glibc keeping it too:

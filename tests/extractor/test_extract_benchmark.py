@@ -19,6 +19,9 @@ def test_benchmark_prints_and_writes_json(tmp_path, capsys):
         ("contiguous", 1), ("contiguous", 2), ("channels_last", 1), ("channels_last", 2)]
     assert all(r["images_per_second"] > 0 for r in rows)
     assert len({r["gflop_per_image"] for r in rows}) == 1 and rows[0]["gflop_per_image"] > 0
+    parts = rows[0]["gflop_per_image_by_part"]  # the detector's three parts hold all its arithmetic
+    assert set(parts) == {"backbone", "proposal_generator", "roi_heads"} and min(parts.values()) > 0
+    assert abs(sum(parts.values()) - rows[0]["gflop_per_image"]) <= 0.2
     # random weights: RPN (valid-box index, NMS) 2 + selection's cheap pass (nonzero finds no pair
     # >= 0.2, count) 2 + one widening try (nonzero, NMS, count) 3
     assert all(r["sync_ops_per_image"] == 7 for r in rows)
