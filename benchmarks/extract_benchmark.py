@@ -10,9 +10,11 @@ r"""Extraction throughput: images/s of detection + region selection + sample enc
         --compare-precision fp16 --test-size 240,400 --proposals 50   # fp16 on CPU: slow reference kernels
 
 Synthetic 640x480 images (random weights unless --weights: the speed is the same). Prints a table
-and writes the rows as JSON to benchmarks/results/extract-<device>-<UTC time>.json. Each row also
+and writes JSON to benchmarks/results/extract-<device>-<UTC time>.json. Each row also
 counts, on its first batch, the FLOPs per image (torch.utils.flop_counter: detector, all proposals
-through the res5 head) and so the TFLOP/s reached, and the ops per image that make the host wait for
+through the res5 head) and so the TFLOP/s reached and its share of the device's dense bf16 peak
+(benchmarks/peak.py: the data sheet on a known GPU, the measured matmul rate on a CPU; 40 images/s of
+R101-C4 at 1000x600 is 7.9 % of an H100's 989 TFLOP/s), and the ops per image that make the host wait for
 the GPU (pipelines/host_syncs.py; device-to-host copies are only seen on a GPU).
 
 --compare-precision runs the same images in fp32 and in each given precision. Feature drift is
@@ -26,8 +28,6 @@ benchmarks/results/extract-precision-<device>-<UTC time>.json.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
 import warnings
@@ -50,7 +50,8 @@ from extractor.sources import InputRecord
 from pipelines.host_syncs import HostSyncCounter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import time_profile  # noqa: E402
+from peak import bf16_peak  # noqa: E402
+from report import time_profile, write_json  # noqa: E402
 
 
 def synthetic_images(count: int, width: int, height: int, seed: int = 0):
@@ -225,7 +226,7 @@ def run_precision_comparison(args, width: int, height: int) -> list:
     return rows
 
 
-def run_throughput(args, width: int, height: int) -> list:
+def run_throughput(args, width: int, height: int, peak_tflops: float) -> list:
     rows = []
     for config_name in args.configs.split(","):
         detector, _ = build(config_name, args)
@@ -244,10 +245,12 @@ def run_throughput(args, width: int, height: int) -> list:
                                  memory_format=memory_format, batch_size=batch_size, images=count, size=args.size,
                                  images_per_second=round(rate, 3), gflop_per_image=round(gflop, 1),
                                  gflop_per_image_by_part=gflop_parts,
-                                 tflops=round(rate * gflop / 1000, 2), sync_ops_per_image=syncs))
+                                 tflops=round(rate * gflop / 1000, 2),
+                                 pct_of_bf16_peak=round(100 * rate * gflop / 1000 / peak_tflops, 1),
+                                 sync_ops_per_image=syncs))
                 print(f"{config_name:6s} {args.device:8s} {precision:5s} {memory_format:13s} batch {batch_size:3d}  "
                       f"{rate:9.2f} images/s  {gflop:8.1f} GFLOP/image  {rate * gflop / 1000:7.2f} TFLOP/s  "
-                      f"{syncs:5.1f} sync ops/image", flush=True)
+                      f"{rows[-1]['pct_of_bf16_peak']:5.1f} % of bf16 peak  {syncs:5.1f} sync ops/image", flush=True)
                 if args.profile:
                     batch = images[:batch_size]
                     print(time_profile(partial(run_batch, detector, batch), args.device, args.profile,
@@ -286,20 +289,16 @@ def main(argv=None) -> list:
     if args.threads:
         torch.set_num_threads(args.threads)
     width, height = (int(v) for v in args.size.split("x"))
+    peak = {}
     if args.compare_precision:
         rows, kind = run_precision_comparison(args, width, height), "extract-precision"
     else:
-        rows, kind = run_throughput(args, width, height), "extract"
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
-    result = dict(created=datetime.now(timezone.utc).isoformat(timespec="seconds"), device_name=device_name,
-                  torch=torch.__version__, threads=torch.get_num_threads(),
-                  command=" ".join([Path(sys.executable).name] + sys.argv), rows=rows)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+        peak["bf16_peak_tflops"], peak["peak_source"] = bf16_peak(args.device)
+        print(f"bf16 peak: {peak['bf16_peak_tflops']:.4g} TFLOP/s ({peak['peak_source']})", flush=True)
+        rows, kind = run_throughput(args, width, height, peak["bf16_peak_tflops"]), "extract"
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    path = out_dir / f"{kind}-{args.device.replace(':', '')}-{stamp}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {path}")
+    path = Path(args.out) / f"{kind}-{args.device.replace(':', '')}-{stamp}.json"
+    write_json(path, "extract_benchmark.py", argv, args.device, rows, threads=torch.get_num_threads(), **peak)
     return rows
 
 

@@ -42,6 +42,7 @@ run() {  # name, command...: keep going when one benchmark fails or runs out of 
 for part in $PARTS; do
   case $part in
     step)
+      run peak $PYTHON benchmarks/peak.py --dtypes fp32,bf16,fp16 --out "$WORK/peak.json"
       run step $PYTHON benchmarks/train_step_benchmark.py "${OFFICIAL[@]}" --check --profile 25 --out "$WORK/train_step.json"
       run step-b512 $PYTHON benchmarks/train_step_benchmark.py --variants static,compile --batch-size 512 --out "$WORK/train_step_b512.json"
       run step-graphs $PYTHON benchmarks/train_step_benchmark.py --variants compile --compile-mode reduce-overhead --out "$WORK/train_step_graphs.json"

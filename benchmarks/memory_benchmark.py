@@ -33,7 +33,6 @@ import argparse
 import contextlib
 import gc
 import glob
-import json
 import os
 import platform
 import sys
@@ -49,9 +48,11 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from extractor.writer import ShardWriter  # noqa: E402
 from pipelines.data import DataConfig, PretrainingData, PretrainingLoader  # noqa: E402
+from report import write_json  # noqa: E402
 from shards import write_shards, write_vocab  # noqa: E402
 
 MIB = 1024.0
@@ -329,16 +330,15 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = run_streams(args)
-    result = dict(command=" ".join([Path(sys.executable).name] + sys.argv), rows=rows,
-                  settings={k: str(v) for k, v in vars(args).items()},
-                  machine=dict(cores=os.cpu_count(), load_average_1m=round(os.getloadavg()[0], 2),
-                               torch=torch.__version__, python=platform.python_version()))
-    args.out.mkdir(parents=True, exist_ok=True)
+    settings = {k: str(v) for k, v in vars(args).items()}
+    host = dict(cores=os.cpu_count(), load_average_1m=round(os.getloadavg()[0], 2),
+                python=platform.python_version())
     path = args.out / f"memory-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(path, "memory_benchmark.py", argv, "cpu", rows, settings=settings, host=host)
+    result = dict(rows=rows, settings=settings, host=host)
     print(f"start: after {args.warmup:.0%} of the stream; /1k: least-squares slope over the second half, MiB per "
           f"1,000 samples; robust: Theil-Sen slope of RssAnon; flat: |robust| < {args.flat_threshold}; tar maps: "
-          f"most shard-file mappings at once; wrote {path}")
+          f"most shard-file mappings at once")
     return result
 
 

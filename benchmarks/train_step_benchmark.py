@@ -24,8 +24,10 @@ variants (the official one reads torch AdamW's host-side step counters, which th
 from device tensors on a CPU). `ops`: the ops of one step that compute (not views or allocations; eager
 variants and official), about its kernel launches on a GPU, where a small batch is bound by launching them. Each timed step is the whole optimizer step, from a host batch (pinned on CUDA) to the updated
 weights. FLOPs per sample are counted with torch.utils.flop_counter on the official model (forward +
-backward) and MFU = samples/s x those FLOPs / --peak-tflops (default: the dense bf16 peak of the
-GPU, e.g. 989.4 for an H100 SXM, 756 for an H100 PCIe). `--check` first compares the losses of both codes in fp32 on an all-aligned batch.
+backward) and MFU = samples/s x those FLOPs / --peak-tflops (default: the data sheet's dense bf16 peak
+of a known GPU, e.g. 989.4 for an H100 SXM, 756 for an H100 PCIe; on a CPU the best bf16 matmul rate
+measured at the benchmark's thread count, see benchmarks/peak.py; every variant, fp32 ones too, is
+counted against that bf16 peak). `--check` first compares the losses of both codes in fp32 on an all-aligned batch.
 Prints a table and writes JSON to benchmarks/results/.
 
 On a CPU, glibc hands buffers above its mmap threshold (at most 32 MiB by default; the 94 MB word
@@ -54,6 +56,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from batches import make_batch, official_inputs, ours  # noqa: E402
 from official_parity import import_official  # noqa: E402
+from peak import bf16_peak  # noqa: E402
 from report import print_table, time_profile, write_json  # noqa: E402
 
 from pipelines.host_syncs import HostSyncCounter, count_step_syncs  # noqa: E402
@@ -63,12 +66,6 @@ from vilbert import load_preset  # noqa: E402
 from vilbert.official import convert_official_state_dict  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-# Dense bf16 tensor-core peaks (NVIDIA data sheets), by a part of torch.cuda.get_device_name().
-PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}
-
-
-def peak_tflops(device_name: str) -> float | None:
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), None)
 
 OFFICIAL_KEYS = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                  "max_position_embeddings", "type_vocab_size", "hidden_dropout_prob", "attention_probs_dropout_prob",
@@ -197,7 +194,8 @@ def main(argv=None) -> int:
     p.add_argument("--official-precision", choices=["fp32", "bf16"], default="fp32",
                    help="the official variant's precision (its scripts' default: fp32)")
     p.add_argument("--compile-mode", default="default", help="torch.compile mode for the compile variant")
-    p.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default: the GPU's dense bf16 peak)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default: a known GPU's data-sheet dense bf16 peak, "
+                   "else the measured bf16 matmul peak: benchmarks/peak.py)")
     p.add_argument("--check", action="store_true", help="compare fp32 losses of both codes first")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--profile", type=int, default=0, metavar="ROWS",
@@ -225,7 +223,7 @@ def main(argv=None) -> int:
             check = check_losses(official, trainer, cfg)
             check["our_gflop_per_sample"] = count_our_flops(trainer, ours(make_batch(cfg, 2))) / 1e9
             del trainer
-    peak = a.peak_tflops or (peak_tflops(torch.cuda.get_device_name()) if gpu else None)
+    peak, peak_source = (a.peak_tflops, "--peak-tflops") if a.peak_tflops else bf16_peak(a.device)
     full = make_batch(cfg, B)
     batches = {"official": official_inputs(full), "ours": ours(full, half=gpu)}
     if gpu:
@@ -271,13 +269,14 @@ def main(argv=None) -> int:
     print_table(rows, ["variant", "batch_size", "step_ms", "samples_per_s", "x_official", "MFU_pct", "peak_cuda_MiB",
                        "host_syncs", "sync_ops", "ops"])
     if flops:
-        print(f"official model: {flops / 1e9:.2f} GFLOP per training sample (forward + backward)")
+        print(f"official model: {flops / 1e9:.2f} GFLOP per training sample (forward + backward); "
+              f"MFU against {peak:.4g} TFLOP/s ({peak_source})")
     if check:
         print("fp32 loss |difference| official vs ours: " + ", ".join(f"{k} {check[k]:.2e}" for k in ("mlm", "mrm", "align")))
         print(f"our model: {check['our_gflop_per_sample']:.2f} GFLOP per training sample (heads at masked positions only)")
     write_json(a.out, "train_step_benchmark.py", argv, a.device, rows, preset=a.preset,
                precision=precision, official_precision=a.official_precision, gflop_per_sample_official=flops and flops / 1e9,
-               peak_tflops=peak, loss_check=check)
+               peak_tflops=peak, peak_source=peak_source, loss_check=check)
     return 0
 
 

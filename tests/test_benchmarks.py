@@ -30,6 +30,7 @@ def test_train_step_benchmark_runs_our_variants(tmp_path, capsys):
     assert all(r["samples_per_s"] > 0 and r["x_official"] is None for r in doc["results"])
     assert [r["sync_ops"] for r in doc["results"]] == [2, 0]  # exact selection: token and region nonzero
     assert doc["precision"] == "fp32" and doc["official_precision"] == "fp32"  # a CPU's defaults
+    assert doc["peak_tflops"] > 0 and doc["peak_source"].startswith("measured")  # MFU's denominator on a CPU
     assert "samples_per_s" in capsys.readouterr().out
 
 
@@ -55,3 +56,19 @@ def test_extract_parts_benchmark_runs_and_the_two_selections_agree(tmp_path):
     assert len(rows) == 6 and all(r["per_second"] > 0 and r["ms"] > 0 for r in rows)
     assert [r["same_result"] for r in rows[2:4]] == [True, True]
     assert "numpy" in rows[4]["part"] and "tensor" in rows[5]["part"]
+
+
+def test_peak_nominal_by_gpu_name_and_measured_matmul_rate(tmp_path):
+    peak = load("peak")
+    assert peak.nominal_bf16_tflops("NVIDIA H100 80GB HBM3") == 989.4
+    assert peak.nominal_bf16_tflops("NVIDIA H100 PCIe") == 756.0  # not the SXM figure
+    assert peak.nominal_bf16_tflops("AMD EPYC") is None
+    rate = peak.matmul_tflops(64, torch.float32, "cpu")
+    assert 0 < rate < 100  # TFLOP/s of one small product on a CPU
+    tflops, source = peak.bf16_peak("cpu")
+    assert tflops > 0 and source.startswith("measured: best bf16") and "thread" in source
+    out = tmp_path / "peak.json"
+    assert peak.main(["--device", "cpu", "--dtypes", "fp32,bf16", "--sizes", "32,64", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["dtype"], r["n"]) for r in rows] == [("fp32", 32), ("fp32", 64), ("bf16", 32), ("bf16", 64)]
+    assert all(r["TFLOP_s"] > 0 for r in rows)

@@ -71,7 +71,7 @@ def test_loader_stream_end_to_end(memory, tmp_path, capsys):
     assert row["tar_maps_max"] >= 1  # the in-process loader memory-maps the shards
     assert "RssAnon" in capsys.readouterr().out
     (path,) = tmp_path.glob("memory-*.json")
-    assert json.loads(path.read_text())["rows"][0]["samples"] == row["samples"]
+    assert json.loads(path.read_text())["results"][0]["samples"] == row["samples"]
 
 
 def test_compare_precision_tiny(tmp_path, capsys):
@@ -82,4 +82,4 @@ def test_compare_precision_tiny(tmp_path, capsys):
     assert bf16["precision"] == "bf16" and bf16["cosine_mean"] > 0.99 and 0 <= bf16["box_match_iou90"] <= 1
     assert "plumbing check" in capsys.readouterr().out
     (path,) = tmp_path.glob("extract-precision-cpu-*.json")
-    assert json.loads(path.read_text())["rows"] == rows
+    assert json.loads(path.read_text())["results"] == rows

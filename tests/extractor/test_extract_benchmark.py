@@ -27,4 +27,9 @@ def test_benchmark_prints_and_writes_json(tmp_path, capsys):
     assert all(r["sync_ops_per_image"] == 7 for r in rows)
     assert "images/s" in capsys.readouterr().out
     (result,) = tmp_path.glob("extract-cpu-*.json")
-    assert json.loads(result.read_text())["rows"] == rows
+    doc = json.loads(result.read_text())
+    assert doc["results"] == rows
+    assert doc["bf16_peak_tflops"] > 0 and doc["peak_source"].startswith("measured")  # no data sheet for a CPU
+    for r in rows:  # the share of the peak that the row's images/s x GFLOP/image reach
+        share = 100 * r["images_per_second"] * r["gflop_per_image"] / 1000 / doc["bf16_peak_tflops"]
+        assert abs(r["pct_of_bf16_peak"] - share) <= 0.05 + 0.01 * share
