@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -190,10 +191,8 @@ def evaluate(model: torch.nn.Module, task: SyntheticTask, n: int = 2000, seed: i
 
 # ---- the same scenes as region-feature shards (docs/shard-format.md) --------------------------
 
-def write_vocab(path) -> "Path":
+def write_vocab(path) -> Path:
     """A BERT-style vocab.txt holding the synthetic task's words."""
-    from pathlib import Path
-
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "and"] + COLOURS + SHAPES
     Path(path).write_text("\n".join(words) + "\n")
     return Path(path)
