@@ -46,6 +46,39 @@ class DataConfig:
     half_features: bool = False  # True: image_feat/region_targets stay float16; cast them on the device
 
 
+class NoUsableSamples(RuntimeError):
+    """Every shard was read and none holds a usable (captioned, well-formed) sample."""
+
+
+class StarvationGuard:
+    """Training resamples shards forever, so shards without a single usable sample (all corrupt,
+    or none captioned) would keep it reading without ever making a batch. This guard sits on both
+    ends of the decoding: it records the distinct shards opened and the samples decoded, and once
+    every shard has been opened without one sample, the next shard raises NoUsableSamples."""
+
+    def __init__(self, urls: list[str], errors: ErrorCounter):
+        self.urls, self.errors = set(urls), errors
+        self.opened: set[str] = set()
+        self.samples = 0
+
+    def shards(self, source: Iterator[dict]) -> Iterator[dict]:
+        for shard in source:
+            if not self.samples:
+                if self.opened >= self.urls:
+                    counts = ", ".join(f"{k} {v}" for k, v in self.errors.counts().items())
+                    raise NoUsableSamples(
+                        f"all {len(self.urls)} shard(s) were read and none holds a usable sample (skipped: "
+                        f"{counts}); nothing to train on. Captions come from a KEY.txt beside each image, "
+                        "vilbert-extract --captions FILE.tsv, or the .txt inside img2dataset shards")
+                self.opened.add(shard["url"])
+            yield shard
+
+    def decoded(self, source: Iterator) -> Iterator:
+        for sample in source:
+            self.samples += 1
+            yield sample
+
+
 def _split(rank: int | None, world_size: int | None):
     """Split a shard stream by node: explicit rank/world_size, else torch.distributed / env."""
     if rank is None or world_size is None:
@@ -93,8 +126,10 @@ class PretrainingData:
         cfg = self.cfg
         expected = None if cfg.allow_mixed_recipes else self.recipe
         decode = decode_samples(self.errors, cfg.max_regions, expected)
+        guard = StarvationGuard(self.urls, self.errors)
         if self.train:
-            source = [wds.ResampledShards(self.urls, seed=cfg.seed or 0, deterministic=cfg.seed is not None)]
+            source = [wds.ResampledShards(self.urls, seed=cfg.seed or 0, deterministic=cfg.seed is not None),
+                      guard.shards]
             shuffle = ([wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer, seed=cfg.seed)]
                        if cfg.shuffle_buffer > 1 else [])  # seed None: fresh randomness
         else:
@@ -104,6 +139,7 @@ class PretrainingData:
             *source,
             read_shards(self.errors),
             decode,
+            *([guard.decoded] if self.train else []),
             *shuffle,
             wds.batched(cfg.batch_size, collation_fn=self.builder(), partial=not self.train),
         )

@@ -96,7 +96,7 @@ def _first_sample_recipe(url: str) -> dict:
 
 def read_recipe(urls: list[str], allow_mixed: bool = False) -> dict:
     """The feature recipe of the shards: from each folder's recipe.json, else from the first
-    sample of the first shard. Differing recipes raise RecipeMismatch unless allow_mixed, in
+    sample of the first readable shard. Differing recipes raise RecipeMismatch unless allow_mixed, in
     which case the result is {"mixed": [recipe, ...]}."""
     found: dict[str, dict] = {}
     for folder in _local_dirs(urls):
@@ -106,8 +106,18 @@ def read_recipe(urls: list[str], allow_mixed: bool = False) -> dict:
                 found[str(path)] = recipe_of(json.loads(path.read_text()))
             except ValueError as error:
                 raise ValueError(f"{path}: not valid JSON ({error})") from None
+    problems = []
+    for url in urls if not found else []:  # no recipe.json: the first shard that can tell
+        try:
+            found[url] = _first_sample_recipe(url)
+            break
+        except (OSError, ValueError, EOFError) as error:
+            problems.append(str(error) if str(error).startswith(url) else f"{url}: {error}")
+            if len(problems) == 10:
+                break
     if not found:
-        found[urls[0]] = _first_sample_recipe(urls[0])
+        raise ValueError("no shard tells the feature recipe (and no recipe.json beside them): "
+                         + "; ".join(problems))
     distinct = []
     for recipe in found.values():
         if recipe not in distinct:

@@ -9,13 +9,16 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
 import torch
 
 from .checkpointing import list_checkpoints
-from .data import DataConfig, PretrainingData, PretrainingLoader, make_loader
+from .data import DataConfig, NoUsableSamples, PretrainingData, PretrainingLoader, make_loader
+from .devices import check_device
+from .shards import expand_shards
 from .trainer import TrainConfig, Trainer
 
 log = logging.getLogger("vilbert.train")
@@ -34,17 +37,42 @@ def _parse_overrides(items: tuple[str, ...]) -> dict:
     return out
 
 
-def shard_feature_width(url: str) -> int:
-    """The width of the region features in the first sample of a shard (header read, no pickle)."""
-    import io
+@contextmanager
+def user_errors():
+    """Setup mistakes (a missing path, an unknown preset or config field, unusable shards) end the
+    command with one line naming the cause, not a traceback."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError, NoUsableSamples) as error:
+        raise click.ClickException(str(error)) from error
 
-    import numpy as np
-    import webdataset as wds
 
-    for sample in wds.tarfile_to_samples()([dict(url=url)]):
-        if "features.npy" in sample:
-            return int(np.load(io.BytesIO(sample["features.npy"]), allow_pickle=False).shape[1])
-    raise click.ClickException(f"{url}: no sample with a features.npy member")
+def shard_feature_width(urls: list[str]) -> tuple[int, str]:
+    """(the width of the region features, the shard it was read from): the first sample with a
+    features.npy in the first readable shard (header read, no pickle; unreadable shards are passed)."""
+    from .samples import decode_member
+    from .tario import iter_tar, open_shard
+
+    problems = []
+    for url in urls:
+        stream = None
+        try:
+            stream = open_shard(url)
+            for name, data in iter_tar(stream):
+                if name.endswith(".features.npy"):
+                    return int(decode_member("features.npy", bytes(data)).shape[1]), url
+            problems.append(f"{url}: no sample with a features.npy member")
+        except (OSError, ValueError, EOFError, IndexError) as error:
+            problems.append(f"{url}: {type(error).__name__}: {error}")
+        finally:
+            if stream is not None:
+                try:
+                    stream.close()
+                except OSError:
+                    pass
+        if len(problems) >= 10:
+            break
+    raise click.ClickException("cannot read the region feature width: " + "; ".join(problems))
 
 
 def _stream_seed(seed: int, step: int) -> int:
@@ -101,6 +129,10 @@ def cli(shards, out, preset, arch, overrides, bert, tokenizer, objective, lr, be
     tokenizer = tokenizer or bert
     if tokenizer is None:
         raise click.UsageError("pass --tokenizer (a BERT vocab.txt or tokenizer directory) or --bert")
+    with user_errors():
+        check_device(device)
+        if eval_shards:
+            expand_shards(eval_shards)  # checked now, not after days of training
     model_overrides = _parse_overrides(overrides)
     if arch:
         model_overrides["arch"] = arch
@@ -109,12 +141,13 @@ def cli(shards, out, preset, arch, overrides, bert, tokenizer, objective, lr, be
                           shuffle_buffer=shuffle_buffer, num_workers=workers, allow_mixed_recipes=allow_mixed_recipes,
                           # on a GPU, features travel as float16 (half the bytes) and are cast there
                           half_features=device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()))
-    data = PretrainingData(data_cfg, train=True)  # checks shards, recipe and tokenizer before any model is built
+    with user_errors():
+        data = PretrainingData(data_cfg, train=True)  # checks shards, recipe and tokenizer before any model is built
     if not bert and "vocab_size" not in model_overrides:
         model_overrides["vocab_size"] = data.tokenizer.vocab_size
-    width = shard_feature_width(data.urls[0])
+    width, width_source = shard_feature_width(data.urls)
     if model_overrides.setdefault("v_feature_size", width) != width:
-        raise click.ClickException(f"{data.urls[0]}: region features are {width} wide, but --set "
+        raise click.ClickException(f"{width_source}: region features are {width} wide, but --set "
                                    f"v_feature_size={model_overrides['v_feature_size']} was given")
     train_cfg = TrainConfig(
         out=out, preset=preset, model_overrides=model_overrides, bert=bert, objective=objective, lr=lr,
@@ -124,20 +157,26 @@ def cli(shards, out, preset, arch, overrides, bert, tokenizer, objective, lr, be
         compile_mode=compile_mode, profile_steps=profile_steps, save_every=save_every, keep_last=keep_last,
         log_every=log_every, nan_policy=nan_policy, seed=seed, device=device,
     )
-    trainer = Trainer(train_cfg, recipe=data.recipe)
+    with user_errors():
+        trainer = Trainer(train_cfg, recipe=data.recipe)
     if resume_from == "never" and list_checkpoints(trainer.ckpt_root):
         raise click.ClickException(f"{trainer.ckpt_root} holds checkpoints and --resume never was given; "
                                    "choose another --out or drop --resume never")
     if resume_from not in ("auto", "never") and not Path(resume_from, "trainer_state.pt").is_file():
         raise click.ClickException(f"{resume_from}: not a training checkpoint (no trainer_state.pt)")
-    if resume_from != "never" and trainer.resume(None if resume_from == "auto" else Path(resume_from)):
+    with user_errors():
+        resumed = resume_from != "never" and trainer.resume(None if resume_from == "auto" else Path(resume_from))
+    if resumed:
         saved = trainer.resumed_metadata.get("feature_recipe")
         if saved and saved != data.recipe and not allow_mixed_recipes:
             raise click.ClickException(f"{out}: the checkpoint was trained on features {saved}, these shards are "
                                        f"{data.recipe}; pass --allow-mixed-recipes to continue anyway")
     data_cfg.seed = _stream_seed(seed, trainer.step)  # read when the pipeline is built, below
     loader = PretrainingLoader(data)  # the shards, recipe and tokenizer checked above, not read again
-    last = trainer.fit(loader.forever(), samples_per_epoch=loader.samples_per_epoch)
+    try:
+        last = trainer.fit(loader.forever(), samples_per_epoch=loader.samples_per_epoch)
+    except NoUsableSamples as error:
+        raise click.ClickException(f"{shards}: {error}") from error
     errors = loader.error_counts()
     if trainer.dist.is_main:
         if any(errors.values()):

@@ -157,6 +157,12 @@ class Trainer:
         if not ckpts:
             return False
         model, state = load_checkpoint(ckpts[-1], map_location=self.device)
+        saved, current = model.config.to_dict(), self.model.config.to_dict()
+        differ = [f"{k}: {saved.get(k)!r} in the checkpoint, {current.get(k)!r} now"
+                  for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+        if differ:
+            raise ValueError(f"{ckpts[-1]}: the checkpoint's model config differs from this run's ("
+                             + "; ".join(differ) + "); use the same --preset/--set, or another --out")
         self.model.load_state_dict(model.state_dict())
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])

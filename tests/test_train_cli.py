@@ -1,7 +1,11 @@
 """`vilbert-train` end to end: shards -> train -> checkpoint -> resume -> held-out losses."""
 import json
+import shutil
+import tarfile
 
+import click
 import pytest
+import torch
 
 from pipelines.checkpointing import list_checkpoints
 from pipelines.metrics import read_metrics
@@ -69,6 +73,55 @@ def test_refuses_to_resume_on_features_of_another_recipe(corpus, tmp_path):
     write_shards(SyntheticTask(feature_size=32, seed=5), other, 32, seed=2, shard_size=32)
     with pytest.raises(Exception, match="allow-mixed-recipes"):
         main(args(corpus, out, "--max-steps", "6")[:0] + [str(other)] + args(corpus, out, "--max-steps", "6")[1:])
+    # nor with another model config: one line naming the field, not a wall of state-dict keys
+    with pytest.raises(click.ClickException, match="config differs.*intermediate_size: 64 in the checkpoint, 40 now"):
+        main(args(corpus, out, "--max-steps", "6", "--set", "intermediate_size=40"))
+
+
+def test_setup_mistakes_end_in_one_readable_error_before_training(corpus, tmp_path):
+    out = tmp_path / "run"
+    cases = [(("--preset", "vilbert-small"), "unknown preset 'vilbert-small'"),
+             (("--set", "hiden_size=64"), r"unknown config fields: \['hiden_size'\]"),
+             (("--set", "hidden_size=abc"), "hidden_size='abc': expected int"),
+             (("--device", "gpu"), "'gpu': not a torch device"),
+             (("--eval-shards", str(tmp_path / "nosuch")), "shard.*not found.*nosuch")]
+    if not torch.cuda.is_available():
+        cases.append((("--device", "cuda"), "no CUDA GPU is available"))
+    for extra, message in cases:
+        with pytest.raises(click.ClickException, match=message):
+            main(args(corpus, out, "--max-steps", "3", *extra))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(click.ClickException, match="empty: directory holds no .tar shards"):
+        main([str(tmp_path / "empty")] + args(corpus, out)[1:])
+    assert not (out / "checkpoints").exists() or not list_checkpoints(out / "checkpoints")  # nothing trained
+
+
+def _copy_shards(source, target, keep=lambda name: True):
+    """The shards of `source` into `target`, without the members for which keep(name) is False."""
+    target.mkdir()
+    for path in source.iterdir():
+        if path.suffix != ".tar":
+            shutil.copy(path, target / path.name)
+            continue
+        with tarfile.open(path) as src, tarfile.open(target / path.name, "w") as dst:
+            for member in src.getmembers():
+                if keep(member.name):
+                    dst.addfile(member, src.extractfile(member))
+
+
+def test_a_corrupt_first_shard_is_skipped_and_shards_without_captions_stop_with_a_reason(corpus, tmp_path):
+    broken = tmp_path / "broken"
+    _copy_shards(corpus / "train", broken)
+    first = sorted(broken.glob("*.tar"))[0]
+    first.write_bytes(b"\x00garbage" * 3000)  # the recipe and feature width are read from the next shard
+    out = tmp_path / "run"
+    main([str(broken)] + args(corpus, out, "--max-steps", "2")[1:])
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-00000002"]
+
+    uncaptioned = tmp_path / "uncaptioned"
+    _copy_shards(corpus / "train", uncaptioned, keep=lambda name: not name.endswith(".txt"))
+    with pytest.raises(click.ClickException, match="none holds a usable sample.*uncaptioned [1-9]"):
+        main([str(uncaptioned)] + args(corpus, tmp_path / "run2", "--max-steps", "2")[1:])
 
 
 def test_help_and_usage_errors(corpus, tmp_path, capsys):

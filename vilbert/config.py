@@ -101,6 +101,9 @@ class ViLBertConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown config fields: {unknown}")
+        for f in dataclasses.fields(cls):
+            if f.name in d and not _has_type(d[f.name], f.type):
+                raise ValueError(f"config field {f.name}={d[f.name]!r}: expected {f.type}")
         return cls(**d)
 
     def save_json(self, path: str | Path) -> None:
@@ -147,6 +150,23 @@ class ViLBertConfig:
 def preset_names() -> list[str]:
     files = resources.files("vilbert") / "presets"
     return sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".json"))
+
+
+def _has_type(value, annotation: str) -> bool:
+    """Whether a JSON value fits a field annotated `annotation` (int, float, bool, str, list[int])."""
+    if annotation == "bool":
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if annotation == "int":
+        return isinstance(value, int)
+    if annotation == "float":
+        return isinstance(value, (int, float))
+    if annotation == "str":
+        return isinstance(value, str)
+    if annotation == "list[int]":
+        return isinstance(value, (list, tuple)) and all(_has_type(v, "int") for v in value)
+    return True
 
 
 def load_preset(name: str, **overrides) -> ViLBertConfig:
