@@ -22,6 +22,16 @@ def _rank_and_world(rank, num_workers):
     return rank, num_workers
 
 
+def _warn_about_captions(records, captions_tsv) -> None:
+    """Training needs captions: say so before hours of extraction produce shards it would skip."""
+    missing = sum(1 for record in records if not record.caption)
+    if missing:
+        where = f" (none matched in {captions_tsv})" if captions_tsv and missing == len(records) else ""
+        click.echo(f"warning: {missing} of {len(records)} images have no caption{where}: they are extracted, "
+                   "but pretraining skips them (captions: KEY.txt beside each image, --captions FILE.tsv, or "
+                   "the .txt members of img2dataset shards)", err=True)
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.argument("images", type=click.Path(exists=True))
 @click.argument("out", type=click.Path(file_okay=False))
@@ -86,12 +96,22 @@ def extract(images, out, weights, config_name, attributes, backend, device, batc
     from extractor.sources import discover_inputs, split_for_rank
     from extractor.weights import WeightsError
     from extractor.writer import ShardWriter
+    from pipelines.devices import check_device
 
     if min_boxes > max_boxes:
         raise click.BadParameter(f"--min-boxes {min_boxes} > --max-boxes {max_boxes}")
     rank, world = _rank_and_world(rank, num_workers)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    problems = []  # unreadable input shards: (path, reason)
+    try:
+        device = check_device(device)
+        boxes = GroundTruthBoxes.from_file(gt_boxes) if gt_boxes else None
+        inputs = discover_inputs(images, captions, exclude=out, problems=problems)
+    except (FileNotFoundError, ValueError) as error:
+        raise click.ClickException(str(error)) from error
+    if not inputs and not problems:
+        raise click.ClickException(f"{images}: no images found (image files, or img2dataset .tar shards)")
+    if not gt_boxes:  # task features (RefCOCO+ boxes) need no captions
+        _warn_about_captions(inputs, captions)
     config = get_config(config_name, use_attributes=attributes)
     if proposals:
         config = config.replace(rpn_post_nms_topk=proposals)
@@ -105,9 +125,12 @@ def extract(images, out, weights, config_name, attributes, backend, device, batc
     except (WeightsError, ImportError) as error:
         raise click.ClickException(str(error)) from error
     detector.autocast_dtype = PRECISIONS[precision]
-    boxes = GroundTruthBoxes.from_file(gt_boxes) if gt_boxes else None
-    records = split_for_rank(discover_inputs(images, captions, exclude=out), rank, world)
+    records = split_for_rank(inputs, rank, world)
     writer = ShardWriter(out, prefix=prefix, shard_size=shard_size, rank=rank, world_size=world)
+    for path, reason in problems:
+        click.echo(f"warning: {path}: {reason}", err=True)
+        if rank == 0 and path not in writer.error_sources:  # once, also over resumed runs
+            writer.log_error(os.path.splitext(os.path.basename(path))[0], path, reason)
     settings = ExtractionSettings(batch_size=batch_size, workers=workers, preview=preview,
                                   class_names=class_names, max_pixels=max_pixels,
                                   throttle_s=throttle, progress=not quiet)
@@ -116,9 +139,12 @@ def extract(images, out, weights, config_name, attributes, backend, device, batc
                                  RegionSelector(min_boxes, max_boxes, conf_threshold), settings, boxes)
     except RecipeMismatch as error:
         raise click.ClickException(str(error)) from error
-    summary.update(rank=rank, num_workers=world, out=str(out))
-    click.echo(f"done {summary['done']}, skipped {summary['skipped']}, failed {summary['failed']} "
-               f"(see {os.path.join(out, 'errors.jsonl')}); {summary['images_per_second']} images/s")
+    summary.update(rank=rank, num_workers=world, out=str(out), unreadable_shards=len(problems))
+    failures = f"failed {summary['failed']}" + (f", unreadable input shards {len(problems)}" if problems else "")
+    if summary["failed"] or problems:
+        failures += f" (see {os.path.join(out, 'errors.jsonl')})"
+    click.echo(f"done {summary['done']}, skipped {summary['skipped']}, {failures}; "
+               f"{summary['images_per_second']} images/s")
     click.echo(json.dumps(summary), err=True)
     return summary
 

@@ -35,8 +35,17 @@ class GroundTruthBoxes:
             array = np.asarray(value, dtype=np.float32)
             if array.ndim != 2 or array.shape[1] != 4:
                 raise ValueError(f"{path}: boxes for {name!r} must be a list of [x1, y1, x2, y2]")
-            boxes[name] = array
+            boxes[name] = cls._checked(array, name, path)
         return cls(boxes)
+
+    @staticmethod
+    def _checked(boxes: np.ndarray, name: str, path: str) -> np.ndarray:
+        """(N, 4) x1, y1, x2, y2 with finite coordinates and x2 > x1, y2 > y1, else ValueError."""
+        bad = ~np.isfinite(boxes).all(axis=1) | (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
+        if bad.any():
+            raise ValueError(f"{path}: box {boxes[bad][0].tolist()} of {name!r} is not [x1, y1, x2, y2] "
+                             "with x2 > x1 and y2 > y1")
+        return boxes
 
     @staticmethod
     def _from_coco(data: Dict, path: str) -> Dict[str, np.ndarray]:
@@ -48,7 +57,8 @@ class GroundTruthBoxes:
                                  f"image_id {annotation['image_id']}")
             x, y, w, h = annotation["bbox"]
             collected[names[annotation["image_id"]]].append([x, y, x + w, y + h])
-        return {name: np.asarray(b, dtype=np.float32).reshape(-1, 4) for name, b in collected.items()}
+        return {name: GroundTruthBoxes._checked(np.asarray(b, dtype=np.float32).reshape(-1, 4), name, path)
+                for name, b in collected.items()}
 
     def lookup(self, record: InputRecord) -> Optional[np.ndarray]:
         """Boxes for a record, matched by key, file name, or file name without extension."""

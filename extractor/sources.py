@@ -78,36 +78,48 @@ def _split_member_name(name: str) -> Tuple[str, str]:
     return os.path.join(directory, stem), "." + extension.lower()
 
 
-def _tar_records(tar_path: Path) -> List[InputRecord]:
+def _tar_records(tar_path: Path, problems: Optional[List[Tuple[str, str]]] = None) -> List[InputRecord]:
+    """The images of an img2dataset shard. A shard that is corrupt or truncated keeps the images
+    read before the damage; the damage goes to `problems` as (path, reason), or raises ValueError
+    when no list is given."""
     images: Dict[str, tarfile.TarInfo] = {}
     texts: Dict[str, str] = {}
     metas: Dict[str, Dict] = {}
     order: List[str] = []
-    with tarfile.open(tar_path, "r:") as archive:
-        for member in archive:
-            if not member.isfile():
-                continue
-            stem, extension = _split_member_name(member.name)
-            if extension in IMAGE_EXTENSIONS and stem not in images:
-                images[stem] = member
-                order.append(stem)
-            elif extension == ".txt":
-                texts[stem] = archive.extractfile(member).read().decode("utf-8", "replace").strip()
-            elif extension == ".json":
-                try:
-                    metas[stem] = json.loads(archive.extractfile(member).read())
-                except ValueError:
-                    metas[stem] = {}
+    try:
+        with tarfile.open(tar_path, "r:") as archive:
+            for member in archive:
+                if not member.isfile():
+                    continue
+                stem, extension = _split_member_name(member.name)
+                if extension in IMAGE_EXTENSIONS and stem not in images:
+                    images[stem] = member
+                    order.append(stem)
+                elif extension == ".txt":
+                    texts[stem] = archive.extractfile(member).read().decode("utf-8", "replace").strip()
+                elif extension == ".json":
+                    try:
+                        metas[stem] = json.loads(archive.extractfile(member).read())
+                    except ValueError:
+                        metas[stem] = {}
+    except (tarfile.TarError, OSError, EOFError) as error:
+        reason = (f"not a readable tar shard ({type(error).__name__}: {error}); "
+                  f"{len(order)} image(s) before the damage kept")
+        if problems is None:
+            raise ValueError(f"{tar_path}: {reason}") from None
+        problems.append((str(tar_path), reason))
     return [InputRecord(key=safe_key(stem), source=f"{tar_path}:{images[stem].name}",
                         path=str(tar_path), offset=images[stem].offset_data,
                         size=images[stem].size, caption=texts.get(stem), meta=metas.get(stem, {}))
             for stem in order]
 
 
-def discover_inputs(images: str, captions_tsv: Optional[str] = None,
-                    exclude: Optional[str] = None) -> List[InputRecord]:
+def discover_inputs(images: str, captions_tsv: Optional[str] = None, exclude: Optional[str] = None,
+                    problems: Optional[List[Tuple[str, str]]] = None) -> List[InputRecord]:
     """All inputs under `images` (a folder, or one .tar), in a deterministic order; files under
-    `exclude` (the output folder, when it sits inside the input folder) are ignored."""
+    `exclude` (the output folder, when it sits inside the input folder) are ignored. Unreadable
+    tar shards go to `problems` as (path, reason) with their readable images kept (without a
+    list: ValueError)."""
     excluded = Path(exclude).resolve() if exclude else None
     root = Path(images)
     if not root.exists():
@@ -115,11 +127,11 @@ def discover_inputs(images: str, captions_tsv: Optional[str] = None,
     if root.is_file():
         if root.suffix != ".tar":
             raise ValueError(f"{images}: expected a folder of images or an img2dataset .tar shard")
-        return _tar_records(root)
+        return _tar_records(root, problems)
     captions = read_caption_tsv(captions_tsv) if captions_tsv else {}
     records = _folder_records(root, captions, excluded)
     for tar_path in sorted(p for p in root.rglob("*.tar") if not _is_under(p, excluded)):
-        records.extend(_tar_records(tar_path))
+        records.extend(_tar_records(tar_path, problems))
     return records
 
 

@@ -62,9 +62,9 @@ def test_folder_with_captions_errors_preview_and_resume(tmp_path):
     assert len((out / "errors.jsonl").read_text().splitlines()) == 3
 
 
-def _img2dataset_tar(path, count):
+def _img2dataset_tar(path, count, first=0):
     with tarfile.open(path, "w") as archive:
-        for index in range(count):
+        for index in range(first, first + count):
             key = f"0000{index:05d}"
             buffer = io.BytesIO()
             make_image(50, 40, seed=index).save(buffer, format="JPEG")
@@ -249,3 +249,49 @@ def test_an_image_without_proposals_is_logged_not_written(tmp_path, tiny_detecto
                              RegionSelector(), ExtractionSettings(progress=False))
     assert (summary["done"], summary["failed"]) == (0, 1)
     assert "no regions" in (tmp_path / "out" / "errors.jsonl").read_text()
+
+
+def test_unreadable_input_shards_are_logged_once_and_the_rest_extracted(tmp_path, capsys):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    _img2dataset_tar(inputs / "00000.tar", 3)
+    _img2dataset_tar(inputs / "00001.tar", 3, first=3)
+    whole = (inputs / "00001.tar").read_bytes()
+    with tarfile.open(inputs / "00001.tar") as archive:
+        second = archive.getmember("000000004.jpg")
+    (inputs / "00001.tar").write_bytes(whole[:second.offset_data + 10])  # cut inside the second image
+    (inputs / "00002.tar").write_bytes(b"\x00junk" * 1000)
+    out = tmp_path / "out"
+    summary = main([str(inputs), str(out), *TINY])
+    # 3 + the image before the damage; the cut image is listed, read short and fails to decode
+    assert (summary["done"], summary["failed"], summary["unreadable_shards"]) == (4, 1, 2)
+    errors = {json.loads(line)["path"].rsplit("/", 1)[1]: json.loads(line)["reason"]
+              for line in (out / "errors.jsonl").read_text().splitlines()}
+    assert set(errors) == {"00001.tar", "00002.tar", "00001.tar:000000004.jpg"}
+    assert errors["00001.tar"].startswith("not a readable tar shard") and "2 image(s) before the damage" \
+        in errors["00001.tar"]
+    assert "0 image(s) before the damage" in errors["00002.tar"]
+    text = capsys.readouterr()
+    assert "00002.tar: not a readable tar shard" in text.err and "errors.jsonl" in text.out
+    again = main([str(inputs), str(out), *TINY])  # resumed: nothing redone, nothing logged twice
+    assert (again["done"], again["skipped"]) == (0, 5) and len((out / "errors.jsonl").read_text().splitlines()) == 3
+
+
+def test_input_mistakes_are_one_line_errors_and_missing_captions_a_warning(tmp_path, capsys):
+    import click
+
+    (tmp_path / "empty").mkdir()
+    images = write_images(tmp_path / "images", 2, captions=False)
+    (tmp_path / "inverted.json").write_text(json.dumps({"img000": [[20, 20, 10, 10]]}))
+    cases = [([str(tmp_path / "empty")], "no images found"),
+             ([str(images / "img000.jpg")], "expected a folder of images or an img2dataset .tar"),
+             ([str(images), "--gt-boxes", str(tmp_path / "inverted.json")], r"box \[20.0, 20.0, 10.0, 10.0\] of 'img000'"),
+             ([str(images), "--device", "gpu"], "'gpu': not a torch device")]
+    for given, message in cases:
+        with pytest.raises(click.ClickException, match=message):
+            main([*given[:1], str(tmp_path / "out"), *TINY, *given[1:]])
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+    summary = main([str(images), str(tmp_path / "out"), *TINY])
+    text = capsys.readouterr()
+    assert summary["done"] == 2 and "2 of 2 images have no caption" in text.err
+    assert "errors.jsonl" not in text.out  # nothing failed: no pointer to an absent file
