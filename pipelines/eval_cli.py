@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 import torch
 
+from pipelines.devices import check_device
 from pipelines.tasks import TASKS
 from pipelines.tasks.base import TaskOptions, autocast, finetune, log, write_json
 
@@ -74,7 +75,7 @@ def load_model(checkpoint, official_checkpoint, official_config, preset, device)
               "val/testA/testB, retrieval test, vqa val.")
 @click.option("--task-token", type=int, help="Task token id for multi-task checkpoints (default: the "
               "official id of the task: refcoco+ 10, retrieval 8, vqa 1).")
-@click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Torch device.")
+@click.option("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available).")
 @click.option("--seed", type=int, default=0, help="Random seed.")
 @click.option("--bf16", is_flag=True, help="bfloat16 autocast (CUDA only; ignored on CPU).")
 @click.option("--gt-boxes", "gt_features", type=click.Path(exists=True, file_okay=False),
@@ -101,6 +102,10 @@ def cli(task_name, checkpoint, official_checkpoint, official_config, init_preset
     extra = {k: kw.pop(k) for k in TASK_OPTIONS}
     extra["soft_targets"] = not extra.pop("hard_targets")
     out = Path(kw.pop("out"))
+    try:
+        kw["device"] = check_device(kw["device"])
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
     opts = TaskOptions(data=Path(kw.pop("data")), features=Path(kw.pop("features")), out=out,
                        tokenizer=Path(kw.pop("tokenizer")), splits=tuple(kw.pop("splits")), extra=extra, **kw)
     train_steps, device = opts.train_steps, opts.device

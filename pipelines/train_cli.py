@@ -186,9 +186,14 @@ def cli(shards, out, preset, arch, overrides, bert, tokenizer, objective, lr, be
                        f"MLM accuracy {last['mlm_accuracy']:.3f}")
     if eval_shards:
         eval_cfg = DataConfig(**{**data_cfg.__dict__, "shards": eval_shards, "samples_per_epoch": 0, "seed": None})
-        result = trainer.evaluate(make_loader(eval_cfg, train=False))
+        with user_errors():
+            eval_loader = make_loader(eval_cfg, train=False)
+        result = trainer.evaluate(eval_loader)
         if trainer.dist.is_main:
             (Path(out) / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+            if not result.get("samples"):
+                click.echo(f"warning: {eval_shards}: no usable held-out sample (skipped: "
+                           f"{eval_loader.error_counts()}); the held-out numbers below mean nothing", err=True)
             click.echo("held-out: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
     if trainer.dist.is_main:
         click.echo(f"run directory: {out} (checkpoints/, metrics.csv, tensorboard/, loss_curves.png)")

@@ -2,6 +2,7 @@
 import io
 import json
 import pickle
+import tarfile
 
 import numpy as np
 import pytest
@@ -122,6 +123,25 @@ def test_feature_store_lookup_by_id_and_img_token(tmp_path):
     np.testing.assert_allclose(locations(np.array([[10, 10, 20, 20]], np.float32), 100, 100), [[.1, .1, .2, .2, .01]])
 
 
+def test_a_damaged_feature_shard_keeps_its_complete_samples_and_is_named_when_one_is_missing(tmp_path):
+    from pipelines.tasks.features import check_features
+
+    boxes = np.array([[0, 0, 10, 10]], np.float32)
+    folder = write_shards(tmp_path / "f", {f"img_{i}": (np.full((1, 4), i, np.float32), boxes) for i in range(6)},
+                          shard_size=3)
+    second = sorted(folder.glob("*.tar"))[1]
+    with tarfile.open(second) as archive:
+        cut = archive.getmember("img_4.features.npy").offset_data + 8
+    second.write_bytes(second.read_bytes()[:cut])  # img_3 whole, img_4 cut inside its features
+    with pytest.warns(UserWarning, match="not a readable tar shard"):
+        store = FeatureStore(folder)
+    assert sorted(store.members) == ["img_0", "img_1", "img_2", "img_3"]
+    assert np.allclose(store.get(3).features, 3)
+    with pytest.raises(KeyError, match=r"no features for 1 val images, e.g. \[4\] \(unreadable shards: .*"
+                                       + second.name):
+        check_features(store, [3, 4], "val")
+
+
 def test_feature_store_refuses_pickled_arrays(tmp_path):
     from extractor.writer import ShardWriter
 
@@ -155,6 +175,15 @@ def test_cli_help_shows_defaults_and_model_choice_is_checked(tmp_path, capsys):
         main(["--task", "retrieval", "--data", str(tmp_path), "--features", str(tmp_path / "f"), "--out",
               str(tmp_path / "o"), "--tokenizer", str(tmp_path / "vocab.txt")])
     assert e.value.code == 2 and "exactly one of --checkpoint" in capsys.readouterr().err
+    base = ["--task", "retrieval", "--data", str(tmp_path), "--features", str(tmp_path / "f"), "--out",
+            str(tmp_path / "o"), "--tokenizer", str(tmp_path / "vocab.txt")]
+    with pytest.raises(SystemExit) as e:
+        main(base + ["--init-preset", "vilbert-tiny", "--device", "gpu"])
+    assert e.value.code == 2 and "'gpu': not a torch device" in capsys.readouterr().err
+    (tmp_path / "broken.json").write_text('{"hidden_size": 64,\n}')
+    with pytest.raises(SystemExit) as e:
+        main(base + ["--init-preset", str(tmp_path / "broken.json")])
+    assert e.value.code == 1 and "broken.json: not valid JSON" in capsys.readouterr().err
 
 
 def test_ambiguous_numeric_ids_need_the_exact_key(tmp_path):

@@ -102,8 +102,10 @@ def test_bad_inputs_fail_with_the_file_and_the_reason(refer, tmp_path, capsys):
     (bad / "instances.json").write_text("{not json")
     assert run({**refer, "data": bad}, tmp_path / "o", "--checkpoint", str(refer["ckpt"])) == 1
     assert "instances.json: not valid JSON" in capsys.readouterr().err
-    assert run(refer, tmp_path / "o", "--checkpoint", str(refer["ckpt"]), "--split", "testC") == 1
-    assert "no refs in split 'testC'" in capsys.readouterr().err
+    out = tmp_path / "split"
+    assert run(refer, out, "--checkpoint", str(refer["ckpt"]), "--split", "val", "--split", "testC") == 1
+    assert "no refs in split(s) ['testC']" in capsys.readouterr().err
+    assert not list(out.glob("predictions_*.json"))  # refused before val was evaluated
 
 
 def test_official_checkpoint_with_task_tokens_and_refer_head(tmp_path):
@@ -125,8 +127,10 @@ def test_images_without_features_are_reported_up_front(refer, tmp_path, capsys):
     feats = tmp_path / "features"
     shutil.copytree(refer["root"] / "features", feats)
     first = sorted(feats.glob("*.tar"))[0]
-    first.unlink()
+    first.unlink()  # 16 of the 60 training images
     d = {**refer, "root": tmp_path}
-    assert run(d, tmp_path / "o", "--checkpoint", str(refer["ckpt"])) == 1
+    assert run(d, tmp_path / "o", "--checkpoint", str(refer["ckpt"])) == 0  # evaluation only: not needed
+    assert run(d, tmp_path / "o", "--checkpoint", str(refer["ckpt"]), "--train-steps", "1") == 1
     err = capsys.readouterr().err
     assert "no features for 16 refer images" in err and str(feats) in err
+    assert not (tmp_path / "o" / "finetuned").exists()  # refused before fine-tuning

@@ -109,7 +109,7 @@ def _copy_shards(source, target, keep=lambda name: True):
                     dst.addfile(member, src.extractfile(member))
 
 
-def test_a_corrupt_first_shard_is_skipped_and_shards_without_captions_stop_with_a_reason(corpus, tmp_path):
+def test_a_corrupt_first_shard_is_skipped_and_shards_without_captions_stop_with_a_reason(corpus, tmp_path, capsys):
     broken = tmp_path / "broken"
     _copy_shards(corpus / "train", broken)
     first = sorted(broken.glob("*.tar"))[0]
@@ -122,6 +122,9 @@ def test_a_corrupt_first_shard_is_skipped_and_shards_without_captions_stop_with_
     _copy_shards(corpus / "train", uncaptioned, keep=lambda name: not name.endswith(".txt"))
     with pytest.raises(click.ClickException, match="none holds a usable sample.*uncaptioned [1-9]"):
         main([str(uncaptioned)] + args(corpus, tmp_path / "run2", "--max-steps", "2")[1:])
+    capsys.readouterr()
+    main(args(corpus, tmp_path / "run3", "--max-steps", "1", "--eval-shards", str(uncaptioned)))
+    assert "no usable held-out sample" in capsys.readouterr().err  # not silently "accuracy 0.0000"
 
 
 def test_help_and_usage_errors(corpus, tmp_path, capsys):

@@ -112,7 +112,12 @@ class ViLBertConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> "ViLBertConfig":
         """A config JSON, or the config.json of a checkpoint written by save_pretrained."""
-        d = json.loads(Path(path).read_text())
+        try:
+            d = json.loads(Path(path).read_text())
+        except ValueError as error:
+            raise ValueError(f"{path}: not valid JSON ({error})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: expected a JSON object of config fields")
         if isinstance(d.get("config"), dict) and "task_heads" in d:
             d = d["config"]
         return cls.from_dict(d)

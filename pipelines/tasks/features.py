@@ -14,6 +14,7 @@ import io
 import json
 import re
 import tarfile
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,16 +80,20 @@ class FeatureStore:
         if not shards:
             raise FileNotFoundError(f"{self.folder}: no *.tar shards (expected vilbert-extract output)")
         self.members: dict[str, dict[str, tuple[Path, int, int]]] = {}
+        self.unreadable: list[str] = []  # "shard: reason" of corrupt / truncated shards (members before kept)
         for shard in shards:
             try:
                 with tarfile.open(shard, "r:") as archive:
-                    for info in archive.getmembers():
+                    for info in archive:
                         if not info.isfile():
                             continue
                         key, _, suffix = info.name.rpartition("/")[2].partition(".")
                         self.members.setdefault(key, {})[suffix] = (shard, info.offset_data, info.size)
-            except tarfile.TarError as e:
-                raise ValueError(f"{shard}: not a readable tar shard: {e}") from e
+            except (tarfile.TarError, OSError, EOFError) as e:  # keep what was read, as training does
+                self.unreadable.append(f"{shard}: {type(e).__name__}: {e}")
+                self._drop_incomplete(shard)
+                warnings.warn(f"{shard}: not a readable tar shard ({e}); its readable samples are kept",
+                              stacklevel=2)
         self.by_number: dict[int, str] = {}
         clashes = set()
         for key in self.members:
@@ -102,6 +107,14 @@ class FeatureStore:
             del self.by_number[n]
         self.cache: OrderedDict[str, Regions] = OrderedDict()
         self.cache_size = cache_size
+
+    def _drop_incomplete(self, shard: Path) -> None:
+        """Forget the samples of a damaged shard that lack a member or run past its end."""
+        end = shard.stat().st_size
+        for key in [k for k, m in self.members.items() if any(p == shard for p, _, _ in m.values())]:
+            members = self.members[key]
+            if any(s not in members for s in REQUIRED) or any(o + n > end for _, o, n in members.values()):
+                del self.members[key]
 
     def __len__(self) -> int:
         return len(self.members)
@@ -172,4 +185,5 @@ def image_batch(store: FeatureStore, image_ids: list, max_regions: int) -> dict[
 def check_features(store: FeatureStore, image_ids: list, split: str) -> None:
     missing = [i for i in image_ids if i not in store]
     if missing:
-        raise KeyError(f"{store.folder}: no features for {len(missing)} {split} images, e.g. {missing[:5]}")
+        broken = f" (unreadable shards: {'; '.join(store.unreadable)})" if store.unreadable else ""
+        raise KeyError(f"{store.folder}: no features for {len(missing)} {split} images, e.g. {missing[:5]}{broken}")

@@ -67,7 +67,12 @@ class RefCOCOTask(Task):
         self.soft = x.get("soft_targets", True)
         for split, entries in self.splits.items():
             log.info("refcoco+ %s: %d expressions", split, len(entries))
-        check_features(self.store, sorted({e["image_id"] for es in self.splits.values() for e in es}), "refer")
+        used = list(opts.splits or self.default_splits) + (["train"] if opts.train_steps > 0 else [])
+        unknown = [split for split in used if split not in self.splits]
+        if unknown:  # now, not after fine-tuning
+            raise ValueError(f"{Path(opts.data)}: no refs in split(s) {unknown} (have {sorted(self.splits)}); "
+                             "choose with --split")
+        check_features(self.store, sorted({e["image_id"] for split in used for e in self.splits[split]}), "refer")
 
     def head(self):
         return ("refer", "region", 1)
