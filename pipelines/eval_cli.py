@@ -111,6 +111,9 @@ def cli(task_name, checkpoint, official_checkpoint, official_config, init_preset
     train_steps, device = opts.train_steps, opts.device
     try:
         task = TASKS[task_name](opts)
+        if train_steps > 0:  # evaluation inputs checked before the fine-tuning, not after it
+            for split in opts.splits or task.default_splits:
+                task.check_split(split)
         model, source = load_model(checkpoint, official_checkpoint, official_config, init_preset, device)
         task.prepare(model)
         model.to(device)

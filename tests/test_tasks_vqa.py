@@ -87,3 +87,11 @@ def test_head_size_mismatch_is_an_error(vqa, tmp_path, capsys):
     assert run(vqa, tmp_path / "o", "--official-checkpoint", str(tmp_path / "pytorch_model.bin"),
                "--official-config", str(tmp_path / "config.json")) == 1
     assert "'vqa' head has 11 outputs, the vqa data needs 4" in capsys.readouterr().err
+
+
+def test_a_missing_evaluation_split_is_found_before_fine_tuning(vqa, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert run(vqa, out, "--checkpoint", str(vqa["ckpt"]), "--train-steps", "2", "--split", "val",
+               "--split", "test-dev") == 1
+    assert "no questions file for split 'test-dev'" in capsys.readouterr().err
+    assert not (out / "finetuned").exists() and not list(out.glob("predictions_*.json"))

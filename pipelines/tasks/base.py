@@ -76,6 +76,10 @@ class Task:
         """-> (metrics, predictions)"""
         raise NotImplementedError
 
+    def check_split(self, split: str) -> None:
+        """Raise (naming the file and reason) if `split` cannot be evaluated: called for every
+        evaluation split before fine-tuning starts, so that a mistake is not found hours later."""
+
     # -- shared ---------------------------------------------------------------------------
     def load_common(self) -> None:
         """Tokenizer, feature shards and annotation folder, which every current task needs."""
