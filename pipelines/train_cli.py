@@ -176,7 +176,9 @@ def cli(shards, out, preset, arch, overrides, bert, tokenizer, objective, lr, be
     try:
         last = trainer.fit(loader.forever(), samples_per_epoch=loader.samples_per_epoch)
     except NoUsableSamples as error:
-        raise click.ClickException(f"{shards}: {error}") from error
+        reason = str(error)  # from a DataLoader worker, it holds the worker's traceback before the reason
+        reason = reason.rsplit(f"{NoUsableSamples.__name__}: ", 1)[-1].strip() if "Traceback" in reason else reason
+        raise click.ClickException(f"{shards}: {reason}") from error
     errors = loader.error_counts()
     if trainer.dist.is_main:
         if any(errors.values()):

@@ -122,6 +122,9 @@ def test_a_corrupt_first_shard_is_skipped_and_shards_without_captions_stop_with_
     _copy_shards(corpus / "train", uncaptioned, keep=lambda name: not name.endswith(".txt"))
     with pytest.raises(click.ClickException, match="none holds a usable sample.*uncaptioned [1-9]"):
         main([str(uncaptioned)] + args(corpus, tmp_path / "run2", "--max-steps", "2")[1:])
+    with pytest.raises(click.ClickException, match="none holds a usable sample") as raised:  # from a worker
+        main([str(uncaptioned)] + args(corpus, tmp_path / "run2", "--max-steps", "2", "--workers", "1")[1:])
+    assert "Traceback" not in raised.value.message and raised.value.message.count("\n") == 0
     capsys.readouterr()
     main(args(corpus, tmp_path / "run3", "--max-steps", "1", "--eval-shards", str(uncaptioned)))
     assert "no usable held-out sample" in capsys.readouterr().err  # not silently "accuracy 0.0000"
