@@ -104,7 +104,7 @@ def _tar_records(tar_path: Path, problems: Optional[List[Tuple[str, str]]] = Non
                         metas[stem] = {}
     except (tarfile.TarError, OSError, EOFError) as error:
         reason = (f"not a readable tar shard ({type(error).__name__}: {error}); "
-                  f"{len(order)} image(s) before the damage kept")
+                  f"the {len(order)} image(s) listed before the damage are still tried")
         if problems is None:
             raise ValueError(f"{tar_path}: {reason}") from None
         problems.append((str(tar_path), reason))

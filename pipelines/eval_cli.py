@@ -40,6 +40,8 @@ def load_model(checkpoint, official_checkpoint, official_config, preset, device)
     else:
         from vilbert import ViLBertConfig
 
+        if preset.endswith(".json") and not Path(preset).is_file():
+            raise FileNotFoundError(f"{preset}: config file not found")
         config = ViLBertConfig.from_json(preset) if Path(preset).is_file() else load_preset(preset)
         model = ViLBert(config)
         source = f"randomly initialised {preset}"
@@ -115,6 +117,11 @@ def cli(task_name, checkpoint, official_checkpoint, official_config, init_preset
             for split in opts.splits or task.default_splits:
                 task.check_split(split)
         model, source = load_model(checkpoint, official_checkpoint, official_config, init_preset, device)
+        width = task.store.feature_size()
+        if width != model.config.v_feature_size:
+            raise ValueError(f"{opts.features}: region features are {width} wide, the model reads "
+                             f"{model.config.v_feature_size} (v_feature_size of {source}); extract them with "
+                             "the detector the model was pretrained on")
         task.prepare(model)
         model.to(device)
         t0 = time.time()

@@ -131,8 +131,11 @@ def cli(shards, out, preset, arch, overrides, bert, tokenizer, objective, lr, be
         raise click.UsageError("pass --tokenizer (a BERT vocab.txt or tokenizer directory) or --bert")
     with user_errors():
         check_device(device)
-        if eval_shards:
+    if eval_shards:
+        try:
             expand_shards(eval_shards)  # checked now, not after days of training
+        except FileNotFoundError as error:
+            raise click.ClickException(f"--eval-shards: {error}") from error
     model_overrides = _parse_overrides(overrides)
     if arch:
         model_overrides["arch"] = arch

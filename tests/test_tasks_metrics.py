@@ -137,6 +137,15 @@ def test_a_damaged_feature_shard_keeps_its_complete_samples_and_is_named_when_on
         store = FeatureStore(folder)
     assert sorted(store.members) == ["img_0", "img_1", "img_2", "img_3"]
     assert np.allclose(store.get(3).features, 3)
+    # a partial copy of a sample in a damaged shard does not hide its complete copy in another one
+    first = sorted(folder.glob("*.tar"))[0]
+    with tarfile.open(first) as archive:
+        cut = archive.getmember("img_0.features.npy").offset_data + 8
+    (folder / "zz-000000.tar").write_bytes(first.read_bytes()[:cut])  # img_0's json whole, features cut
+    with pytest.warns(UserWarning, match="zz-000000.tar: not a readable tar shard"):
+        store = FeatureStore(folder)
+    assert np.allclose(store.get(0).features, 0)
+    assert all(path.name != "zz-000000.tar" for path, _, _ in store.members["img_0"].values())
     with pytest.raises(KeyError, match=r"no features for 1 val images, e.g. \[4\] \(unreadable shards: .*"
                                        + second.name):
         check_features(store, [3, 4], "val")
@@ -180,6 +189,12 @@ def test_cli_help_shows_defaults_and_model_choice_is_checked(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(base + ["--init-preset", "vilbert-tiny", "--device", "gpu"])
     assert e.value.code == 2 and "'gpu': not a torch device" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # the tiny preset reads 2048-wide features, the shards hold 4
+        main(base + ["--init-preset", "vilbert-tiny"])
+    assert e.value.code == 1 and "region features are 4 wide, the model reads 2048" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(base + ["--init-preset", str(tmp_path / "missing.json")])
+    assert e.value.code == 1 and "missing.json: config file not found" in capsys.readouterr().err
     (tmp_path / "broken.json").write_text('{"hidden_size": 64,\n}')
     with pytest.raises(SystemExit) as e:
         main(base + ["--init-preset", str(tmp_path / "broken.json")])

@@ -84,9 +84,15 @@ def test_head_size_mismatch_is_an_error(vqa, tmp_path, capsys):
 
     torch.save(official_state(answers=11), tmp_path / "pytorch_model.bin")
     (tmp_path / "config.json").write_text(json.dumps(CFG.to_dict()))
-    assert run(vqa, tmp_path / "o", "--official-checkpoint", str(tmp_path / "pytorch_model.bin"),
+    root = tmp_path / "d12"  # the official test config reads 12-d features
+    d12 = {"root": root, "data": make_vqa(root, feature_size=12), "vocab": write_vocab(root)}
+    assert run(d12, tmp_path / "o", "--official-checkpoint", str(tmp_path / "pytorch_model.bin"),
                "--official-config", str(tmp_path / "config.json")) == 1
     assert "'vqa' head has 11 outputs, the vqa data needs 4" in capsys.readouterr().err
+    # on the 32-d features of the other data the width is what is wrong, said before anything runs
+    assert run(vqa, tmp_path / "o", "--official-checkpoint", str(tmp_path / "pytorch_model.bin"),
+               "--official-config", str(tmp_path / "config.json")) == 1
+    assert "region features are 32 wide, the model reads 12" in capsys.readouterr().err
 
 
 def test_a_missing_evaluation_split_is_found_before_fine_tuning(vqa, tmp_path, capsys):

@@ -80,20 +80,23 @@ class FeatureStore:
         if not shards:
             raise FileNotFoundError(f"{self.folder}: no *.tar shards (expected vilbert-extract output)")
         self.members: dict[str, dict[str, tuple[Path, int, int]]] = {}
-        self.unreadable: list[str] = []  # "shard: reason" of corrupt / truncated shards (members before kept)
+        self.unreadable: list[str] = []  # "shard: reason" of corrupt / truncated shards (complete samples kept)
         for shard in shards:
+            found: dict[str, dict[str, tuple[Path, int, int]]] = {}
             try:
                 with tarfile.open(shard, "r:") as archive:
                     for info in archive:
                         if not info.isfile():
                             continue
                         key, _, suffix = info.name.rpartition("/")[2].partition(".")
-                        self.members.setdefault(key, {})[suffix] = (shard, info.offset_data, info.size)
+                        found.setdefault(key, {})[suffix] = (shard, info.offset_data, info.size)
             except (tarfile.TarError, OSError, EOFError) as e:  # keep what was read, as training does
                 self.unreadable.append(f"{shard}: {type(e).__name__}: {e}")
-                self._drop_incomplete(shard)
-                warnings.warn(f"{shard}: not a readable tar shard ({e}); its readable samples are kept",
+                found = self._complete(found, shard.stat().st_size)
+                warnings.warn(f"{shard}: not a readable tar shard ({e}); its complete samples are kept",
                               stacklevel=2)
+            for key, members in found.items():
+                self.members.setdefault(key, {}).update(members)
         self.by_number: dict[int, str] = {}
         clashes = set()
         for key in self.members:
@@ -108,13 +111,12 @@ class FeatureStore:
         self.cache: OrderedDict[str, Regions] = OrderedDict()
         self.cache_size = cache_size
 
-    def _drop_incomplete(self, shard: Path) -> None:
-        """Forget the samples of a damaged shard that lack a member or run past its end."""
-        end = shard.stat().st_size
-        for key in [k for k, m in self.members.items() if any(p == shard for p, _, _ in m.values())]:
-            members = self.members[key]
-            if any(s not in members for s in REQUIRED) or any(o + n > end for _, o, n in members.values()):
-                del self.members[key]
+    @staticmethod
+    def _complete(found: dict, end: int) -> dict:
+        """The samples of a damaged shard that have every member, all within its `end` bytes (a
+        partial copy never hides a complete one of another shard)."""
+        return {key: members for key, members in found.items()
+                if all(s in members for s in REQUIRED) and all(o + n <= end for _, o, n in members.values())}
 
     def __len__(self) -> int:
         return len(self.members)

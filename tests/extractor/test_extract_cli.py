@@ -268,9 +268,9 @@ def test_unreadable_input_shards_are_logged_once_and_the_rest_extracted(tmp_path
     errors = {json.loads(line)["path"].rsplit("/", 1)[1]: json.loads(line)["reason"]
               for line in (out / "errors.jsonl").read_text().splitlines()}
     assert set(errors) == {"00001.tar", "00002.tar", "00001.tar:000000004.jpg"}
-    assert errors["00001.tar"].startswith("not a readable tar shard") and "2 image(s) before the damage" \
+    assert errors["00001.tar"].startswith("not a readable tar shard") and "2 image(s) listed before the damage" \
         in errors["00001.tar"]
-    assert "0 image(s) before the damage" in errors["00002.tar"]
+    assert "0 image(s) listed before the damage" in errors["00002.tar"]
     text = capsys.readouterr()
     assert "00002.tar: not a readable tar shard" in text.err and "errors.jsonl" in text.out
     again = main([str(inputs), str(out), *TINY])  # resumed: nothing redone, nothing logged twice
