@@ -115,7 +115,7 @@ def cli(task_name, checkpoint, official_checkpoint, official_config, init_preset
         task = TASKS[task_name](opts)
         if train_steps > 0:  # evaluation inputs checked before the fine-tuning, not after it
             for split in opts.splits or task.default_splits:
-                task.check_split(split)
+                task.eval_inputs(split)
         model, source = load_model(checkpoint, official_checkpoint, official_config, init_preset, device)
         width = task.store.feature_size()
         if width != model.config.v_feature_size:

@@ -76,22 +76,48 @@ def recipe_of(meta: dict) -> dict:
     return {k: meta[k] for k in RECIPE_FIELDS if k in meta}
 
 
-def _first_sample_recipe(url: str) -> dict:
+def _first_member(url: str, suffix: str) -> bytes:
+    """The bytes of the first member named *suffix in a shard; ValueError if the shard is corrupt
+    or has none."""
     from .tario import iter_tar, open_shard
 
     stream = open_shard(url)
     try:
         for name, data in iter_tar(stream):
-            if name.endswith(".json"):
-                return recipe_of(json.loads(bytes(data)))
-    except ValueError as error:
-        raise ValueError(f"{url}: cannot read the feature recipe from its first sample ({error})") from None
+            if name.endswith(suffix):
+                return bytes(data)
     finally:
         try:
             stream.close()
         except OSError:
             pass  # a pipe: stopped early reports a broken pipe
-    raise ValueError(f"{url}: no sample with a .json member to read the feature recipe from")
+    raise ValueError(f"no sample with a {suffix.lstrip('.')} member")
+
+
+def from_first_readable_shard(urls: list[str], read, failure: str, tries: int = 10):
+    """(read(url), url) for the first of `urls` that `read` succeeds on (a corrupt shard is passed
+    over); ValueError(`failure`: why each of the first `tries` failed) if none does."""
+    problems = []
+    for url in urls[:tries]:
+        try:
+            return read(url), url
+        except (OSError, ValueError, EOFError) as error:
+            problems.append(f"{url}: {type(error).__name__}: {error}")
+    raise ValueError(f"{failure}: " + "; ".join(problems))
+
+
+def feature_width(urls: list[str]) -> tuple[int, str]:
+    """(the width of the region features, the shard it was read from): the first features.npy of
+    the first readable shard (header read, no pickle)."""
+    from .samples import decode_member
+
+    def read(url: str) -> int:
+        features = decode_member("features.npy", _first_member(url, ".features.npy"))
+        if features.ndim != 2:
+            raise ValueError(f"features.npy of shape {features.shape}, expected (N, D)")
+        return int(features.shape[1])
+
+    return from_first_readable_shard(urls, read, "cannot read the region feature width")
 
 
 def read_recipe(urls: list[str], allow_mixed: bool = False) -> dict:
@@ -106,18 +132,11 @@ def read_recipe(urls: list[str], allow_mixed: bool = False) -> dict:
                 found[str(path)] = recipe_of(json.loads(path.read_text()))
             except ValueError as error:
                 raise ValueError(f"{path}: not valid JSON ({error})") from None
-    problems = []
-    for url in urls if not found else []:  # no recipe.json: the first shard that can tell
-        try:
-            found[url] = _first_sample_recipe(url)
-            break
-        except (OSError, ValueError, EOFError) as error:
-            problems.append(str(error) if str(error).startswith(url) else f"{url}: {error}")
-            if len(problems) == 10:
-                break
-    if not found:
-        raise ValueError("no shard tells the feature recipe (and no recipe.json beside them): "
-                         + "; ".join(problems))
+    if not found:  # no recipe.json: the first shard that can tell
+        recipe, url = from_first_readable_shard(
+            urls, lambda url: recipe_of(json.loads(_first_member(url, ".json"))),
+            "no shard tells the feature recipe (and no recipe.json beside them)")
+        found[url] = recipe
     distinct = []
     for recipe in found.values():
         if recipe not in distinct:

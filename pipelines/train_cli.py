@@ -18,7 +18,7 @@ import torch
 from .checkpointing import list_checkpoints
 from .data import DataConfig, NoUsableSamples, PretrainingData, PretrainingLoader, make_loader
 from .devices import check_device
-from .shards import expand_shards
+from .shards import expand_shards, feature_width
 from .trainer import TrainConfig, Trainer
 
 log = logging.getLogger("vilbert.train")
@@ -45,34 +45,6 @@ def user_errors():
         yield
     except (ValueError, FileNotFoundError, NoUsableSamples) as error:
         raise click.ClickException(str(error)) from error
-
-
-def shard_feature_width(urls: list[str]) -> tuple[int, str]:
-    """(the width of the region features, the shard it was read from): the first sample with a
-    features.npy in the first readable shard (header read, no pickle; unreadable shards are passed)."""
-    from .samples import decode_member
-    from .tario import iter_tar, open_shard
-
-    problems = []
-    for url in urls:
-        stream = None
-        try:
-            stream = open_shard(url)
-            for name, data in iter_tar(stream):
-                if name.endswith(".features.npy"):
-                    return int(decode_member("features.npy", bytes(data)).shape[1]), url
-            problems.append(f"{url}: no sample with a features.npy member")
-        except (OSError, ValueError, EOFError, IndexError) as error:
-            problems.append(f"{url}: {type(error).__name__}: {error}")
-        finally:
-            if stream is not None:
-                try:
-                    stream.close()
-                except OSError:
-                    pass
-        if len(problems) >= 10:
-            break
-    raise click.ClickException("cannot read the region feature width: " + "; ".join(problems))
 
 
 def _stream_seed(seed: int, step: int) -> int:
@@ -146,9 +118,9 @@ def cli(shards, out, preset, arch, overrides, bert, tokenizer, objective, lr, be
                           half_features=device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()))
     with user_errors():
         data = PretrainingData(data_cfg, train=True)  # checks shards, recipe and tokenizer before any model is built
+        width, width_source = feature_width(data.urls)
     if not bert and "vocab_size" not in model_overrides:
         model_overrides["vocab_size"] = data.tokenizer.vocab_size
-    width, width_source = shard_feature_width(data.urls)
     if model_overrides.setdefault("v_feature_size", width) != width:
         raise click.ClickException(f"{width_source}: region features are {width} wide, but --set "
                                    f"v_feature_size={model_overrides['v_feature_size']} was given")

@@ -76,9 +76,12 @@ class Task:
         """-> (metrics, predictions)"""
         raise NotImplementedError
 
-    def check_split(self, split: str) -> None:
-        """Raise (naming the file and reason) if `split` cannot be evaluated: called for every
-        evaluation split before fine-tuning starts, so that a mistake is not found hours later."""
+    def eval_inputs(self, split: str) -> list | None:
+        """The items `evaluate` reads for `split`, with their annotations and features checked:
+        raises, naming the file and reason, if the split cannot be evaluated. Also called for every
+        evaluation split before fine-tuning starts, so that a mistake is not found hours later
+        (None: the task checked its splits when it was built)."""
+        return None
 
     # -- shared ---------------------------------------------------------------------------
     def load_common(self) -> None:

@@ -125,19 +125,16 @@ class RetrievalTask(Task):
         return F.cross_entropy(scores, torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device))
 
     # -- evaluation --------------------------------------------------------------------------
-    def _eval_images(self, split: str) -> list:
+    def eval_inputs(self, split: str) -> list:
         images = [(i, caps) for i, caps in load_retrieval_split(self.data, split)]
         if self.opts.extra.get("max_images"):
             images = images[: int(self.opts.extra["max_images"])]
         check_features(self.store, [i for i, _ in images], split)
         return images
 
-    def check_split(self, split):
-        self._eval_images(split)
-
     @torch.no_grad()
     def evaluate(self, model, split):
-        images = self._eval_images(split)
+        images = self.eval_inputs(split)
         caps = [(c, k) for k, (_, cs) in enumerate(images) for c in cs]
         if not caps:
             raise ValueError(f"{self.data}: split {split!r} has no captions")

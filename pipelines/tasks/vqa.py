@@ -130,17 +130,14 @@ class VQATask(Task):
         logits = model.task_logits("vqa", self.backbone(model, batch))  # (B, A)
         return F.binary_cross_entropy_with_logits(logits, batch["targets"], reduction="sum") / logits.shape[0]
 
-    def _eval_items(self, split: str) -> list[dict]:
+    def eval_inputs(self, split: str) -> list[dict]:
         items = load_vqa_split(self.data, split, need_answers=False)
         check_features(self.store, [it["image_id"] for it in items], split)
         return items
 
-    def check_split(self, split):
-        self._eval_items(split)
-
     @torch.no_grad()
     def evaluate(self, model, split):
-        items = self._eval_items(split)
+        items = self.eval_inputs(split)
         model.eval()
         preds, scores = [], []
         for chunk in batched(items, self.opts.eval_batch_size):
