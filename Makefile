@@ -16,7 +16,10 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+
 bench: $(VENV)/.installed
 	$(PY) benchmarks/model_benchmark.py
 
-.PHONY: install demo test bench
+.PHONY: install demo test lint bench

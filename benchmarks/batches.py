@@ -9,7 +9,7 @@ from vilbert import IGNORE_INDEX
 
 
 def make_batch(cfg, B: int, T: int = 36, R: int = 37, aligned_only: bool = False, seed: int = 0) -> dict:
-    """A host batch in the trainer's contract (pipelines/batching.py), but with the full
+    """A host batch in the trainer's contract (pipelines/data/batching.py), but with the full
     (B, R, C) region targets: `ours()` makes the compact (M, C) rows the loader sends."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, cfg.vocab_size, (B, T), generator=g)

@@ -15,7 +15,7 @@ counts, on its first batch, the FLOPs per image (torch.utils.flop_counter: detec
 through the res5 head) and so the TFLOP/s reached and its share of the device's dense bf16 peak
 (benchmarks/peak.py: the data sheet on a known GPU, the measured matmul rate on a CPU; 40 images/s of
 R101-C4 at 1000x600 is 7.9 % of an H100's 989 TFLOP/s), and the ops per image that make the host wait for
-the GPU (pipelines/host_syncs.py; device-to-host copies are only seen on a GPU).
+the GPU (pipelines/train/host_syncs.py; device-to-host copies are only seen on a GPU).
 
 --compare-precision runs the same images in fp32 and in each given precision. Feature drift is
 measured on the SAME boxes (the fp32-selected ones, fed back through the fixed-box path that
@@ -47,11 +47,11 @@ from extractor.detector import build_detector
 from extractor.pipeline import encode_sample, select_regions
 from extractor.select import RegionSelector
 from extractor.sources import InputRecord
-from pipelines.host_syncs import HostSyncCounter
+from pipelines.train.host_syncs import HostSyncCounter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peak import bf16_peak  # noqa: E402
-from report import time_profile, write_json  # noqa: E402
+from peak import bf16_peak
+from report import time_profile, write_json
 
 
 def synthetic_images(count: int, width: int, height: int, seed: int = 0):

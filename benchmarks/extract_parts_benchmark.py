@@ -26,10 +26,10 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import print_table, write_json  # noqa: E402
+from extractor.images import decode_image, pixel_tensor
+from extractor.select import RegionSelector
 
-from extractor.images import decode_image, pixel_tensor  # noqa: E402
-from extractor.select import RegionSelector  # noqa: E402
+from report import print_table, write_json
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -37,7 +37,8 @@ RESULTS = Path(__file__).parent / "results"
 def jpeg(width: int, height: int, seed: int = 0) -> bytes:
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:height, 0:width]
-    pixels = np.stack([xx * 255 / width, yy * 255 / height, (xx + yy) % 256], -1) + rng.normal(0, 20, (height, width, 3))
+    pixels = (np.stack([xx * 255 / width, yy * 255 / height, (xx + yy) % 256], -1)
+              + rng.normal(0, 20, (height, width, 3)))
     buffer = io.BytesIO()
     Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
     return buffer.getvalue()
@@ -55,7 +56,7 @@ def decode_rows(repeats: int) -> list[dict]:
     rows = []
     for width, height in ((640, 480), (1000, 750)):
         data = jpeg(width, height)
-        rate = per_second(lambda: decode_image(data), repeats)
+        rate = per_second(lambda data=data: decode_image(data), repeats)
         rows.append({"part": f"decode JPEG {width}x{height} ({len(data):,} bytes)", "per_second": round(rate, 1),
                      "ms": round(1000 / rate, 2), "same_result": None})
     return rows

@@ -56,7 +56,7 @@ for part in $PARTS; do
       run loader $PYTHON benchmarks/loader_benchmark.py --workers 1 4 8 12 --batches 100 --out "$WORK"
       ;;
     demo)  # every stage's CLI on CUDA (extract, train, eval); its bulky outputs stay on the machine
-      run demo $PYTHON -c "import sys; from pipelines.cli import demo_main; sys.exit(demo_main())" \
+      run demo $PYTHON -c "import sys; from pipelines.demo import main; sys.exit(main())" \
         --device cuda --out /tmp/gpu_suite_demo --visualize 2
       cp /tmp/gpu_suite_demo/summary.json /tmp/gpu_suite_demo/demo.log /tmp/gpu_suite_demo/train/metrics.csv "$WORK/" 2>/dev/null
       ;;

@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-from pipelines.data import DataConfig, PretrainingData, make_loader  # noqa: E402
+from pipelines.data.loader import DataConfig, PretrainingData, make_loader  # noqa: E402
+
 from shards import write_shards, write_vocab  # noqa: E402
 
 
@@ -68,7 +69,7 @@ def time_batches(batches, count: int, warmup: int) -> float:
 def time_tar_read(folder: Path) -> float:
     """Samples/s of reading the shards' tar members alone (no decoding; every page touched): the
     shard read rate of this reader, from the page cache when the shards were just written."""
-    from pipelines.tario import iter_tar, open_shard
+    from pipelines.data.tario import iter_tar, open_shard
     tars = sorted(folder.glob("*.tar"))
     start, keys = time.perf_counter(), set()
     for tar in tars:
@@ -99,7 +100,8 @@ def run(args) -> dict:
         single = time_batches(PretrainingData(config(folder, vocab, args, 0)).dataset(), args.batches, args.warmup)
         torch.set_num_threads(threads)
         tar_rate = time_tar_read(folder)
-        rows = [{"mode": "tar read (cached)", "workers": 1, "samples_per_s": round(tar_rate), "per_worker": round(tar_rate)},
+        rows = [{"mode": "tar read (cached)", "workers": 1, "samples_per_s": round(tar_rate),
+                 "per_worker": round(tar_rate)},
                 {"mode": "in-process, float32", "workers": 1, "samples_per_s": round(single),
                  "per_worker": round(single)}]
         for half in (True, False):

@@ -50,8 +50,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from extractor.writer import ShardWriter  # noqa: E402
-from pipelines.data import DataConfig, PretrainingData, PretrainingLoader  # noqa: E402
+from common.shard_writer import ShardWriter  # noqa: E402
+from pipelines.data.loader import DataConfig, PretrainingData, PretrainingLoader  # noqa: E402
+
 from report import write_json  # noqa: E402
 from shards import write_shards, write_vocab  # noqa: E402
 
@@ -248,7 +249,7 @@ def sampled(batches, sampler: RssSampler):
 
 def training_stream(args, shards: Path, vocab: Path, tmp: Path) -> RssSampler:
     """Trainer.fit, vilbert-tiny, batch 64 fp32 on CPU, 1 loader worker, no TensorBoard."""
-    from pipelines.trainer import TrainConfig, Trainer
+    from pipelines.train.trainer import TrainConfig, Trainer
 
     data = PretrainingData(data_config(shards, vocab, args, workers=1))
     config = TrainConfig(out=tmp / "run", preset="vilbert-tiny", batch_size=64, micro_batch_size=64,
@@ -299,7 +300,8 @@ def print_rows(rows: list, header: bool) -> None:
         print(f"{r['stream']:<10} {r['process']:<8} {r['samples']:>7} {r['rss_start_mib']:>7.0f} "
               f"{r['rss_end_mib']:>7.0f} {r['rss_max_mib']:>7.0f} {r['slope_mib_per_1000']:>8.3f} "
               f"{r['anon_start_mib']:>7.0f} {r['anon_end_mib']:>7.0f} {r['anon_slope_mib_per_1000']:>8.3f} "
-              f"{r['anon_robust_slope_mib_per_1000']:>8.3f} {r['file_min_mib']:>6.0f} {r['file_max_mib']:>6.0f} {r['tar_maps_max']:>4} "
+              f"{r['anon_robust_slope_mib_per_1000']:>8.3f} {r['file_min_mib']:>6.0f} {r['file_max_mib']:>6.0f} "
+              f"{r['tar_maps_max']:>4} "
               f"{'yes' if r['flat'] else 'NO':>5}", flush=True)
 
 

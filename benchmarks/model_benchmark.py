@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from batches import make_batch  # noqa: E402
-from report import print_table, write_json  # noqa: E402
-from vilbert import ViLBert, load_preset  # noqa: E402
+from vilbert import ViLBert, load_preset
+
+from batches import make_batch
+from report import print_table, write_json
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -53,7 +54,8 @@ def run_one(preset: str, batch_size: int, steps: int, device: str) -> dict:
     if device == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return {
         "preset": preset, "device": device, "precision": "bf16-autocast" if use_bf16 else "fp32",
         "batch_size": batch_size, "steps": steps, "params_M": round(model.num_parameters() / 1e6, 2),

@@ -78,7 +78,8 @@ def compare(official_module, task_tokens: bool, seed: int = 0) -> dict:
     tt = torch.zeros_like(ids)
     task_ids = torch.full((B, 1), 3) if task_tokens else None
     with torch.no_grad():
-        vqa, gqa, retrieval, pair, entail, region_pred, refer, mlm, token, _ = official(ids, feat, loc, tt, mask, image_mask, None, task_ids)
+        vqa, gqa, retrieval, pair, entail, region_pred, refer, mlm, token, _ = official(
+            ids, feat, loc, tt, mask, image_mask, None, task_ids)
         align = official.cls(*official.bert(ids, feat, loc, tt, mask, image_mask, None, task_ids)[:4])[2]
         out = ours.backbone(ids, feat, loc, tt, mask, image_mask, task_ids)
         pre = ours(ids, feat, loc, tt, mask, image_mask, task_ids=task_ids)

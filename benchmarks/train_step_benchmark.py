@@ -19,10 +19,11 @@ Variants (--variants):
 
 On CUDA, one extra step runs under torch.cuda.set_sync_debug_mode("warn"): `host_syncs` counts the
 host synchronisations it reports. On every device, `sync_ops` counts the ops of one step that would make
-the host wait for a GPU (pipelines/host_syncs.py: scalar reads, data-dependent shapes), for our eager
+the host wait for a GPU (pipelines/train/host_syncs.py: scalar reads, data-dependent shapes), for our eager
 variants (the official one reads torch AdamW's host-side step counters, which the counter cannot tell
 from device tensors on a CPU). `ops`: the ops of one step that compute (not views or allocations; eager
-variants and official), about its kernel launches on a GPU, where a small batch is bound by launching them. Each timed step is the whole optimizer step, from a host batch (pinned on CUDA) to the updated
+variants and official), about its kernel launches on a GPU, where a small batch is bound by launching them. \
+Each timed step is the whole optimizer step, from a host batch (pinned on CUDA) to the updated
 weights. FLOPs per sample are counted with torch.utils.flop_counter on the official model (forward +
 backward) and MFU = samples/s x those FLOPs / --peak-tflops (default: the data sheet's dense bf16 peak
 of a known GPU, e.g. 989.4 for an H100 SXM, 756 for an H100 PCIe; on a CPU the best bf16 matmul rate
@@ -54,16 +55,17 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from batches import make_batch, official_inputs, ours  # noqa: E402
-from official_parity import import_official  # noqa: E402
-from peak import bf16_peak  # noqa: E402
-from report import print_table, time_profile, write_json  # noqa: E402
+from official_parity import import_official
 
-from pipelines.host_syncs import HostSyncCounter, count_step_syncs  # noqa: E402
-from pipelines.metrics import new_step_sums  # noqa: E402
-from pipelines.trainer import TrainConfig, Trainer  # noqa: E402
-from vilbert import load_preset  # noqa: E402
-from vilbert.official import convert_official_state_dict  # noqa: E402
+from pipelines.train.host_syncs import HostSyncCounter, count_step_syncs
+from pipelines.train.metrics import new_step_sums
+from pipelines.train.trainer import TrainConfig, Trainer
+from vilbert import load_preset
+from vilbert.official import convert_official_state_dict
+
+from batches import make_batch, official_inputs, ours
+from peak import bf16_peak
+from report import print_table, time_profile, write_json
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -194,7 +196,8 @@ def main(argv=None) -> int:
     p.add_argument("--official-precision", choices=["fp32", "bf16"], default="fp32",
                    help="the official variant's precision (its scripts' default: fp32)")
     p.add_argument("--compile-mode", default="default", help="torch.compile mode for the compile variant")
-    p.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default: a known GPU's data-sheet dense bf16 peak, "
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="for MFU (default: a known GPU's data-sheet dense bf16 peak, "
                    "else the measured bf16 matmul peak: benchmarks/peak.py)")
     p.add_argument("--check", action="store_true", help="compare fp32 losses of both codes first")
     p.add_argument("--threads", type=int, default=0)
@@ -239,7 +242,8 @@ def main(argv=None) -> int:
         inputs = batches["official" if variant == "official" else "ours"]
         dt, peak_mib, syncs = time_steps(step, inputs, steps, warmup + (2 if variant == "compile" else 0), device)
         if a.profile:
-            print(f"== where a step's time goes: {variant}\n" + time_profile(partial(step, inputs), a.device, a.profile),
+            print(f"== where a step's time goes: {variant}\n"
+                  + time_profile(partial(step, inputs), a.device, a.profile),
                   flush=True)
         sync_ops = ops = None
         if variant in ("eager", "static"):
@@ -250,7 +254,8 @@ def main(argv=None) -> int:
                 step(inputs)
             ops = counted.ops
         rows.append({"variant": variant, "batch_size": B, "step_ms": round(1000 * dt, 1),
-                     "samples_per_s": float(f"{B / dt:.4g}"), "peak_cuda_MiB": round(peak_mib) if gpu else None, "host_syncs": syncs,
+                     "samples_per_s": float(f"{B / dt:.4g}"), "peak_cuda_MiB": round(peak_mib) if gpu else None,
+                     "host_syncs": syncs,
                      "sync_ops": sync_ops, "ops": ops,
                      "MFU_pct": round(100 * B / dt * flops / (peak * 1e12), 1) if flops and peak else None})
         if variant == "official":  # off the GPU: the next variants' peak memory is their own
@@ -272,10 +277,13 @@ def main(argv=None) -> int:
         print(f"official model: {flops / 1e9:.2f} GFLOP per training sample (forward + backward); "
               f"MFU against {peak:.4g} TFLOP/s ({peak_source})")
     if check:
-        print("fp32 loss |difference| official vs ours: " + ", ".join(f"{k} {check[k]:.2e}" for k in ("mlm", "mrm", "align")))
-        print(f"our model: {check['our_gflop_per_sample']:.2f} GFLOP per training sample (heads at masked positions only)")
+        print("fp32 loss |difference| official vs ours: "
+              + ", ".join(f"{k} {check[k]:.2e}" for k in ("mlm", "mrm", "align")))
+        print(f"our model: {check['our_gflop_per_sample']:.2f} GFLOP per training sample "
+              "(heads at masked positions only)")
     write_json(a.out, "train_step_benchmark.py", argv, a.device, rows, preset=a.preset,
-               precision=precision, official_precision=a.official_precision, gflop_per_sample_official=flops and flops / 1e9,
+               precision=precision, official_precision=a.official_precision,
+               gflop_per_sample_official=flops and flops / 1e9,
                peak_tflops=peak, peak_source=peak_source, loss_check=check)
     return 0
 

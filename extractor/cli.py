@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import click
 import torch
@@ -88,6 +87,8 @@ def extract(images, out, weights, config_name, attributes, backend, device, batc
     img2dataset .tar shards, or one .tar) into WebDataset shards in OUT (docs/shard-format.md).
 
     Re-running the same command resumes: images already in complete shards are skipped."""
+    from common.devices import check_device
+    from common.shard_writer import ShardWriter
     from extractor.config import get_config
     from extractor.detector import build_detector
     from extractor.gt_boxes import GroundTruthBoxes
@@ -95,8 +96,6 @@ def extract(images, out, weights, config_name, attributes, backend, device, batc
     from extractor.select import RegionSelector
     from extractor.sources import discover_inputs, split_for_rank
     from extractor.weights import WeightsError
-    from extractor.writer import ShardWriter
-    from pipelines.devices import check_device
 
     if min_boxes > max_boxes:
         raise click.BadParameter(f"--min-boxes {min_boxes} > --max-boxes {max_boxes}")
@@ -150,7 +149,7 @@ def extract(images, out, weights, config_name, attributes, backend, device, batc
 
 
 def main(argv=None):
-    """Entry point; returns the summary dict when called from Python (standalone_mode=False)."""
-    if argv is None:
-        return extract.main(args=sys.argv[1:], prog_name="vilbert-extract")
-    return extract.main(args=list(argv), prog_name="vilbert-extract", standalone_mode=False)
+    """As every CLI's: with argv, returns the summary dict (a mistake raises click's exception);
+    without, reads sys.argv and exits with the status."""
+    return extract.main(args=None if argv is None else list(argv), prog_name="vilbert-extract",
+                        standalone_mode=argv is None)

@@ -1,7 +1,6 @@
 """The extraction loop: inputs -> parallel decoding -> batched detection -> selection -> shards."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import time
@@ -14,6 +13,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from common.shard_format import RECIPE_FILE, npy_bytes
+from common.shard_writer import ShardWriter
 from extractor.detector import BottomUpDetector
 from extractor.gt_boxes import GroundTruthBoxes
 from extractor.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_image, pixel_tensor
@@ -21,7 +22,6 @@ from extractor.preview import draw_preview, load_class_names
 from extractor.roi_heads import RegionOutputs
 from extractor.select import RegionSelector, background_first
 from extractor.sources import InputRecord
-from extractor.writer import ShardWriter
 
 
 @dataclass
@@ -57,12 +57,6 @@ class DecodingDataset(Dataset):
         return item
 
 
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
-
-
 def encode_sample(record: InputRecord, width: int, height: int, boxes: np.ndarray,
                   features: np.ndarray, cls_prob: np.ndarray, attr_prob: Optional[np.ndarray],
                   header: Dict) -> Dict[str, bytes]:
@@ -74,11 +68,11 @@ def encode_sample(record: InputRecord, width: int, height: int, boxes: np.ndarra
     members = {"json": json.dumps(info).encode("utf-8")}
     if record.caption:
         members["txt"] = record.caption.encode("utf-8")
-    members["features.npy"] = _npy_bytes(features.astype(np.float16))
-    members["boxes.npy"] = _npy_bytes(boxes.astype(np.float32))
-    members["cls_prob.npy"] = _npy_bytes(cls_prob.astype(np.float16))
+    members["features.npy"] = npy_bytes(features.astype(np.float16))
+    members["boxes.npy"] = npy_bytes(boxes.astype(np.float32))
+    members["cls_prob.npy"] = npy_bytes(cls_prob.astype(np.float16))
     if attr_prob is not None:
-        members["attr_prob.npy"] = _npy_bytes(attr_prob.astype(np.float16))
+        members["attr_prob.npy"] = npy_bytes(attr_prob.astype(np.float16))
     return members
 
 
@@ -151,7 +145,7 @@ class RecipeMismatch(ValueError):
 def check_recipe(out_dir: Path, header: Dict) -> None:
     """Record the feature recipe in OUT/recipe.json on the first run; refuse to resume into OUT
     with a different one (shards of mixed recipes would silently poison training)."""
-    path = Path(out_dir) / "recipe.json"
+    path = Path(out_dir) / RECIPE_FILE
     if path.is_file():
         try:
             previous = json.loads(path.read_text())
@@ -165,7 +159,7 @@ def check_recipe(out_dir: Path, header: Dict) -> None:
                 "use a new output folder")
         if previous is not None:
             return
-    temporary = path.with_name(f".recipe.json.{os.getpid()}")
+    temporary = path.with_name(f".{RECIPE_FILE}.{os.getpid()}")
     temporary.write_text(json.dumps(header, indent=1, sort_keys=True) + "\n")
     os.replace(temporary, path)
 

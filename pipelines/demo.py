@@ -13,7 +13,7 @@
 
 Each stage runs as its own process with the exact command printed, so any stage can be re-run by
 hand. `--train-scenes/--test-scenes/--steps/--refer-steps` shorten the run (the CI test does).
-`--in-memory` runs the older learning proof instead (pipelines/synthetic.py, no files needed).
+`--in-memory` runs the older learning proof instead (pipelines/synthetic/learning.py, no files needed).
 """
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample"
-ENTRY = {"vilbert-extract": "extract_main", "vilbert-train": "train_main", "vilbert-eval": "eval_main"}
+ENTRY = {"vilbert-extract": "extractor.cli", "vilbert-train": "pipelines.train_cli",
+         "vilbert-eval": "pipelines.eval_cli"}
 
 
 # ---- the data view: a (possibly shortened) copy of data/sample in OUT/data --------------------
@@ -106,7 +107,7 @@ class Stages:
         args = [str(a) for a in args]
         click.secho(f"\n== {title}", bold=True)
         click.echo("$ " + shlex.join([command, *args]))
-        code = f"import sys; from pipelines.cli import {ENTRY[command]} as m; sys.argv[0] = {command!r}; m()"
+        code = f"import sys; from {ENTRY[command]} import main; sys.argv[0] = {command!r}; main()"
         t0 = time.perf_counter()
         with open(self.log, "a") as log:
             log.write(f"\n$ {shlex.join([command, *args])}\n")
@@ -246,7 +247,8 @@ def run_pipeline(out: Path, sample: Path, config: str, weights: Path | None, tra
                     "--lr", 1e-3, "--batch-size", 32, "--split", "val", "--out", out / "eval" / "control-refer",
                     "--seed", seed, *untrained])
         controls = {
-            "retrieval": json.loads((out / "eval" / "control-retrieval" / "results.json").read_text())["splits"]["test"],
+            "retrieval": json.loads(
+                (out / "eval" / "control-retrieval" / "results.json").read_text())["splits"]["test"],
             "refer": json.loads((out / "eval" / "control-refer" / "results.json").read_text())["splits"]["val"],
         }
 
@@ -316,7 +318,8 @@ def print_summary(s: dict) -> None:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100})
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/demo"), help="output directory")
-@click.option("--data", "sample", type=click.Path(path_type=Path), default=SAMPLE, show_default="data/sample in the repository", help="sample corpus (make_sample.py layout)")
+@click.option("--data", "sample", type=click.Path(path_type=Path), default=SAMPLE,
+              show_default="data/sample in the repository", help="sample corpus (make_sample.py layout)")
 @click.option("--config", type=click.Choice(["tiny", "r101"]), default="tiny",
               help="detector architecture (r101 is ~0.2 images/s on a 2-core CPU: use a GPU)")
 @click.option("--weights", type=click.Path(path_type=Path, exists=True), default=None,
@@ -328,12 +331,14 @@ def print_summary(s: dict) -> None:
 @click.option("--lr", type=float, default=2e-3, help="pretraining peak learning rate")
 @click.option("--refer-steps", type=int, default=300, help="fine-tuning steps of the referring task")
 @click.option("--device", default="auto", help="auto (cuda when available), cpu, cuda")
-@click.option("--threads", type=int, default=1, help="CPU threads per stage (1 is fastest for the tiny model); 0 = torch default")
+@click.option("--threads", type=int, default=1,
+              help="CPU threads per stage (1 is fastest for the tiny model); 0 = torch default")
 @click.option("--visualize", type=int, default=8, help="box previews and grounding pictures to draw")
 @click.option("--control/--no-control", default=True,
               help="also evaluate an untrained model of the same shape (what pretraining adds)")
 @click.option("--seed", type=int, default=0)
-@click.option("--in-memory", is_flag=True, help="instead: the in-memory learning proof (tiny ViLBERT vs no co-attention)")
+@click.option("--in-memory", is_flag=True,
+              help="instead: the in-memory learning proof (tiny ViLBERT vs no co-attention)")
 def cli(out, sample, config, weights, train_scenes, test_scenes, steps, batch_size, lr, refer_steps, device, threads,
         visualize, control, seed, in_memory):
     """Run the whole pipeline on the bundled sample scenes: extract -> train -> eval -> summary."""
@@ -344,11 +349,11 @@ def cli(out, sample, config, weights, train_scenes, test_scenes, steps, batch_si
 
 
 def in_memory_demo(out: Path, steps: int, seed: int) -> dict:
-    """The tiny ViLBERT and a copy without co-attention on pipelines/synthetic.py's scenes, in parallel."""
+    """The tiny ViLBERT and a copy without co-attention on pipelines/synthetic/scenes.py's scenes, in parallel."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    from pipelines.synthetic import train_and_evaluate
+    from pipelines.synthetic.learning import train_and_evaluate
 
     click.echo(f"training vilbert-tiny and a copy without co-attention, {steps} steps each, in parallel ...")
     with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as pool:
@@ -364,4 +369,6 @@ def in_memory_demo(out: Path, steps: int, seed: int) -> dict:
 
 
 def main(argv=None):
+    """As every CLI's: with argv, returns the result (a mistake raises click's exception); without,
+    reads sys.argv and exits with the status."""
     return cli.main(args=argv, prog_name="vilbert-demo", standalone_mode=argv is None)

@@ -7,17 +7,15 @@ OUT/finetuned/ (our checkpoint format, when --train-steps > 0) and, for refcoco+
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from pathlib import Path
 
 import click
 import torch
 
-from pipelines.devices import check_device
+from common.devices import check_device
 from pipelines.tasks import TASKS
 from pipelines.tasks.base import TaskOptions, autocast, finetune, log, write_json
-
 
 # task-specific options, passed to the task in TaskOptions.extra
 TASK_OPTIONS = ("gt_features", "refs_file", "eval_on_gt", "hard_targets", "visualize", "images", "score_head",
@@ -60,7 +58,8 @@ def load_model(checkpoint, official_checkpoint, official_config, preset, device)
               help="vilbert-multi-task / vilbert_beta pytorch_model.bin.")
 @click.option("--official-config", type=click.Path(exists=True, dir_okay=False),
               help="Official config JSON for --official-checkpoint (default: the vilbert-base preset).")
-@click.option("--init-preset", help="Start from a randomly initialised preset name or config JSON (smoke tests, baselines).")
+@click.option("--init-preset",
+              help="Start from a randomly initialised preset name or config JSON (smoke tests, baselines).")
 @click.option("--tokenizer", type=click.Path(exists=True), required=True,
               help="BERT tokenizer directory or vocab.txt (bert-base-uncased for the released models).")
 @click.option("--train-steps", type=int, default=0, help="Fine-tuning steps; 0 = evaluate only (zero-shot).")
@@ -89,7 +88,8 @@ def load_model(checkpoint, official_checkpoint, official_config, preset, device)
 @click.option("--images", type=click.Path(exists=True, file_okay=False),
               help="refcoco+: COCO image folder for --visualize (else a grey canvas).")
 @click.option("--score-head", type=click.Choice(["auto", "alignment", "retrieval"]), default="auto",
-              help="retrieval: score pairs with the alignment head or a 'retrieval' head (auto: the latter if present).")
+              help="retrieval: score pairs with the alignment head or a 'retrieval' head "
+                   "(auto: the latter if present).")
 @click.option("--max-images", type=int, help="retrieval: evaluate on the first N images only.")
 @click.option("--pair-batch", type=int, default=256, help="retrieval: (caption, image) pairs per forward pass.")
 @click.option("--answers", type=click.Path(exists=True, dir_okay=False),
@@ -144,10 +144,11 @@ def cli(task_name, checkpoint, official_checkpoint, official_config, init_preset
         results["seconds"] = round(time.time() - t0, 1)
         write_json(out / "results.json", results)
     except (FileNotFoundError, ValueError, KeyError) as e:
-        click.echo(f"vilbert-eval: error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", err=True)
-        sys.exit(1)
+        raise click.ClickException(str(e.args[0] if isinstance(e, KeyError) and e.args else e)) from e
     return results
 
 
 def main(argv=None):
-    return cli.main(args=argv, prog_name="vilbert-eval", standalone_mode=True)
+    """As every CLI's: with argv, returns the results (a mistake raises click's exception); without,
+    reads sys.argv and exits with the status."""
+    return cli.main(args=argv, prog_name="vilbert-eval", standalone_mode=argv is None)

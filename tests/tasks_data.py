@@ -1,6 +1,6 @@
 """Tiny downstream datasets in the real file formats, for the task tests.
 
-Scenes come from `pipelines.synthetic.SyntheticTask`: each image holds objects with a colour and a
+Scenes come from `pipelines.synthetic.scenes.SyntheticTask`: each image holds objects with a colour and a
 shape; a region's feature is colour vector + shape vector + noise. Features are written to shards
 with the extractor's `ShardWriter`, keyed like COCO file stems (`COCO_val2014_000000000042`).
 """
@@ -12,11 +12,10 @@ import pickle
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
-from extractor.writer import ShardWriter
-from pipelines.synthetic import COLOURS, SHAPES, SyntheticTask
+from common.shard_writer import ShardWriter
+from pipelines.synthetic.scenes import COLOURS, SHAPES, SyntheticTask
 from vilbert import ViLBert, load_preset, save_pretrained
 
 WORDS = ["the", "a", "what", "colour", "is", "shape", "of", "picture", "with", "and", "yes", "no"] + COLOURS + SHAPES
@@ -108,7 +107,8 @@ def make_refer(root: Path, n_images=(60, 10, 8, 8), n_objects: int = 4, feature_
             image_id += 1
     (data / "refs(unc).p").write_bytes(pickle.dumps(refs, protocol=2))
     (data / "instances.json").write_text(json.dumps({"images": images, "annotations": anns,
-                                                     "categories": [{"id": i + 1, "name": s} for i, s in enumerate(SHAPES)]}))
+                                                     "categories": [{"id": i + 1, "name": s}
+                                                                    for i, s in enumerate(SHAPES)]}))
     write_shards(root / "features", det)
     write_shards(root / "gt_features", gt, mode="gt-boxes")
     return data
@@ -168,12 +168,23 @@ def tiny_checkpoint(folder: Path, feature_size: int = 32, seed: int = 0, **overr
     return save_pretrained(ViLBert(tiny_config(feature_size, **overrides)), folder, {"note": "tiny test model"})
 
 
+def exit_status(main, argv: list) -> int:
+    """A CLI's `main(argv)` as the shell sees it: its exit status, and click's one-line message
+    (usage errors included) on stderr."""
+    import click
+
+    try:
+        result = main(argv)
+    except click.ClickException as error:
+        error.show()
+        return error.exit_code
+    return result if isinstance(result, int) else 0  # --help returns 0, a run its results dict
+
+
 def run_cli(task: str, d: dict, out: Path, *extra) -> int:
-    """vilbert-eval on a dataset dict (root, data, vocab) -> exit code."""
+    """vilbert-eval on a dataset dict (root, data, vocab) -> exit status."""
     from pipelines.eval_cli import main
 
     args = ["--task", task, "--data", str(d["data"]), "--features", str(d["root"] / "features"),
             "--out", str(out), "--tokenizer", str(d["vocab"]), "--device", "cpu", *extra]
-    with pytest.raises(SystemExit) as e:
-        main(args)
-    return e.value.code
+    return exit_status(main, args)

@@ -145,7 +145,8 @@ def load_bert_weights(model: ViLBert, bert_dir: str | Path) -> LoadReport:
             if name not in ours:
                 raise ValueError(f"{bert_dir}: BERT tensor {key} maps to {name}, which this model lacks")
             if ours[name].shape != tensor.shape:
-                raise ValueError(f"{bert_dir}: {key} has shape {tuple(tensor.shape)}, model expects {tuple(ours[name].shape)}")
+                raise ValueError(f"{bert_dir}: {key} has shape {tuple(tensor.shape)}, "
+                                 f"model expects {tuple(ours[name].shape)}")
             ours[name].copy_(tensor)
             report.loaded.append(name)
     loaded = set(report.loaded)

@@ -28,7 +28,8 @@ class TextEmbeddings(nn.Module):
     ) -> torch.Tensor:
         T = input_ids.shape[1]
         positions = torch.arange(T, device=input_ids.device)
-        x = self.word_embeddings(input_ids) + self.position_embeddings(positions) + self.token_type_embeddings(token_type_ids)
+        x = (self.word_embeddings(input_ids) + self.position_embeddings(positions)
+             + self.token_type_embeddings(token_type_ids))
         if extra is not None:
             x = x + extra
         if self.task_embeddings is not None:

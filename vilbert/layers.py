@@ -95,7 +95,9 @@ class CoAttentionLayer(nn.Module):
         self.text_attention = MultiHeadAttention(
             c.hidden_size, c.v_hidden_size, c.bi_hidden_size, c.bi_num_attention_heads, c.v_attention_probs_dropout_prob
         )
-        self.visual_attention_output = ResidualProjection(c.bi_hidden_size, c.v_hidden_size, c.v_hidden_dropout_prob, eps)
+        self.visual_attention_output = ResidualProjection(
+            c.bi_hidden_size, c.v_hidden_size, c.v_hidden_dropout_prob, eps
+        )
         self.text_attention_output = ResidualProjection(c.bi_hidden_size, c.hidden_size, c.hidden_dropout_prob, eps)
         self.visual_ffn = FeedForward(c.v_hidden_size, c.v_intermediate_size, c.v_hidden_dropout_prob, eps)
         self.text_ffn = FeedForward(c.hidden_size, c.intermediate_size, c.hidden_dropout_prob, eps)

@@ -96,7 +96,8 @@ class ViLBertEncoder(nn.Module):
         return text, image
 
     def forward(self, text, text_mask, image, image_mask):
-        return self.joint(self.text_prefix(text, text_mask), text_mask, self.image_prefix(image, image_mask), image_mask)
+        return self.joint(self.text_prefix(text, text_mask), text_mask,
+                          self.image_prefix(image, image_mask), image_mask)
 
 
 class ViLBertModel(nn.Module):

@@ -44,7 +44,8 @@ CO_LAYER_RULES = [
 TOP_RULES = [
     (r"bert\.embeddings\.task_embeddings\.weight", r"backbone.embeddings.task_embeddings.weight"),
     (r"bert\.v_embeddings\.image_embeddings\.(weight|bias)", r"backbone.image_embeddings.feature_projection.\1"),
-    (r"bert\.v_embeddings\.image_location_embeddings\.(weight|bias)", r"backbone.image_embeddings.location_projection.\1"),
+    (r"bert\.v_embeddings\.image_location_embeddings\.(weight|bias)",
+     r"backbone.image_embeddings.location_projection.\1"),
     (r"bert\.v_embeddings\.LayerNorm\.(weight|bias)", r"backbone.image_embeddings.norm.\1"),
     (r"bert\.t_pooler\.dense\.(weight|bias)", r"backbone.text_pooler.dense.\1"),
     (r"bert\.v_pooler\.dense\.(weight|bias)", r"backbone.image_pooler.dense.\1"),
@@ -141,7 +142,8 @@ def read_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def convert_official_state_dict(state: dict, config: ViLBertConfig, source: str = "checkpoint") -> tuple[ViLBert, LoadReport]:
+def convert_official_state_dict(state: dict, config: ViLBertConfig,
+                                source: str = "checkpoint") -> tuple[ViLBert, LoadReport]:
     """Build a `ViLBert` holding the official weights. Raises on any unknown key, shape mismatch
     or backbone tensor left unset."""
     state = _fold_weight_norm(state)
@@ -164,7 +166,8 @@ def convert_official_state_dict(state: dict, config: ViLBertConfig, source: str 
                 unknown.append(key)
                 continue
             if ours[name].shape != tensor.shape:
-                raise ValueError(f"{source}: {key} has shape {tuple(tensor.shape)}, expected {tuple(ours[name].shape)} for {name}")
+                raise ValueError(f"{source}: {key} has shape {tuple(tensor.shape)}, "
+                                 f"expected {tuple(ours[name].shape)} for {name}")
             ours[name].copy_(tensor)
             report.loaded.append(name)
     if unknown:
@@ -176,7 +179,8 @@ def convert_official_state_dict(state: dict, config: ViLBertConfig, source: str 
     return model, report
 
 
-def load_official_checkpoint(path: str | Path, config: ViLBertConfig | str | Path | None = None) -> tuple[ViLBert, LoadReport]:
+def load_official_checkpoint(path: str | Path,
+                             config: ViLBertConfig | str | Path | None = None) -> tuple[ViLBert, LoadReport]:
     """Load `pytorch_model.bin` of vilbert-multi-task / vilbert_beta.
 
     `config`: a ViLBertConfig, a path to the official config JSON, or None for `vilbert-base`

@@ -8,11 +8,16 @@ from torch import nn
 
 from .config import ViLBertConfig
 from .heads import (
-    IGNORE_INDEX, AlignmentHead, MaskedLanguageHead, MaskedRegionHead, alignment_loss, masked_lm_loss, masked_region_loss,
+    IGNORE_INDEX,
+    AlignmentHead,
+    MaskedLanguageHead,
+    MaskedRegionHead,
+    alignment_loss,
+    masked_lm_loss,
+    masked_region_loss,
 )
 from .model import BackboneOutput, build_backbone
 from .task_heads import TaskHeads
-
 
 
 @dataclass

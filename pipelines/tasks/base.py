@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.optim import build_optimizer, build_scheduler
+from pipelines.train.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger("vilbert.eval")
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REQUIRED = ("json", "features.npy", "boxes.npy")
+from common.shard_format import FINETUNING_MEMBERS
 
 
 @dataclass
@@ -116,7 +116,7 @@ class FeatureStore:
         """The samples of a damaged shard that have every member, all within its `end` bytes (a
         partial copy never hides a complete one of another shard)."""
         return {key: members for key, members in found.items()
-                if all(s in members for s in REQUIRED) and all(o + n <= end for _, o, n in members.values())}
+                if all(s in members for s in FINETUNING_MEMBERS) and all(o + n <= end for _, o, n in members.values())}
 
     def __len__(self) -> int:
         return len(self.members)
@@ -154,7 +154,7 @@ class FeatureStore:
         if key in self.cache:
             self.cache.move_to_end(key)
             return self.cache[key]
-        missing = [s for s in REQUIRED if s not in self.members[key]]
+        missing = [s for s in FINETUNING_MEMBERS if s not in self.members[key]]
         if missing:
             raise ValueError(f"{self.members[key][next(iter(self.members[key]))][0]}: sample {key} lacks {missing}")
         info = json.loads(self._read(key, "json"))

@@ -64,6 +64,7 @@ def load_refs(path: str | Path) -> list[dict]:
     for i, ref in enumerate(refs):
         if not isinstance(ref, dict) or any(k not in ref for k in REF_KEYS):
             raise ValueError(f"{path}: ref #{i} is not a dict with keys {list(REF_KEYS)}")
-        if not isinstance(ref["sentences"], list) or not all(isinstance(s, dict) and "raw" in s for s in ref["sentences"]):
+        if (not isinstance(ref["sentences"], list)
+                or not all(isinstance(s, dict) and "raw" in s for s in ref["sentences"])):
             raise ValueError(f"{path}: ref #{i} (ref_id {ref['ref_id']}): sentences must be dicts with 'raw'")
     return refs

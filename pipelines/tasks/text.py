@@ -15,7 +15,8 @@ def load_tokenizer(path: str | Path, lower_case: bool = True):
     if path.is_file() and path.name != "vocab.txt":
         raise ValueError(f"{path}: a vocabulary file must be named vocab.txt (or pass its directory)")
     if not folder.is_dir() or not any((folder / n).is_file() for n in ("vocab.txt", "tokenizer.json")):
-        raise FileNotFoundError(f"{path}: no vocab.txt or tokenizer.json (pass a BERT tokenizer directory or vocab.txt)")
+        raise FileNotFoundError(f"{path}: no vocab.txt or tokenizer.json "
+                                "(pass a BERT tokenizer directory or vocab.txt)")
     # transformers 5 ignores `vocab_file=` in the constructor; from_pretrained reads the folder
     tok = BertTokenizerFast.from_pretrained(str(folder), local_files_only=True, do_lower_case=lower_case)
     if len(tok) <= 5:

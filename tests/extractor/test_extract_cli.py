@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from extract_helpers import make_image, read_shards, write_images
 from extractor.cli import main
+
+from extract_helpers import make_image, read_shards, write_images
 
 TINY = ["--config", "tiny", "--workers", "0", "--quiet", "--device", "cpu"]
 
@@ -173,10 +174,10 @@ def test_detectron2_backend_without_detectron2_is_a_clear_error(tmp_path):
 
 
 def test_a_detector_failure_on_one_image_does_not_stop_the_run(tmp_path, tiny_detector):
+    from common.shard_writer import ShardWriter
     from extractor.pipeline import ExtractionSettings, run_extraction
     from extractor.select import RegionSelector
     from extractor.sources import discover_inputs
-    from extractor.writer import ShardWriter
 
     images = write_images(tmp_path / "images", 3)
     failing = {"calls": 0}
@@ -237,10 +238,10 @@ def test_preview_draws_named_boxes_on_an_enlarged_small_image(tmp_path):
 
 
 def test_an_image_without_proposals_is_logged_not_written(tmp_path, tiny_detector, monkeypatch):
+    from common.shard_writer import ShardWriter
     from extractor.pipeline import ExtractionSettings, run_extraction
     from extractor.select import RegionSelector
     from extractor.sources import discover_inputs
-    from extractor.writer import ShardWriter
 
     images = write_images(tmp_path / "images", 1)
     monkeypatch.setattr(tiny_detector.proposal_generator, "forward",
@@ -285,7 +286,8 @@ def test_input_mistakes_are_one_line_errors_and_missing_captions_a_warning(tmp_p
     (tmp_path / "inverted.json").write_text(json.dumps({"img000": [[20, 20, 10, 10]]}))
     cases = [([str(tmp_path / "empty")], "no images found"),
              ([str(images / "img000.jpg")], "expected a folder of images or an img2dataset .tar"),
-             ([str(images), "--gt-boxes", str(tmp_path / "inverted.json")], r"box \[20.0, 20.0, 10.0, 10.0\] of 'img000'"),
+             ([str(images), "--gt-boxes", str(tmp_path / "inverted.json")],
+              r"box \[20.0, 20.0, 10.0, 10.0\] of 'img000'"),
              ([str(images), "--device", "gpu"], "'gpu': not a torch device")]
     for given, message in cases:
         with pytest.raises(click.ClickException, match=message):

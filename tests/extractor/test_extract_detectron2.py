@@ -8,9 +8,9 @@ import torch
 
 pytest.importorskip("detectron2")
 
-from extractor.backend_detectron2 import Detectron2BottomUpDetector  # noqa: E402
-from extractor.config import tiny_config  # noqa: E402
-from extractor.detector import BottomUpDetector  # noqa: E402
+from extractor.backend_detectron2 import Detectron2BottomUpDetector
+from extractor.config import tiny_config
+from extractor.detector import BottomUpDetector
 
 
 def test_backends_agree_on_shared_random_weights():

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from extract_helpers import make_image
 from extractor.images import ImageRejected, decode_image
+
+from extract_helpers import make_image
 
 
 def _encode(image: Image.Image, fmt: str, **options) -> bytes:

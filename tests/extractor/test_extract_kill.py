@@ -10,8 +10,9 @@ import tarfile
 import time
 from pathlib import Path
 
-from extract_helpers import write_images
 from extractor.cli import main
+
+from extract_helpers import write_images
 
 ARGS = ["--config", "tiny", "--workers", "0", "--quiet", "--device", "cpu", "--shard-size", "3",
         "--batch-size", "1"]

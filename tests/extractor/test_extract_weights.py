@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from extract_helpers import read_shards, write_images
 from extractor.cli import main
-
 from extractor.config import tiny_config
 from extractor.detector import BottomUpDetector, build_detector
 from extractor.weights import WeightsError, file_sha256_prefix, load_detector_weights
+
+from extract_helpers import read_shards, write_images
 
 
 def _random_state(seed: int = 3):

@@ -5,8 +5,9 @@ import json
 
 import pytest
 
+from common.shard_writer import ShardWriter
+
 from extract_helpers import read_shards
-from extractor.writer import ShardWriter
 
 
 def _write(writer, keys):

@@ -1,0 +1,172 @@
+"""Crash-safe WebDataset shard writing.
+
+A shard is written as `.PREFIX-000007.tar.partial`, fsynced and atomically renamed to
+`PREFIX-000007.tar` when it holds `shard_size` samples (or at the end of the run), so a complete
+name always means a complete, readable shard. A re-run lists the complete shards, skips their keys
+(and inputs already rejected in errors.jsonl), deletes its own stale partial files, repairs sizes.json
+and continues numbering. Rank r of W uses shard indices r, r+W, r+2W, ... so ranks never collide;
+sizes.json and errors.jsonl are updated under an advisory file lock.
+"""
+from __future__ import annotations
+
+import fcntl
+import io
+import json
+import os
+import re
+import tarfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Dict, Optional, Set
+
+from .shard_format import ERRORS_FILE, SIZES_FILE
+
+
+@contextmanager
+def _locked(out_dir: Path):
+    with open(out_dir / ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _fsync_dir(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def shard_keys(path: Path) -> Set[str]:
+    """Sample keys in a shard (member name up to the first dot)."""
+    with tarfile.open(path, "r:") as archive:
+        return {name.split(".", 1)[0] for name in archive.getnames()}
+
+
+def read_error_sources(errors_path: Path) -> Set[str]:
+    """The `path` of every input already rejected (so a re-run does not log it twice)."""
+    keys: Set[str] = set()
+    if errors_path.is_file():
+        for line in errors_path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                keys.add(json.loads(line)["path"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a line torn by a kill, or written by hand
+    return keys
+
+
+class ShardWriter:
+    def __init__(self, out_dir: str, prefix: str = "shard", shard_size: int = 1000,
+                 rank: int = 0, world_size: int = 1):
+        if shard_size < 1:
+            raise ValueError("shard_size must be >= 1")
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.prefix, self.shard_size = prefix, shard_size
+        self.rank, self.world_size = rank, world_size
+        self.pattern = re.compile(rf"^{re.escape(prefix)}-(\d{{6}})\.tar$")
+        self.sizes_path = self.out_dir / SIZES_FILE
+        self.errors_path = self.out_dir / ERRORS_FILE
+        self._archive: Optional[tarfile.TarFile] = None
+        self._count = 0
+        self.shards_written = 0
+        self._remove_own_partials()
+        complete = self._complete_shards()
+        self.done_keys: Set[str] = set()
+        sizes = {}
+        for name, path in complete.items():
+            keys = shard_keys(path)
+            self.done_keys |= keys
+            sizes[name] = len(keys)
+        self._update_sizes(sizes)
+        self.error_sources = read_error_sources(self.errors_path)
+        own = [int(self.pattern.match(n).group(1)) for n in complete]
+        own = [i for i in own if i % world_size == rank]
+        self._next_index = max(own) + world_size if own else rank
+
+    # ----- discovery -----------------------------------------------------------------------
+    def _complete_shards(self) -> Dict[str, Path]:
+        return {p.name: p for p in sorted(self.out_dir.iterdir()) if self.pattern.match(p.name)}
+
+    def _partial_path(self, index: int) -> Path:
+        return self.out_dir / f".{self.prefix}-{index:06d}.tar.partial"
+
+    def _remove_own_partials(self) -> None:
+        for path in self.out_dir.glob(f".{self.prefix}-*.tar.partial"):
+            match = re.search(r"-(\d{6})\.tar\.partial$", path.name)
+            if match and int(match.group(1)) % self.world_size == self.rank:
+                path.unlink()
+
+    # ----- bookkeeping files ---------------------------------------------------------------
+    def _update_sizes(self, entries: Dict[str, int]) -> None:
+        with _locked(self.out_dir):
+            sizes = {}
+            if self.sizes_path.is_file():
+                try:
+                    sizes = json.loads(self.sizes_path.read_text())
+                except ValueError:
+                    sizes = {}
+            sizes.update(entries)
+            sizes = {k: sizes[k] for k in sorted(sizes) if (self.out_dir / k).is_file()}
+            temporary = self.sizes_path.with_name(f".{SIZES_FILE}.{os.getpid()}")
+            temporary.write_text(json.dumps(sizes, indent=1) + "\n")
+            os.replace(temporary, self.sizes_path)
+
+    def log_error(self, key: str, path: str, reason: str) -> None:
+        line = json.dumps({"key": key, "path": path, "reason": reason}, ensure_ascii=False)
+        with _locked(self.out_dir):
+            with open(self.errors_path, "ab+") as handle:
+                handle.seek(0, os.SEEK_END)
+                if handle.tell() > 0:
+                    handle.seek(-1, os.SEEK_END)
+                    if handle.read(1) != b"\n":  # a previous run was killed mid-line
+                        handle.write(b"\n")
+                handle.write(line.encode("utf-8") + b"\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+        self.error_sources.add(path)
+
+    # ----- samples -------------------------------------------------------------------------
+    def write(self, key: str, members: Dict[str, bytes]) -> None:
+        """Add one sample; `members` maps extension ('json', 'features.npy', ...) to bytes."""
+        if "." in key or "/" in key:
+            raise ValueError(f"sample key {key!r} must not contain '.' or '/'")
+        if self._archive is None:
+            self._archive = tarfile.open(self._partial_path(self._next_index), "w:")
+        now = time.time()
+        for extension, payload in members.items():
+            info = tarfile.TarInfo(f"{key}.{extension}")
+            info.size, info.mtime, info.mode = len(payload), now, 0o644
+            self._archive.addfile(info, io.BytesIO(payload))
+        self._count += 1
+        self.done_keys.add(key)
+        if self._count >= self.shard_size:
+            self._finish_shard()
+
+    def _finish_shard(self) -> None:
+        if self._archive is None:
+            return
+        partial = self._partial_path(self._next_index)
+        self._archive.close()
+        with open(partial, "rb+") as handle:
+            os.fsync(handle.fileno())
+        final = self.out_dir / f"{self.prefix}-{self._next_index:06d}.tar"
+        os.replace(partial, final)
+        _fsync_dir(self.out_dir)
+        self._update_sizes({final.name: self._count})
+        self._archive, self._count = None, 0
+        self._next_index += self.world_size
+        self.shards_written += 1
+
+    def close(self) -> None:
+        self._finish_shard()
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,182 @@
+"""Shard sources (a directory, a brace pattern, a `pipe:` URL or a list of them), their sample
+counts (sizes.json), the feature recipe, and the counter of skipped shards and samples."""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import warnings
+from pathlib import Path
+
+import webdataset as wds
+
+from common.shard_format import RECIPE_FIELDS, RECIPE_FILE, SIZES_FILE
+
+from .tario import iter_tar, load_npy, open_shard
+
+ERROR_KINDS = ("corrupt_shards", "bad_samples", "uncaptioned")
+
+
+class RecipeMismatch(ValueError):
+    """Shards made with different feature recipes were mixed without allow_mixed_recipes=True."""
+
+
+class DataWarning(UserWarning):
+    """A shard or sample was skipped."""
+
+
+def _is_url(source: str) -> bool:
+    return source.startswith("pipe:") or "://" in source
+
+
+def expand_shards(source) -> list[str]:
+    """Shard URLs from a directory (its `*.tar`, sorted; never hidden in-progress files), a brace
+    pattern, a `pipe:` / remote URL, a single .tar, or a list of any of these."""
+    if isinstance(source, (list, tuple)):
+        return [url for item in source for url in expand_shards(item)]
+    source = str(source)
+    if not _is_url(source) and Path(source).is_dir():
+        urls = sorted(str(p) for p in Path(source).glob("*.tar") if not p.name.startswith("."))
+        if not urls:
+            raise FileNotFoundError(f"{source}: directory holds no .tar shards")
+        return urls
+    urls = wds.shardlists.expand_urls(source)
+    missing = [u for u in urls if not _is_url(u) and not Path(u).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} shard(s) not found, e.g. {missing[0]} (from {source!r})")
+    return urls
+
+
+def _local_dirs(urls: list[str]) -> dict[Path, list[str]]:
+    """Folder -> shard file names, for the local shards among urls."""
+    folders: dict[Path, list[str]] = {}
+    for url in urls:
+        if not _is_url(url):
+            folders.setdefault(Path(url).parent, []).append(Path(url).name)
+    return folders
+
+
+def count_samples(urls: list[str]) -> int | None:
+    """Total samples from the shards' sizes.json files, or None if any shard is not listed there."""
+    if any(_is_url(u) for u in urls):
+        return None
+    total = 0
+    for folder, names in _local_dirs(urls).items():
+        path = folder / SIZES_FILE
+        if not path.is_file():
+            return None
+        try:
+            sizes = json.loads(path.read_text())
+        except ValueError as error:
+            raise ValueError(f"{path}: not valid JSON ({error})") from None
+        if any(name not in sizes for name in names):
+            return None
+        total += sum(int(sizes[name]) for name in names)
+    return total
+
+
+def recipe_of(meta: dict) -> dict:
+    """The feature-recipe fields of a sample's JSON or a recipe.json (unknown fields ignored)."""
+    return {k: meta[k] for k in RECIPE_FIELDS if k in meta}
+
+
+def _first_member(url: str, suffix: str) -> bytes:
+    """The bytes of the first member named *suffix in a shard; ValueError if the shard is corrupt
+    or has none."""
+    stream = open_shard(url)
+    try:
+        for name, data in iter_tar(stream):
+            if name.endswith(suffix):
+                return bytes(data)
+    finally:
+        try:
+            stream.close()
+        except OSError:
+            pass  # a pipe: stopped early reports a broken pipe
+    raise ValueError(f"no sample with a {suffix.lstrip('.')} member")
+
+
+def from_first_readable_shard(urls: list[str], read, failure: str, tries: int = 10):
+    """(read(url), url) for the first of `urls` that `read` succeeds on (a corrupt shard is passed
+    over); ValueError(`failure`: why each of the first `tries` failed) if none does."""
+    problems = []
+    for url in urls[:tries]:
+        try:
+            return read(url), url
+        except (OSError, ValueError, EOFError) as error:
+            problems.append(f"{url}: {type(error).__name__}: {error}")
+    raise ValueError(f"{failure}: " + "; ".join(problems))
+
+
+def feature_width(urls: list[str]) -> tuple[int, str]:
+    """(the width of the region features, the shard it was read from): the first features.npy of
+    the first readable shard (header read, no pickle)."""
+    def read(url: str) -> int:
+        features = load_npy(_first_member(url, ".features.npy"))
+        if features.ndim != 2:
+            raise ValueError(f"features.npy of shape {features.shape}, expected (N, D)")
+        return int(features.shape[1])
+
+    return from_first_readable_shard(urls, read, "cannot read the region feature width")
+
+
+def read_recipe(urls: list[str], allow_mixed: bool = False) -> dict:
+    """The feature recipe of the shards: from each folder's recipe.json, else from the first
+    sample of the first readable shard. Differing recipes raise RecipeMismatch unless allow_mixed, in
+    which case the result is {"mixed": [recipe, ...]}."""
+    found: dict[str, dict] = {}
+    for folder in _local_dirs(urls):
+        path = folder / RECIPE_FILE
+        if path.is_file():
+            try:
+                found[str(path)] = recipe_of(json.loads(path.read_text()))
+            except ValueError as error:
+                raise ValueError(f"{path}: not valid JSON ({error})") from None
+    if not found:  # no recipe.json: the first shard that can tell
+        recipe, url = from_first_readable_shard(
+            urls, lambda url: recipe_of(json.loads(_first_member(url, ".json"))),
+            "no shard tells the feature recipe (and no recipe.json beside them)")
+        found[url] = recipe
+    distinct = []
+    for recipe in found.values():
+        if recipe not in distinct:
+            distinct.append(recipe)
+    if len(distinct) == 1:
+        return distinct[0]
+    if not allow_mixed:
+        where = "; ".join(f"{src}: {recipe}" for src, recipe in found.items())
+        raise RecipeMismatch(f"shards of different feature recipes ({where}); "
+                             "pass allow_mixed_recipes=True to train on them together")
+    return {"mixed": distinct}
+
+
+def check_recipe(meta: dict, expected: dict | None, url: str, key: str) -> None:
+    """Raise RecipeMismatch if a sample's recipe differs from `expected` (None: no check)."""
+    if expected is None:
+        return
+    for field in RECIPE_FIELDS:
+        if meta.get(field) != expected.get(field):
+            raise RecipeMismatch(
+                f"{url}: sample {key!r} has {field}={meta.get(field)!r}, but the shards' recipe has "
+                f"{expected.get(field)!r}; pass allow_mixed_recipes=True to mix feature recipes")
+
+
+class ErrorCounter:
+    """Counts skipped shards and samples across DataLoader worker processes (shared memory) and
+    warns about each. `handler` is the webdataset exception handler for shard-level errors."""
+
+    def __init__(self):
+        self._counts = multiprocessing.get_context().Array("q", len(ERROR_KINDS))
+
+    def add(self, kind: str, message: str | None) -> None:
+        with self._counts.get_lock():
+            self._counts[ERROR_KINDS.index(kind)] += 1
+        if message:
+            warnings.warn(message, DataWarning, stacklevel=2)
+
+    def handler(self, exn: Exception) -> bool:
+        """Skip the rest of a shard that cannot be opened or read (corrupt, truncated, missing)."""
+        self.add("corrupt_shards", f"skipping the rest of shard {exn}")
+        return True
+
+    def counts(self) -> dict[str, int]:
+        return dict(zip(ERROR_KINDS, self._counts[:]))

@@ -1,0 +1,202 @@
+"""Task metric code against hand-computed cases; the restricted refs unpickler; shard lookup."""
+import io
+import json
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.tasks import TASKS
+from pipelines.tasks.base import Task
+from pipelines.tasks.features import FeatureStore, locations, with_img_token
+from pipelines.tasks.metrics import box_iou, hit_rate, normalize_answer, recall_at_k, soft_scores, vqa_accuracy
+from pipelines.tasks.refer_pickle import UnsafePickleError, load_plain_pickle, load_refs
+
+from tasks_data import exit_status, npy, write_shards
+
+
+def test_box_iou_hand_cases():
+    a = [[0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 4, 4]]
+    b = [[0, 0, 10, 10], [5, 0, 15, 10], [20, 20, 30, 30], [2, 2, 6, 6]]
+    got = box_iou(a, b).diagonal()
+    # identical; half overlap: 50 / (100 + 100 - 50); disjoint; 4 / (16 + 16 - 4)
+    torch.testing.assert_close(got, torch.tensor([1.0, 50 / 150, 0.0, 4 / 28]))
+    assert box_iou(a, b).shape == (4, 4)
+    assert box_iou([[0, 0, 0, 0]], [[0, 0, 0, 0]]).item() == 0.0  # degenerate: no NaN
+
+
+def test_hit_rate_counts_iou_at_least_half():
+    gt = [[0, 0, 10, 10]] * 3
+    pred = [[0, 0, 10, 10], [0, 0, 10, 5], [0, 0, 10, 4.9]]  # IoU 1, 0.5 exactly, 0.49
+    rate, hits = hit_rate(pred, gt)
+    assert hits == [True, True, False] and rate == pytest.approx(2 / 3)
+    with pytest.raises(ValueError):
+        hit_rate(pred, gt[:2])
+
+
+def test_recall_at_k_hand_case():
+    # 3 images, 4 captions; captions 0,1 belong to image 0, caption 2 to image 1, caption 3 to image 2
+    scores = torch.tensor([
+        [0.9, 0.1, 0.2],  # right image ranked 1st
+        [0.1, 0.5, 0.3],  # right image (0) ranked 3rd
+        [0.3, 0.2, 0.1],  # right image (1) ranked 2nd
+        [0.0, 0.0, 0.4],  # 1st
+    ])
+    gt = [0, 0, 1, 2]
+    r = recall_at_k(scores, gt, ks=(1, 2, 3))
+    assert r["t2i_R@1"] == pytest.approx(2 / 4)
+    assert r["t2i_R@2"] == pytest.approx(3 / 4)
+    assert r["t2i_R@3"] == 1.0
+    # image 0: column [0.9, 0.1, 0.3, 0.0], own captions 0 (rank 1) -> 1st
+    # image 1: column [0.1, 0.5, 0.2, 0.0], own caption 2 is 2nd; image 2: [0.2, 0.3, 0.1, 0.4] -> 1st
+    assert r["i2t_R@1"] == pytest.approx(2 / 3)
+    assert r["i2t_R@2"] == 1.0
+
+
+def test_vqa_accuracy_and_soft_scores():
+    answers = ["two"] * 3 + ["3"] * 7
+    # "2" normalises to match "two": 3 matches -> (3 * 2/3 + 7 * 1) / 10
+    assert vqa_accuracy("2", answers) == pytest.approx(0.9)
+    assert vqa_accuracy("3", answers) == 1.0
+    assert vqa_accuracy("four", answers) == 0.0
+    assert vqa_accuracy("yes", ["yes"] + ["no"] * 9) == pytest.approx(0.3)  # (1 * 0 + 9 * 1/3) / 10
+    assert normalize_answer("The Dog.") == "dog" and normalize_answer("1.5") == "1.5"
+    assert normalize_answer("Yes!") == "yes" and normalize_answer("a  red, car") == "red car"
+    assert soft_scores(["red"] * 2 + ["Red."] * 2 + ["blue"]) == {"red": 1.0, "blue": pytest.approx(1 / 3)}
+    assert soft_scores(["cat", "cat", "dog"]) == {"cat": pytest.approx(2 / 3), "dog": pytest.approx(1 / 3)}
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_malicious_refs_pickle_is_refused_without_executing(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "refs(unc).p"
+    path.write_bytes(pickle.dumps([{"ref_id": 1, "x": _Exploit(str(marker))}], protocol=2))
+    with pytest.raises(UnsafePickleError, match=r"refs\(unc\)\.p.*refused.*open"):
+        load_refs(path)
+    assert not marker.exists()
+    import os
+
+    path.write_bytes(pickle.dumps(os.system, protocol=2))
+    with pytest.raises(UnsafePickleError, match="posix.system|os.system"):
+        load_plain_pickle(path)
+
+
+def test_plain_refs_pickle_loads_and_is_validated(tmp_path):
+    path = tmp_path / "refs(unc).p"
+    refs = [{"ref_id": 1, "ann_id": 2, "image_id": 3, "split": "val", "category_id": 1, "sent_ids": [7],
+             "sentences": [{"raw": "left dog", "sent_id": 7, "tokens": ["left", "dog"]}], "tags": {1, 2}}]
+    path.write_bytes(pickle.dumps(refs, protocol=2))
+    assert load_refs(path) == refs
+    path.write_bytes(pickle.dumps([{"ref_id": 1}], protocol=2))
+    with pytest.raises(ValueError, match=r"refs\(unc\)\.p: ref #0"):
+        load_refs(path)
+    path.write_bytes(b"\x80\x02garbage")
+    with pytest.raises(ValueError, match="not a readable pickle"):
+        load_refs(path)
+
+
+def test_feature_store_lookup_by_id_and_img_token(tmp_path):
+    feats = {f"COCO_val2014_{i:012d}": (np.full((3, 4), i, np.float32),
+                                         np.array([[0, 0, 50, 100], [50, 0, 100, 50], [10, 10, 20, 20]], np.float32))
+             for i in (7, 42)}
+    feats["1000092795"] = feats.pop("COCO_val2014_000000000007")
+    store = FeatureStore(write_shards(tmp_path / "f", feats, shard_size=1))
+    assert len(store) == 2
+    assert store.get(42).key == "COCO_val2014_000000000042"  # trailing digits of the key
+    assert store.get("1000092795.jpg").key == "1000092795"
+    assert 5 not in store
+    with pytest.raises(KeyError, match="no features for image id 5"):
+        store.get(5)
+    r = store.get(42)
+    f, loc = with_img_token(r.features, r.boxes, r.width, r.height)
+    assert f.shape == (4, 4) and np.allclose(f[0], 42)
+    np.testing.assert_allclose(loc[0], [0, 0, 1, 1, 1])
+    np.testing.assert_allclose(loc[1], [0, 0, 0.5, 1, 0.5])
+    np.testing.assert_allclose(locations(np.array([[10, 10, 20, 20]], np.float32), 100, 100), [[.1, .1, .2, .2, .01]])
+
+
+def test_a_damaged_feature_shard_keeps_its_complete_samples_and_is_named_when_one_is_missing(tmp_path):
+    from pipelines.tasks.features import check_features
+
+    boxes = np.array([[0, 0, 10, 10]], np.float32)
+    folder = write_shards(tmp_path / "f", {f"img_{i}": (np.full((1, 4), i, np.float32), boxes) for i in range(6)},
+                          shard_size=3)
+    second = sorted(folder.glob("*.tar"))[1]
+    with tarfile.open(second) as archive:
+        cut = archive.getmember("img_4.features.npy").offset_data + 8
+    second.write_bytes(second.read_bytes()[:cut])  # img_3 whole, img_4 cut inside its features
+    with pytest.warns(UserWarning, match="not a readable tar shard"):
+        store = FeatureStore(folder)
+    assert sorted(store.members) == ["img_0", "img_1", "img_2", "img_3"]
+    assert np.allclose(store.get(3).features, 3)
+    # a partial copy of a sample in a damaged shard does not hide its complete copy in another one
+    first = sorted(folder.glob("*.tar"))[0]
+    with tarfile.open(first) as archive:
+        cut = archive.getmember("img_0.features.npy").offset_data + 8
+    (folder / "zz-000000.tar").write_bytes(first.read_bytes()[:cut])  # img_0's json whole, features cut
+    with pytest.warns(UserWarning, match="zz-000000.tar: not a readable tar shard"):
+        store = FeatureStore(folder)
+    assert np.allclose(store.get(0).features, 0)
+    assert all(path.name != "zz-000000.tar" for path, _, _ in store.members["img_0"].values())
+    with pytest.raises(KeyError, match=r"no features for 1 val images, e.g. \[4\] \(unreadable shards: .*"
+                                       + second.name):
+        check_features(store, [3, 4], "val")
+
+
+def test_feature_store_refuses_pickled_arrays(tmp_path):
+    from common.shard_writer import ShardWriter
+
+    w = ShardWriter(str(tmp_path), "feat", 10)
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    w.write("img_1", {"json": json.dumps({"width": 10, "height": 10}).encode(), "features.npy": buf.getvalue(),
+                      "boxes.npy": npy(np.zeros((1, 4), np.float32))})
+    w.close()
+    with pytest.raises(ValueError, match="img_1.features.npy is not a plain .npy"):
+        FeatureStore(tmp_path).get(1)
+
+
+def test_task_registry_is_a_plain_dict_of_task_classes():
+    assert set(TASKS) == {"refcoco+", "retrieval", "vqa"}
+    assert all(issubclass(cls, Task) for cls in TASKS.values())
+
+
+def test_cli_help_shows_defaults_and_model_choice_is_checked(tmp_path, capsys):
+    from pipelines.eval_cli import main
+
+    status = exit_status(main, ["--help"])
+    assert status == 0
+    text = capsys.readouterr().out
+    assert "refcoco+|retrieval|vqa" in text and "default: 3129" in text and "--official-checkpoint" in text
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b"]))
+    write_shards(tmp_path / "f", {"1": (np.zeros((2, 4), np.float32), np.zeros((2, 4), np.float32))})
+    (tmp_path / "test.jsonl").write_text('{"img_path": "1.jpg", "sentences": ["a"]}\n')
+    base = ["--task", "retrieval", "--data", str(tmp_path), "--features", str(tmp_path / "f"), "--out",
+            str(tmp_path / "o"), "--tokenizer", str(tmp_path / "vocab.txt")]
+    status = exit_status(main, base)
+    assert status == 2 and "exactly one of --checkpoint" in capsys.readouterr().err
+    status = exit_status(main, base + ["--init-preset", "vilbert-tiny", "--device", "gpu"])
+    assert status == 2 and "'gpu': not a torch device" in capsys.readouterr().err
+    status = exit_status(main, base + ["--init-preset", "vilbert-tiny"])  # reads 2048-wide features, the shards 4
+    assert status == 1 and "region features are 4 wide, the model reads 2048" in capsys.readouterr().err
+    status = exit_status(main, base + ["--init-preset", str(tmp_path / "missing.json")])
+    assert status == 1 and "missing.json: config file not found" in capsys.readouterr().err
+    (tmp_path / "broken.json").write_text('{"hidden_size": 64,\n}')
+    status = exit_status(main, base + ["--init-preset", str(tmp_path / "broken.json")])
+    assert status == 1 and "broken.json: not valid JSON" in capsys.readouterr().err
+
+
+def test_ambiguous_numeric_ids_need_the_exact_key(tmp_path):
+    one = (np.ones((1, 4), np.float32), np.array([[0, 0, 5, 5]], np.float32))
+    store = FeatureStore(write_shards(tmp_path, {"train2014_7": one, "val2014_0007": one}))
+    assert 7 not in store
+    assert store.get("val2014_0007").key == "val2014_0007"

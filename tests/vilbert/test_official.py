@@ -1,0 +1,223 @@
+"""Converting official ViLBERT checkpoints: random tensors with the official names and shapes."""
+import os
+import pickle
+
+import pytest
+import torch
+
+from vilbert import load_official_checkpoint, load_preset
+from vilbert.official import convert_official_state_dict
+
+CFG = load_preset("vilbert-tiny", vocab_size=50, v_feature_size=12, v_target_size=7, max_position_embeddings=20)
+
+
+def linear(state, name, out_dim, in_dim):
+    state[f"{name}.weight"] = torch.randn(out_dim, in_dim)
+    state[f"{name}.bias"] = torch.randn(out_dim)
+
+
+def norm(state, name, dim):
+    state[f"{name}.weight"] = 1 + 0.1 * torch.randn(dim)
+    state[f"{name}.bias"] = 0.1 * torch.randn(dim)
+
+
+def bert_layer(state, p, H, I):
+    for n in ("query", "key", "value"):
+        linear(state, f"{p}.attention.self.{n}", H, H)
+    linear(state, f"{p}.attention.output.dense", H, H)
+    norm(state, f"{p}.attention.output.LayerNorm", H)
+    linear(state, f"{p}.intermediate.dense", I, H)
+    linear(state, f"{p}.output.dense", H, I)
+    norm(state, f"{p}.output.LayerNorm", H)
+
+
+def official_state(c=CFG, task_heads=True, task_tokens=False, answers=11):
+    """Names and shapes of vilbert-multi-task's VILBertForVLTasks state dict, written out by hand."""
+    torch.manual_seed(0)
+    H, Hv, Bi, I, Iv = c.hidden_size, c.v_hidden_size, c.bi_hidden_size, c.intermediate_size, c.v_intermediate_size
+    s = {}
+    s["bert.embeddings.word_embeddings.weight"] = torch.randn(c.vocab_size, H)
+    s["bert.embeddings.position_embeddings.weight"] = torch.randn(c.max_position_embeddings, H)
+    s["bert.embeddings.token_type_embeddings.weight"] = torch.randn(c.type_vocab_size, H)
+    norm(s, "bert.embeddings.LayerNorm", H)
+    if task_tokens:
+        s["bert.embeddings.task_embeddings.weight"] = torch.randn(20, H)
+    linear(s, "bert.v_embeddings.image_embeddings", Hv, c.v_feature_size)
+    linear(s, "bert.v_embeddings.image_location_embeddings", Hv, 5)
+    norm(s, "bert.v_embeddings.LayerNorm", Hv)
+    for i in range(c.num_hidden_layers):
+        bert_layer(s, f"bert.encoder.layer.{i}", H, I)
+    for i in range(c.v_num_hidden_layers):
+        bert_layer(s, f"bert.encoder.v_layer.{i}", Hv, Iv)
+    for i in range(len(c.v_biattention_id)):
+        p = f"bert.encoder.c_layer.{i}"
+        for n in ("query1", "key1", "value1"):
+            linear(s, f"{p}.biattention.{n}", Bi, Hv)
+        for n in ("query2", "key2", "value2"):
+            linear(s, f"{p}.biattention.{n}", Bi, H)
+        linear(s, f"{p}.biOutput.dense1", Hv, Bi)
+        norm(s, f"{p}.biOutput.LayerNorm1", Hv)
+        linear(s, f"{p}.biOutput.q_dense1", Hv, Bi)
+        linear(s, f"{p}.biOutput.dense2", H, Bi)
+        norm(s, f"{p}.biOutput.LayerNorm2", H)
+        linear(s, f"{p}.biOutput.q_dense2", H, Bi)
+        linear(s, f"{p}.v_intermediate.dense", Iv, Hv)
+        linear(s, f"{p}.v_output.dense", Hv, Iv)
+        norm(s, f"{p}.v_output.LayerNorm", Hv)
+        linear(s, f"{p}.t_intermediate.dense", I, H)
+        linear(s, f"{p}.t_output.dense", H, I)
+        norm(s, f"{p}.t_output.LayerNorm", H)
+    linear(s, "bert.t_pooler.dense", Bi, H)
+    linear(s, "bert.v_pooler.dense", Bi, Hv)
+    s["cls.predictions.bias"] = torch.randn(c.vocab_size)
+    linear(s, "cls.predictions.transform.dense", H, H)
+    norm(s, "cls.predictions.transform.LayerNorm", H)
+    s["cls.predictions.decoder.weight"] = s["bert.embeddings.word_embeddings.weight"]
+    linear(s, "cls.bi_seq_relationship", 2, Bi)
+    linear(s, "cls.imagePredictions.transform.dense", Hv, Hv)
+    norm(s, "cls.imagePredictions.transform.LayerNorm", Hv)
+    linear(s, "cls.imagePredictions.decoder", c.v_target_size, Hv)
+    if task_heads:
+        for name, n_in, n_out in [("vil_prediction", Bi, answers), ("vil_prediction_gqa", Bi, 5),
+                                  ("vil_binary_prediction", 2 * Bi, 2)]:
+            linear(s, f"{name}.logit_fc.0", 2 * Bi, n_in)
+            norm(s, f"{name}.logit_fc.2", 2 * Bi)
+            linear(s, f"{name}.logit_fc.3", n_out, 2 * Bi)
+        linear(s, "vil_logit", 1, Bi)
+        linear(s, "vil_tri_prediction", 3, Bi)
+        linear(s, "vision_logit", 1, Hv)
+        linear(s, "linguisic_logit", 1, H)
+    return s
+
+
+# hand-written expectations, independent of the converter's rules
+SPOT_CHECKS = [
+    ("bert.encoder.c_layer.1.biattention.query1.weight", "backbone.encoder.co_layers.1.visual_attention.query.weight"),
+    ("bert.encoder.c_layer.1.biattention.key2.weight", "backbone.encoder.co_layers.1.visual_attention.key.weight"),
+    ("bert.encoder.c_layer.1.biattention.value2.bias", "backbone.encoder.co_layers.1.visual_attention.value.bias"),
+    ("bert.encoder.c_layer.0.biattention.query2.weight", "backbone.encoder.co_layers.0.text_attention.query.weight"),
+    ("bert.encoder.c_layer.0.biattention.key1.weight", "backbone.encoder.co_layers.0.text_attention.key.weight"),
+    ("bert.encoder.c_layer.0.biattention.value1.weight", "backbone.encoder.co_layers.0.text_attention.value.weight"),
+    ("bert.encoder.c_layer.0.biOutput.dense1.weight",
+     "backbone.encoder.co_layers.0.visual_attention_output.dense.weight"),
+    ("bert.encoder.c_layer.0.biOutput.LayerNorm2.bias", "backbone.encoder.co_layers.0.text_attention_output.norm.bias"),
+    ("bert.encoder.c_layer.1.v_output.LayerNorm.weight", "backbone.encoder.co_layers.1.visual_ffn.output.norm.weight"),
+    ("bert.encoder.c_layer.1.t_intermediate.dense.weight", "backbone.encoder.co_layers.1.text_ffn.intermediate.weight"),
+    ("bert.encoder.layer.3.attention.self.key.weight", "backbone.encoder.text_layers.3.attention.key.weight"),
+    ("bert.encoder.v_layer.1.output.LayerNorm.bias", "backbone.encoder.visual_layers.1.ffn.output.norm.bias"),
+    ("bert.v_embeddings.image_location_embeddings.weight", "backbone.image_embeddings.location_projection.weight"),
+    ("bert.v_embeddings.image_embeddings.bias", "backbone.image_embeddings.feature_projection.bias"),
+    ("bert.t_pooler.dense.weight", "backbone.text_pooler.dense.weight"),
+    ("bert.v_pooler.dense.bias", "backbone.image_pooler.dense.bias"),
+    ("cls.bi_seq_relationship.weight", "alignment_head.classifier.weight"),
+    ("cls.imagePredictions.decoder.weight", "region_head.decoder.weight"),
+    ("cls.predictions.transform.LayerNorm.weight", "mlm_head.transform.norm.weight"),
+    ("cls.predictions.bias", "mlm_head.bias"),
+    ("vil_prediction.logit_fc.0.weight", "task_heads.heads.vqa.hidden.weight"),
+    ("vil_prediction.logit_fc.2.weight", "task_heads.heads.vqa.norm.weight"),
+    ("vil_prediction_gqa.logit_fc.3.bias", "task_heads.heads.gqa.out.bias"),
+    ("vil_binary_prediction.logit_fc.0.weight", "task_heads.heads.nlvr2.hidden.weight"),
+    ("vil_logit.weight", "task_heads.heads.retrieval.weight"),
+    ("vil_tri_prediction.bias", "task_heads.heads.entailment.bias"),
+    ("vision_logit.weight", "task_heads.heads.refer.weight"),
+    ("linguisic_logit.bias", "task_heads.heads.token.bias"),
+]
+
+
+def test_every_official_tensor_lands_where_expected():
+    state = official_state()
+    model, report = convert_official_state_dict(dict(state), CFG)
+    ours = model.state_dict()
+    for official_key, our_key in SPOT_CHECKS:
+        assert torch.equal(ours[our_key], state[official_key]), official_key
+    assert not report.missing
+    q_dense = sorted(k for k in state if ".q_dense" in k)
+    assert sorted(report.unused) == sorted(q_dense + ["cls.predictions.decoder.weight"])
+    assert len(report.loaded) == len(state) - len(report.unused)
+    assert model.task_heads.spec == {
+        "vqa": ("answer", 11), "gqa": ("answer", 5), "nlvr2": ("pair", 2), "retrieval": ("pooled_linear", 1),
+        "entailment": ("pooled_linear", 3), "refer": ("region", 1), "token": ("token", 1),
+    }
+    assert not any("q_dense" in k for k in ours)
+
+
+def test_task_heads_give_official_style_outputs():
+    model, _ = convert_official_state_dict(official_state(), CFG)
+    model.eval()
+    ids, feat, loc = torch.randint(1, 50, (4, 6)), torch.randn(4, 5, 12), torch.rand(4, 5, 5)
+    image_mask = torch.ones(4, 5, dtype=torch.long)
+    image_mask[0, 3:] = 0
+    with torch.no_grad():
+        out = model.backbone(ids, feat, loc, image_mask=image_mask)
+        vqa = model.task_logits("vqa", out)
+        refer = model.task_logits("refer", out, image_mask)
+        pair = model.task_logits("nlvr2", out)
+    h = model.task_heads.heads["vqa"]
+    fused = out.pooled_text * out.pooled_image
+    x = torch.nn.functional.gelu(fused @ h.hidden.weight.T + h.hidden.bias)
+    x = torch.nn.functional.layer_norm(x, x.shape[-1:], h.norm.weight, h.norm.bias, 1e-12)
+    torch.testing.assert_close(vqa, x @ h.out.weight.T + h.out.bias)
+    assert vqa.shape == (4, 11) and pair.shape == (2, 2) and refer.shape == (4, 5, 1)
+    assert (refer[0, 3:] == -10000.0).all()
+
+
+def test_load_from_file_strips_module_prefix_and_detects_task_tokens(tmp_path):
+    state = {f"module.{k}": v for k, v in official_state(task_tokens=True).items()}
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    model, report = load_official_checkpoint(tmp_path / "pytorch_model.bin", CFG)
+    assert model.config.task_specific_tokens
+    out = model.backbone(torch.randint(1, 50, (2, 4)), torch.randn(2, 3, 12), torch.rand(2, 3, 5),
+                         task_ids=torch.ones(2, 1, dtype=torch.long))
+    assert out.text.shape == (2, 5, CFG.hidden_size)
+
+
+def test_pretraining_checkpoint_without_task_heads():
+    model, report = convert_official_state_dict(official_state(task_heads=False), CFG)
+    assert model.task_heads.spec == {}
+
+
+def test_unknown_and_missing_keys_fail_loudly():
+    state = official_state()
+    state["bert.encoder.c_layer.0.biattention.logit1.weight"] = torch.randn(3, 3)
+    with pytest.raises(ValueError, match="logit1"):
+        convert_official_state_dict(state, CFG)
+    state = official_state()
+    del state["bert.encoder.v_layer.1.attention.self.query.bias"]
+    with pytest.raises(ValueError, match="visual_layers.1.attention.query.bias"):
+        convert_official_state_dict(state, CFG)
+    state = official_state()
+    state["bert.t_pooler.dense.weight"] = torch.randn(3, 3)
+    with pytest.raises(ValueError, match="shape"):
+        convert_official_state_dict(state, CFG)
+
+
+def test_vilbert_beta_weight_norm_head_is_folded():
+    state = official_state(task_heads=False)
+    Bi = CFG.bi_hidden_size
+    v0, v3 = torch.randn(2 * Bi, Bi), torch.randn(9, 2 * Bi)
+    state.update({
+        "vil_prediction.main.0.weight_g": torch.tensor(2.5), "vil_prediction.main.0.weight_v": v0,
+        "vil_prediction.main.0.bias": torch.zeros(2 * Bi),
+        "vil_prediction.main.3.weight_g": torch.tensor(0.5), "vil_prediction.main.3.weight_v": v3,
+        "vil_prediction.main.3.bias": torch.ones(9),
+        "vil_logit.weight": torch.randn(1, Bi), "vil_logit.bias": torch.zeros(1),
+    })
+    model, _ = convert_official_state_dict(state, CFG)
+    assert model.task_heads.spec["vqa"] == ("answer_relu", 9)
+    head = model.task_heads.heads["vqa"]
+    torch.testing.assert_close(head.hidden.weight, 2.5 * v0 / v0.norm())
+    torch.testing.assert_close(head.out.weight, 0.5 * v3 / v3.norm())
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED_BY_CHECKPOINT",))
+
+
+def test_pickled_code_is_refused_not_executed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with open(tmp_path / "pytorch_model.bin", "wb") as f:
+        pickle.dump({"bert.t_pooler.dense.weight": _Evil()}, f)
+    with pytest.raises(ValueError, match="weights-only"):
+        load_official_checkpoint(tmp_path / "pytorch_model.bin", CFG)
+    assert not (tmp_path / "PWNED_BY_CHECKPOINT").exists()
