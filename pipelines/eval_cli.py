@@ -19,7 +19,7 @@ from pipelines.tasks.base import TaskOptions, autocast, finetune, log, write_jso
 
 # task-specific options, passed to the task in TaskOptions.extra
 TASK_OPTIONS = ("gt_features", "refs_file", "eval_on_gt", "hard_targets", "visualize", "images", "score_head",
-                "max_images", "pair_batch", "answers", "num_answers", "train_split")
+                "max_images", "pair_batch", "answers", "num_answers", "min_answer_count", "train_split")
 
 
 def load_model(checkpoint, official_checkpoint, official_config, preset, device):
@@ -95,6 +95,8 @@ def load_model(checkpoint, official_checkpoint, official_config, preset, device)
 @click.option("--answers", type=click.Path(exists=True, dir_okay=False),
               help="vqa: answer vocabulary (.json list, .txt, or the official label2ans .pkl).")
 @click.option("--num-answers", type=int, default=3129, help="vqa: vocabulary size built from the train annotations.")
+@click.option("--min-answer-count", type=click.IntRange(1), default=9,
+              help="vqa: a built vocabulary keeps answers given by at least this many training questions.")
 @click.option("--train-split", default="train", help="vqa: split(s) used for fine-tuning, e.g. train,val.")
 @click.option("--save/--no-save", default=True, help="Save the fine-tuned model to OUT/finetuned.")
 def cli(task_name, checkpoint, official_checkpoint, official_config, init_preset, save, **kw):

@@ -1,8 +1,5 @@
-"""Task metrics: box IoU, referring-expression hit rate, retrieval recall@k, VQA accuracy."""
+"""Task metrics: box IoU, referring-expression hit rate, retrieval recall@k (VQA: vqa_eval.py)."""
 from __future__ import annotations
-
-import re
-from collections import Counter
 
 import numpy as np
 import torch
@@ -59,36 +56,3 @@ def recall_at_k(scores, caption_image, ks=(1, 5, 10)) -> dict[str, float]:
         out[f"t2i_R@{k}"] = float((t2i_rank < k).double().mean())
         out[f"i2t_R@{k}"] = float((i2t_rank < k).double().mean()) if len(i2t_rank) else 0.0
     return out
-
-
-_NUMBERS = {w: str(i) for i, w in enumerate(
-    "zero one two three four five six seven eight nine ten".split())}
-_ARTICLES = {"a", "an", "the"}
-_PUNCT = re.compile(r"[;/\[\]\"{}()=+\\_\-><@`,?!*#%^&$~|:']")
-
-
-def normalize_answer(answer: str) -> str:
-    """VQA-style answer normalisation: lower case, punctuation removed (a period only outside
-    numbers), number words to digits, articles dropped, whitespace collapsed."""
-    s = answer.replace("\n", " ").replace("\t", " ").strip().lower()
-    s = _PUNCT.sub(lambda m: "" if m.group(0) in "'" else " ", s)
-    s = re.sub(r"(?<!\d)\.|\.(?!\d)", "", s)
-    words = [_NUMBERS.get(w, w) for w in s.split() if w not in _ARTICLES]
-    return " ".join(words)
-
-
-def soft_scores(answers: list[str]) -> dict[str, float]:
-    """Training targets from the (usually 10) human answers: min(1, count / 3) per answer."""
-    counts = Counter(normalize_answer(a) for a in answers)
-    return {a: min(1.0, c / 3.0) for a, c in counts.items()}
-
-
-def vqa_accuracy(prediction: str, answers: list[str]) -> float:
-    """Standard VQA accuracy of one prediction against the human answers: the mean, over the
-    leave-one-annotator-out subsets, of min(1, matching answers in the subset / 3)."""
-    if not answers:
-        raise ValueError("a question without human answers cannot be scored")
-    p = normalize_answer(prediction)
-    match = [normalize_answer(a) == p for a in answers]
-    total = sum(match)
-    return sum(min(1.0, (total - m) / 3.0) for m in match) / len(match)

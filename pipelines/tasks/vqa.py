@@ -3,15 +3,19 @@
     DATA/v2_OpenEnded_mscoco_{SPLIT}2014_questions.json   {"questions": [{question_id, image_id, question}]}
     DATA/v2_mscoco_{SPLIT}2014_annotations.json           {"annotations": [{question_id, image_id,
                                                             multiple_choice_answer, answers: [{answer}]}]}
-(or SPLIT_questions.json / SPLIT_annotations.json). The answer vocabulary is the `num_answers`
-(3,129) most frequent normalised `multiple_choice_answer`s of the train annotations, or a given
-file (`answers`: JSON list, one answer a line, or the official trainval_label2ans.pkl, read with
-the restricted unpickler). Targets are soft scores min(1, count/3) over the vocabulary; the `vqa`
-answer head (MLP on h_IMG * h_CLS) is trained with BCE (summed over answers, as in the official
-code); evaluation reports the standard VQA accuracy of the top answer.
+(or SPLIT_questions.json / SPLIT_annotations.json; test-dev and test are the 2015 files). The
+answer vocabulary is a given file (`answers`: JSON list, one answer a line, or the released
+trainval_label2ans.pkl, read with the restricted unpickler) or built as the released preprocessing
+builds it (`vqa_eval.py`): the normalised `multiple_choice_answer`s that at least `min_answer_count`
+(9) training questions give, the most frequent `num_answers` (3,129) of them. Targets are the
+released soft scores (0.3 / 0.6 / 0.9 / 1 for 1 / 2 / 3 / >= 4 annotators) of the raw human answers
+found in the vocabulary; the `vqa` answer head (MLP on h_IMG * h_CLS) is trained with BCE (summed
+over answers, as in the official code). Evaluation reports the official VQA accuracy of the top
+answer (`vqa_eval.vqa_accuracy`), overall and per answer type; the predictions of a split without
+annotations (test-dev, test) are the EvalAI submission file, [{"question_id", "answer"}].
 
-extra options: answers (file), num_answers (default 3129), train_split (default "train"; several
-joined by commas, e.g. "train,val").
+extra options: answers (file), num_answers (default 3129), min_answer_count (default 9),
+train_split (default "train"; several joined by commas, e.g. "train,val").
 """
 from __future__ import annotations
 
@@ -23,28 +27,44 @@ import torch.nn.functional as F
 
 from .base import Task, batched, log, read_json, write_json
 from .features import check_features, image_batch
-from .metrics import normalize_answer, soft_scores, vqa_accuracy
 from .refer_pickle import load_plain_pickle
 from .text import encode
+from .vqa_eval import answer_score, preprocess_answer, vqa_accuracy
 
 
 def _find(data: Path, split: str, kind: str) -> Path | None:
-    names = ([f"v2_OpenEnded_mscoco_{split}2014_questions.json", f"{split}_questions.json"] if kind == "questions"
-             else [f"v2_mscoco_{split}2014_annotations.json", f"{split}_annotations.json"])
+    official = "v2_OpenEnded_mscoco_{}{}_questions.json" if kind == "questions" else "v2_mscoco_{}{}_annotations.json"
+    names = [official.format(split, year) for year in (2014, 2015)] + [f"{split}_{kind}.json"]
     return next((data / n for n in names if (data / n).is_file()), None)
 
 
+def _record(path: Path, k: int, record, fields: dict) -> None:
+    """A one-line error naming the file, the record and the field unless `record` has every field
+    of the right type."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}: record #{k} is a {type(record).__name__}, expected an object")
+    for name, kinds in fields.items():
+        if name not in record:
+            raise ValueError(f"{path}: record #{k} has no {name!r}")
+        if not isinstance(record[name], kinds) or isinstance(record[name], bool):
+            raise ValueError(f"{path}: record #{k}: {name!r} is {record[name]!r}, expected "
+                             + " or ".join(t.__name__ for t in (kinds if isinstance(kinds, tuple) else (kinds,))))
+
+
 def load_vqa_split(data: Path, split: str, need_answers: bool = True) -> list[dict]:
-    """-> [{question_id, image_id, question, answers (list or None)}]"""
+    """-> [{question_id, image_id, question, answers (list or None), mc_answer, answer_type}]"""
     qpath = _find(data, split, "questions")
     if qpath is None:
-        raise FileNotFoundError(f"{data}: no questions file for split {split!r} "
-                                f"(v2_OpenEnded_mscoco_{split}2014_questions.json or {split}_questions.json)")
+        raise FileNotFoundError(f"{data}: no questions file for split {split!r} (v2_OpenEnded_mscoco_{split}2014"
+                                f"_questions.json, ..._{split}2015_questions.json or {split}_questions.json)")
     doc = read_json(qpath, "VQA questions")
     if not isinstance(doc, dict) or not isinstance(doc.get("questions"), list):
         raise ValueError(f"{qpath}: expected {{\"questions\": [...]}}")
-    items = {q["question_id"]: {"question_id": q["question_id"], "image_id": q["image_id"],
-                                "question": q["question"], "answers": None} for q in doc["questions"]}
+    items = {}
+    for k, q in enumerate(doc["questions"]):
+        _record(qpath, k, q, {"question_id": int, "image_id": (int, str), "question": str})
+        items[q["question_id"]] = {"question_id": q["question_id"], "image_id": q["image_id"],
+                                   "question": q["question"], "answers": None}
     apath = _find(data, split, "annotations")
     if apath is None:
         if need_answers:
@@ -53,11 +73,16 @@ def load_vqa_split(data: Path, split: str, need_answers: bool = True) -> list[di
     adoc = read_json(apath, "VQA annotations")
     if not isinstance(adoc, dict) or not isinstance(adoc.get("annotations"), list):
         raise ValueError(f"{apath}: expected {{\"annotations\": [...]}}")
-    for a in adoc["annotations"]:
+    for k, a in enumerate(adoc["annotations"]):
+        _record(apath, k, a, {"question_id": int, "answers": list})
         if a["question_id"] not in items:
             raise ValueError(f"{apath}: annotation for unknown question_id {a['question_id']}")
-        items[a["question_id"]]["answers"] = [x["answer"] for x in a["answers"]]
-        items[a["question_id"]]["mc_answer"] = a.get("multiple_choice_answer")
+        for answer in a["answers"]:
+            if not isinstance(answer, dict) or not isinstance(answer.get("answer"), str):
+                raise ValueError(f"{apath}: record #{k} (question {a['question_id']}): each of 'answers' must be "
+                                 f"an object with an 'answer' string, got {answer!r}")
+        items[a["question_id"]].update(answers=[x["answer"] for x in a["answers"]],
+                                       mc_answer=a.get("multiple_choice_answer"), answer_type=a.get("answer_type"))
     return list(items.values())
 
 
@@ -73,10 +98,14 @@ def load_answer_list(path: Path) -> list[str]:
     return answers
 
 
-def build_answer_vocab(items: list[dict], size: int) -> list[str]:
-    counts = Counter(normalize_answer(it.get("mc_answer") or Counter(it["answers"]).most_common(1)[0][0])
+def build_answer_vocab(items: list[dict], size: int, min_count: int = 9) -> list[str]:
+    """The released vocabulary: each question's normalised `multiple_choice_answer` (else its most
+    common human answer), kept when at least `min_count` questions give it; the `size` most frequent
+    (ties alphabetically; the released file's own order is that of a Python 2 dict)."""
+    counts = Counter(preprocess_answer(it.get("mc_answer") or Counter(it["answers"]).most_common(1)[0][0])
                      for it in items if it["answers"])
-    return [a for a, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:size]]
+    kept = [(a, c) for a, c in counts.items() if c >= min_count]
+    return [a for a, _ in sorted(kept, key=lambda kv: (-kv[1], kv[0]))[:size]]
 
 
 class VQATask(Task):
@@ -96,8 +125,12 @@ class VQATask(Task):
             self.answers = load_answer_list(Path(x["answers"]))
         else:
             self._train = self.load_train()
-            self.answers = build_answer_vocab(self._train, int(x.get("num_answers") or 3129))
-        self.index = {normalize_answer(a): i for i, a in enumerate(self.answers)}
+            self.answers = build_answer_vocab(self._train, int(x.get("num_answers") or 3129),
+                                              int(x.get("min_answer_count") or 9))
+            if not self.answers:
+                raise ValueError(f"{self.data}: no answer is given by {x.get('min_answer_count') or 9} training "
+                                 "questions (lower --min-answer-count, or pass --answers)")
+        self.index = {a: i for i, a in enumerate(self.answers)}  # exact strings, as the released targets
         write_json(Path(opts.out) / "answers.json", self.answers)
         log.info("vqa: %d answers", len(self.answers))
 
@@ -114,9 +147,9 @@ class VQATask(Task):
         images = image_batch(self.store, [it["image_id"] for it in items], self.opts.max_regions)
         targets = torch.zeros(len(items), len(self.answers))  # (B, A) soft scores
         for i, it in enumerate(items):
-            for a, s in soft_scores(it["answers"] or []).items():
+            for a, n in Counter(it["answers"] or []).items():  # raw answers, as the released targets
                 if a in self.index:
-                    targets[i, self.index[a]] = s
+                    targets[i, self.index[a]] = answer_score(n)
         text = encode(self.tokenizer, [it["question"] for it in items], self.opts.max_seq_length)
         return {**text, **images, "targets": targets}
 
@@ -139,7 +172,7 @@ class VQATask(Task):
     def evaluate(self, model, split):
         items = self.eval_inputs(split)
         model.eval()
-        preds, scores = [], []
+        preds, scores, by_type = [], [], {}
         for chunk in batched(items, self.opts.eval_batch_size):
             batch = self.to_device(self.make_batch(chunk))
             top = model.task_logits("vqa", self.backbone(model, batch)).argmax(1).tolist()  # (B,)
@@ -147,8 +180,11 @@ class VQATask(Task):
                 preds.append({"question_id": it["question_id"], "answer": self.answers[k]})
                 if it["answers"]:
                     scores.append(vqa_accuracy(self.answers[k], it["answers"]))
+                    by_type.setdefault(it.get("answer_type") or "unknown", []).append(scores[-1])
         metrics = {"questions": len(items)}
-        if scores:
+        if scores:  # a split without annotations (test-dev, test): predictions only, for EvalAI
             metrics["accuracy"] = sum(scores) / len(scores)
             metrics["answered"] = len(scores)
+            for kind, values in sorted(by_type.items()):
+                metrics[f"accuracy_{kind}"] = sum(values) / len(values)
         return metrics, preds

@@ -110,7 +110,7 @@ def test_bad_inputs_fail_with_the_file_and_the_reason(refer, tmp_path, capsys):
 
 
 def test_official_checkpoint_with_task_tokens_and_refer_head(tmp_path):
-    from test_official import CFG, official_state
+    from official_state import CFG, official_state
 
     torch.save(official_state(task_tokens=True), tmp_path / "pytorch_model.bin")
     (tmp_path / "config.json").write_text(json.dumps(CFG.to_dict()))

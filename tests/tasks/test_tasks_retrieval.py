@@ -112,7 +112,7 @@ def test_zero_shot_then_finetuned(flickr, tmp_path):
 
 
 def test_official_checkpoint_uses_its_retrieval_head(flickr, tmp_path):
-    from test_official import CFG, official_state
+    from official_state import CFG, official_state
 
     torch.save(official_state(task_tokens=True), tmp_path / "pytorch_model.bin")
     (tmp_path / "config.json").write_text(json.dumps(CFG.to_dict()))
