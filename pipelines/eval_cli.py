@@ -19,7 +19,8 @@ from pipelines.tasks.base import TaskOptions, autocast, finetune, log, write_jso
 
 # task-specific options, passed to the task in TaskOptions.extra
 TASK_OPTIONS = ("gt_features", "refs_file", "eval_on_gt", "hard_targets", "visualize", "images", "score_head",
-                "max_images", "pair_batch", "answers", "num_answers", "min_answer_count", "train_split")
+                "max_images", "pair_batch", "karpathy_file", "answers", "num_answers", "min_answer_count",
+                "train_split")
 
 
 def load_model(checkpoint, official_checkpoint, official_config, preset, device):
@@ -91,6 +92,8 @@ def load_model(checkpoint, official_checkpoint, official_config, preset, device)
               help="retrieval: score pairs with the alignment head or a 'retrieval' head "
                    "(auto: the latter if present).")
 @click.option("--max-images", type=int, help="retrieval: evaluate on the first N images only.")
+@click.option("--karpathy-file", help="retrieval: the Karpathy split file in --data to read (e.g. dataset_coco.json) "
+                                      "when it holds several, or instead of SPLIT.jsonl.")
 @click.option("--pair-batch", type=int, default=256, help="retrieval: (caption, image) pairs per forward pass.")
 @click.option("--answers", type=click.Path(exists=True, dir_okay=False),
               help="vqa: answer vocabulary (.json list, .txt, or the official label2ans .pkl).")

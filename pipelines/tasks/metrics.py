@@ -32,27 +32,46 @@ def hit_rate(pred_boxes, gt_boxes, threshold: float = 0.5) -> tuple[float, list[
     return sum(hits) / len(hits), hits
 
 
-def recall_at_k(scores, caption_image, ks=(1, 5, 10)) -> dict[str, float]:
+def check_finite_scores(scores: torch.Tensor, caption_names=None, image_names=None) -> None:
+    """ValueError naming the (caption, image) pairs whose score is NaN or infinite: such a score
+    would rank as anything, and a recall computed over it means nothing."""
+    bad = (~torch.isfinite(scores)).nonzero().tolist()
+    if bad:
+        def name(names, k, kind):
+            return repr(names[k]) if names is not None else f"{kind} #{k}"
+
+        shown = ", ".join(f"({name(caption_names, c, 'caption')}, {name(image_names, i, 'image')})"
+                          for c, i in bad[:5])
+        raise ValueError(f"{len(bad)} of {scores.numel()} caption-image scores are not finite, e.g. {shown}: "
+                         "check the features of those images (NaN or infinite values) and the model")
+
+
+def recall_at_k(scores, caption_image, ks=(1, 5, 10), caption_names=None, image_names=None) -> dict[str, float]:
     """Retrieval recall. scores: (C, I) caption x image similarity; caption_image: (C,) index of
-    each caption's image. Text->image: rank of the caption's image among all images. Image->text:
-    rank of the best-ranked of the image's own captions among all captions (images without a
-    caption are skipped). Returns {"t2i_R@k": ..., "i2t_R@k": ...} as fractions."""
+    each caption's image. Text->image: the rank of the caption's image among all images.
+    Image->text: the rank of the best-scored of the image's own captions among the other images'
+    captions (images without a caption are skipped). A tie ranks at its worst (every other
+    candidate with the same score counts as better), so identical scores never look like hits; a
+    non-finite score is a ValueError naming the pairs. Returns {"t2i_R@k", "i2t_R@k", and the
+    official median and mean rank, floor(median(rank) + 1) and mean(rank) + 1} with recalls as
+    fractions."""
     scores = torch.as_tensor(scores, dtype=torch.float64)
     gt = torch.as_tensor(caption_image, dtype=torch.long)
     C, I = scores.shape
+    if C == 0 or I == 0:
+        raise ValueError(f"retrieval needs captions and images, got {C} captions and {I} images")
+    check_finite_scores(scores, caption_names, image_names)
+    own_pair = gt[:, None] == torch.arange(I)[None, :]  # (C, I) the caption's own image
     own = scores[torch.arange(C), gt]  # (C,)
-    t2i_rank = (scores > own[:, None]).sum(1)  # (C,) images strictly better than the right one
-    # image->text: for each image, the best rank any of its captions reaches in the column
-    i2t_rank = []
-    for i in range(I):
-        mine = (gt == i).nonzero().flatten()
-        if len(mine) == 0:
-            continue
-        col = scores[:, i]  # (C,)
-        i2t_rank.append(int((col > col[mine].max()).sum()))
-    i2t_rank = torch.tensor(i2t_rank)
+    t2i_rank = ((scores >= own[:, None]) & ~own_pair).sum(1)  # (C,) other images scoring at least as high
+    has_caption = own_pair.any(0)  # (I,)
+    best_own = torch.where(own_pair, scores, torch.full_like(scores, -torch.inf)).max(0).values  # (I,)
+    i2t_rank = ((scores >= best_own[None, :]) & ~own_pair).sum(0)[has_caption]  # (I',) other images' captions
     out = {}
     for k in ks:
         out[f"t2i_R@{k}"] = float((t2i_rank < k).double().mean())
-        out[f"i2t_R@{k}"] = float((i2t_rank < k).double().mean()) if len(i2t_rank) else 0.0
+        out[f"i2t_R@{k}"] = float((i2t_rank < k).double().mean())
+    for kind, rank in (("t2i", t2i_rank), ("i2t", i2t_rank)):
+        out[f"{kind}_medr"] = float(np.floor(np.median(rank.numpy()) + 1))
+        out[f"{kind}_meanr"] = float(rank.double().mean() + 1)
     return out

@@ -34,11 +34,26 @@ from .pair_scoring import PairScorer
 from .text import encode
 
 
-def load_retrieval_split(data: Path, split: str) -> list[tuple[str, list[str]]]:
-    """-> [(image id, [captions])]"""
+def karpathy_file(data: Path, name: str | None = None) -> Path | None:
+    """The Karpathy split file of `data`: `name` if given, else its one dataset_*.json (None if it
+    has none); several without a name is an error naming them (they unpack together)."""
+    if name:
+        path = data / name if not Path(name).is_absolute() else Path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"--karpathy-file {name}: no such file in {data}")
+        return path
+    found = sorted(p for p in data.glob("dataset_*.json") if p.is_file())
+    if len(found) > 1:
+        raise ValueError(f"{data}: several Karpathy split files ({', '.join(p.name for p in found)}); "
+                         "choose one with --karpathy-file")
+    return found[0] if found else None
+
+
+def load_retrieval_split(data: Path, split: str, karpathy: str | None = None) -> list[tuple[str, list[str]]]:
+    """-> [(image id, [captions])], from SPLIT.jsonl / SPLIT.jsonline, else the Karpathy split file."""
     for name in (f"{split}.jsonl", f"{split}.jsonline"):
         path = data / name
-        if path.is_file():
+        if path.is_file() and not karpathy:
             out = []
             for n, line in enumerate(path.read_text().splitlines(), 1):
                 if not line.strip():
@@ -48,16 +63,19 @@ def load_retrieval_split(data: Path, split: str) -> list[tuple[str, list[str]]]:
                     out.append((Path(row["img_path"]).stem, [str(s) for s in row["sentences"]]))
                 except (ValueError, KeyError, TypeError) as e:
                     raise ValueError(f"{path}:{n}: expected {{\"img_path\": ..., \"sentences\": [...]}}: {e}") from e
+            log.info("retrieval %s: %s", split, path)
             return out
-    karpathy = sorted(data.glob("dataset_*.json"))
-    if karpathy:
-        doc = read_json(karpathy[0], "Karpathy split file")
+    path = karpathy_file(data, karpathy)
+    if path is not None:
+        doc = read_json(path, "Karpathy split file")
         want = {"train", "restval"} if split == "train" else {split}
         try:
-            return [(Path(im["filename"]).stem, [s["raw"] for s in im["sentences"]])
+            rows = [(Path(im["filename"]).stem, [s["raw"] for s in im["sentences"]])
                     for im in doc["images"] if im["split"] in want]
         except (KeyError, TypeError) as e:
-            raise ValueError(f"{karpathy[0]}: expected images[] with filename, split, sentences[].raw: {e}") from e
+            raise ValueError(f"{path}: expected images[] with filename, split, sentences[].raw: {e}") from e
+        log.info("retrieval %s: %s (Karpathy split %s)", split, path, "+".join(sorted(want)))
+        return rows
     raise FileNotFoundError(f"{data}: no {split}.jsonl, {split}.jsonline or dataset_*.json")
 
 
@@ -81,7 +99,7 @@ class RetrievalTask(Task):
 
     # -- training ----------------------------------------------------------------------------
     def _load_train(self):
-        images = load_retrieval_split(self.data, "train")
+        images = load_retrieval_split(self.data, "train", self.opts.extra.get("karpathy_file"))
         images = [(i, caps) for i, caps in images if caps]
         if len(images) < 2:
             raise ValueError(f"{self.data}: retrieval training needs at least 2 images with captions")
@@ -126,7 +144,7 @@ class RetrievalTask(Task):
 
     # -- evaluation --------------------------------------------------------------------------
     def eval_inputs(self, split: str) -> list:
-        images = [(i, caps) for i, caps in load_retrieval_split(self.data, split)]
+        images = load_retrieval_split(self.data, split, self.opts.extra.get("karpathy_file"))
         if self.opts.extra.get("max_images"):
             images = images[: int(self.opts.extra["max_images"])]
         check_features(self.store, [i for i, _ in images], split)
@@ -148,11 +166,13 @@ class RetrievalTask(Task):
             imgs = self.to_device(self._image_tensors([i for i, _ in images[i0:i0 + chunk]]))
             scores[:, i0:i0 + chunk] = scorer.score_matrix(text, imgs, int(self.opts.extra.get("pair_batch") or 256))
         gt = torch.tensor([k for _, k in caps])
-        metrics = recall_at_k(scores, gt)
+        metrics = recall_at_k(scores, gt, caption_names=[f"{c[:40]} ({images[k][0]})" for c, k in caps],
+                              image_names=[i for i, _ in images])
         seconds = time.perf_counter() - t0
         metrics.update({"captions": len(caps), "images": len(images), "score_head": scorer.head,
                         "pairs_per_s": round(len(caps) * len(images) / max(seconds, 1e-9), 1)})
         top = scores.topk(min(10, len(images)), dim=1).indices
         preds = [{"caption": c, "image_id": images[k][0], "top10": [images[j][0] for j in top[n].tolist()],
-                  "rank": int((scores[n] > scores[n, k]).sum())} for n, (c, k) in enumerate(caps)]
+                  "rank": int((scores[n] >= scores[n, k]).sum()) - 1}  # ties at their worst, as the metric
+                 for n, (c, k) in enumerate(caps)]
         return metrics, preds

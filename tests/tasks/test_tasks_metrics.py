@@ -53,6 +53,38 @@ def test_recall_at_k_hand_case():
     # image 1: column [0.1, 0.5, 0.2, 0.0], own caption 2 is 2nd; image 2: [0.2, 0.3, 0.1, 0.4] -> 1st
     assert r["i2t_R@1"] == pytest.approx(2 / 3)
     assert r["i2t_R@2"] == 1.0
+    # the official median and mean rank (1-based): text->image ranks 0, 2, 1, 0
+    assert r["t2i_medr"] == 1.0 and r["t2i_meanr"] == pytest.approx(1.75)
+    assert r["i2t_medr"] == 1.0 and r["i2t_meanr"] == pytest.approx(4 / 3)  # ranks 0, 1, 0
+
+
+def test_recall_ties_rank_at_their_worst():
+    gt = [0, 0, 1, 2]
+    same = torch.full((4, 3), 0.5)  # e.g. identical image features: every image ties
+    r = recall_at_k(same, gt, ks=(1, 2, 3))
+    assert (r["t2i_R@1"], r["t2i_R@2"], r["t2i_R@3"]) == (0.0, 0.0, 1.0)  # each caption: 2 others tie
+    # image 0 ties with the 2 captions of other images, images 1 and 2 with 3 each
+    assert (r["i2t_R@1"], r["i2t_R@3"]) == (0.0, pytest.approx(1 / 3))
+    one_tie = torch.tensor([[1.0, 1.0, 0.0]])  # the right image ties with one other: 2nd, not 1st
+    assert recall_at_k(one_tie, [0], ks=(1, 2))["t2i_R@1"] == 0.0
+    assert recall_at_k(one_tie, [0], ks=(1, 2))["t2i_R@2"] == 1.0
+    # two captions of the same image tying with each other do not push each other down
+    own_tie = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.2, 0.8]])
+    assert recall_at_k(own_tie, [0, 0, 1], ks=(1,))["i2t_R@1"] == 1.0
+    assert recall_at_k(torch.tensor([[0.3]]), [0], ks=(1,))["t2i_R@1"] == 1.0  # one image: trivially right
+
+
+def test_recall_refuses_non_finite_and_empty_scores():
+    scores = torch.rand(4, 3)
+    scores[1, 2] = float("nan")
+    scores[3, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"2 of 12 caption-image scores are not finite, e.g. "
+                                         r"\(caption #1, image #2\), \(caption #3, image #0\)"):
+        recall_at_k(scores, [0, 0, 1, 2])
+    with pytest.raises(ValueError, match=r"\('a dog', 'img7'\)"):
+        recall_at_k(torch.tensor([[float("nan")]]), [0], caption_names=["a dog"], image_names=["img7"])
+    with pytest.raises(ValueError, match="0 captions and 3 images"):
+        recall_at_k(torch.zeros(0, 3), [])
 
 
 class _Exploit:

@@ -67,6 +67,16 @@ def test_flickr_and_karpathy_files(flickr, tmp_path):
         {"filename": "3.jpg", "split": "test", "sentences": [{"raw": "a cow"}]}]}))
     assert load_retrieval_split(tmp_path, "train") == [("1", ["a dog"]), ("2", ["a cat"])]
     assert load_retrieval_split(tmp_path, "test") == [("3", ["a cow"])]
+    # several Karpathy files unpack into one folder: the choice must be explicit
+    (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": [
+        {"filename": "COCO_val2014_000000000009.jpg", "split": "test", "sentences": [{"raw": "a bus"}]}]}))
+    with pytest.raises(ValueError, match="several Karpathy split files .dataset_coco.json, dataset_flickr30k.json.; "
+                                         "choose one with --karpathy-file"):
+        load_retrieval_split(tmp_path, "test")
+    assert load_retrieval_split(tmp_path, "test", "dataset_coco.json") == [("COCO_val2014_000000000009", ["a bus"])]
+    assert load_retrieval_split(tmp_path, "test", "dataset_flickr30k.json") == [("3", ["a cow"])]
+    with pytest.raises(FileNotFoundError, match="--karpathy-file dataset_f8k.json: no such file"):
+        load_retrieval_split(tmp_path, "test", "dataset_f8k.json")
     (tmp_path / "val.jsonl").write_text('{"img_path": "1.jpg"}\n')
     with pytest.raises(ValueError, match=r"val.jsonl:1: expected"):
         load_retrieval_split(tmp_path, "val")
@@ -122,3 +132,22 @@ def test_official_checkpoint_uses_its_retrieval_head(flickr, tmp_path):
                "--official-config", str(tmp_path / "config.json")) == 0
     res = json.loads((tmp_path / "o" / "results.json").read_text())
     assert res["splits"]["test"]["score_head"] == "retrieval" and res["model"].startswith("official checkpoint")
+
+
+def test_nan_features_are_an_error_naming_the_pairs_not_hits(tmp_path, capsys):
+    import shutil
+
+    from tasks_data import write_shards
+
+    d = {"root": tmp_path, "data": make_retrieval(tmp_path, n_train=2, n_test=4), "vocab": write_vocab(tmp_path),
+         "ckpt": tiny_checkpoint(tmp_path / "ckpt")}
+    shutil.rmtree(tmp_path / "features")
+    rng = np.random.default_rng(0)
+    boxes = np.array([[0, 0, 40, 40], [50, 50, 90, 90]], np.float32)
+    write_shards(tmp_path / "features", {str(1000092797 + k): (np.full((2, 32), np.nan, np.float32) if k < 2 else
+                                                                 rng.normal(size=(2, 32)).astype(np.float32), boxes)
+                                         for k in range(4)})
+    assert run(d, tmp_path / "out", "--checkpoint", str(d["ckpt"])) == 1
+    err = capsys.readouterr().err
+    assert "caption-image scores are not finite" in err and "'1000092797'" in err
+    assert not (tmp_path / "out" / "results.json").exists()
