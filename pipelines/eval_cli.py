@@ -18,9 +18,9 @@ from pipelines.tasks import TASKS
 from pipelines.tasks.base import TaskOptions, autocast, finetune, log, write_json
 
 # task-specific options, passed to the task in TaskOptions.extra
-TASK_OPTIONS = ("gt_features", "refs_file", "eval_on_gt", "hard_targets", "visualize", "images", "score_head",
-                "max_images", "pair_batch", "karpathy_file", "answers", "num_answers", "min_answer_count",
-                "train_split")
+TASK_OPTIONS = ("gt_features", "refs_file", "eval_on_gt", "hard_targets", "iou_rule", "visualize", "images",
+                "score_head", "max_images", "pair_batch", "karpathy_file", "answers", "num_answers",
+                "min_answer_count", "train_split")
 
 
 def load_model(checkpoint, official_checkpoint, official_config, preset, device):
@@ -85,6 +85,11 @@ def load_model(checkpoint, official_checkpoint, official_config, preset, device)
 @click.option("--refs-file", default="refs(unc).p", help="refcoco+: the refs pickle in --data (refcocog: refs(umd).p).")
 @click.option("--eval-on-gt-boxes", "eval_on_gt", is_flag=True, help="refcoco+: evaluate on the --gt-boxes regions.")
 @click.option("--hard-targets", is_flag=True, help="refcoco+: 1/0 targets instead of the IoU (>= 0.5).")
+@click.option("--iou-rule", type=click.Choice(["vilbert-multi-task", "vl-bert", "refer", "continuous"]),
+              default="vilbert-multi-task", show_default=True,
+              help="refcoco+: how a box is judged: vilbert-multi-task (end pixels counted, IoU > 0.5), vl-bert "
+                   "(end pixels counted, >= 0.5), refer (the refer toolkit's computeIoU, >= 0.5), continuous "
+                   "(no pixel convention, >= 0.5); see docs/tasks.md.")
 @click.option("--visualize", type=int, default=0, help="refcoco+: draw the first N predictions per split.")
 @click.option("--images", type=click.Path(exists=True, file_okay=False),
               help="refcoco+: COCO image folder for --visualize (else a grey canvas).")

@@ -5,30 +5,67 @@ import numpy as np
 import torch
 
 
-def box_iou(a, b) -> torch.Tensor:
+def box_iou(a, b, pixel_inclusive: bool = False) -> torch.Tensor:
     """IoU of every box in `a` (N, 4) with every box in `b` (K, 4), x1 y1 x2 y2 -> (N, K).
-    Continuous coordinates (no +1 pixel); degenerate boxes have IoU 0."""
+    Continuous coordinates by default; `pixel_inclusive`: Caffe-era boxes that count both end pixels
+    (width x2 - x1 + 1, an intersection x2 - x1 + 1 clamped at 0), as vilbert-multi-task's and
+    VL-BERT's refer code. Degenerate boxes have IoU 0."""
     a = torch.as_tensor(a, dtype=torch.float32).reshape(-1, 4)
     b = torch.as_tensor(b, dtype=torch.float32).reshape(-1, 4)
-    area_a = (a[:, 2] - a[:, 0]).clamp(min=0) * (a[:, 3] - a[:, 1]).clamp(min=0)  # (N,)
-    area_b = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)  # (K,)
+    one = 1.0 if pixel_inclusive else 0.0
+    area_a = (a[:, 2] - a[:, 0] + one).clamp(min=0) * (a[:, 3] - a[:, 1] + one).clamp(min=0)  # (N,)
+    area_b = (b[:, 2] - b[:, 0] + one).clamp(min=0) * (b[:, 3] - b[:, 1] + one).clamp(min=0)  # (K,)
     lt = torch.maximum(a[:, None, :2], b[None, :, :2])  # (N, K, 2)
     rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = (rb - lt).clamp(min=0).prod(-1)  # (N, K)
+    inter = (rb - lt + one).clamp(min=0).prod(-1)  # (N, K)
     union = area_a[:, None] + area_b[None, :] - inter
     return torch.where(union > 0, inter / union.clamp(min=1e-12), torch.zeros_like(inter))
 
 
-def hit_rate(pred_boxes, gt_boxes, threshold: float = 0.5) -> tuple[float, list[bool]]:
-    """Fraction of predictions whose IoU with their own ground-truth box is >= threshold."""
+def refer_toolkit_iou(a, b) -> torch.Tensor:
+    """The refer toolkit's `computeIoU` (pyEvalDemo), on x1 y1 x2 y2 boxes: on its x, y, w, h boxes
+    it takes x + w - 1 as the last pixel and adds the 1 back, so an intersection is continuous,
+    except that one at most one pixel wide or high counts as none; areas are w x h."""
+    a = torch.as_tensor(a, dtype=torch.float32).reshape(-1, 4)
+    b = torch.as_tensor(b, dtype=torch.float32).reshape(-1, 4)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])  # (N,)
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])  # (K,)
+    side = torch.minimum(a[:, None, 2:], b[None, :, 2:]) - torch.maximum(a[:, None, :2], b[None, :, :2])  # (N, K, 2)
+    inter = torch.where((side > 1).all(-1), side.prod(-1), torch.zeros_like(side[..., 0]))  # (N, K)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return torch.where(union > 0, inter / union.clamp(min=1e-12), torch.zeros_like(inter))
+
+
+# how a predicted box is judged against the referred one: (IoU function, a hit is IoU > 0.5 or >= 0.5)
+IOU_RULES = {
+    "vilbert-multi-task": (lambda a, b: box_iou(a, b, pixel_inclusive=True), "> 0.5"),  # task_utils.py V-logit
+    "vl-bert": (lambda a, b: box_iou(a, b, pixel_inclusive=True), ">= 0.5"),  # refcoco/function/test.py
+    "refer": (refer_toolkit_iou, ">= 0.5"),  # the refer toolkit's pyEvalDemo
+    "continuous": (box_iou, ">= 0.5"),  # no pixel convention (torchvision / detectron2 IoU)
+}
+
+
+def is_hit(iou: torch.Tensor, rule: str) -> torch.Tensor:
+    """IoU above the rule's threshold: > 0.5 for vilbert-multi-task, >= 0.5 for the others."""
+    return iou > 0.5 if IOU_RULES[rule][1] == "> 0.5" else iou >= 0.5
+
+
+def rule_iou(a, b, rule: str) -> torch.Tensor:
+    if rule not in IOU_RULES:
+        raise ValueError(f"unknown IoU rule {rule!r} (one of {', '.join(IOU_RULES)})")
+    return IOU_RULES[rule][0](a, b)
+
+
+def hit_rate(pred_boxes, gt_boxes, rule: str = "continuous") -> tuple[float, list[bool]]:
+    """Fraction of predictions whose IoU with their own ground-truth box is a hit under `rule`."""
     pred = torch.as_tensor(np.asarray(pred_boxes, np.float32)).reshape(-1, 4)
     gt = torch.as_tensor(np.asarray(gt_boxes, np.float32)).reshape(-1, 4)
     if len(pred) != len(gt):
         raise ValueError(f"{len(pred)} predictions for {len(gt)} ground-truth boxes")
     if len(pred) == 0:
         return 0.0, []
-    ious = box_iou(pred, gt).diagonal()  # (N,)
-    hits = (ious >= threshold).tolist()
+    ious = rule_iou(pred, gt, rule).diagonal()  # (N,)
+    hits = is_hit(ious, rule).tolist()
     return sum(hits) / len(hits), hits
 
 

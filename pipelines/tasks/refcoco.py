@@ -8,10 +8,13 @@ visual hidden state). Training targets follow vilbert-multi-task: the IoU of a r
 referred box where it is >= 0.5, else 0 (`soft_targets=False` gives 1/0); BCE summed over regions,
 averaged over expressions. With `gt_features` (shards of ground-truth boxes) training sees the
 detected and the ground-truth regions together, as in ViLBERT. Evaluation picks the top-scoring
-region and counts a hit when its IoU with the referred box is >= 0.5.
+region and counts a hit by the `iou_rule` (default vilbert-multi-task's: IoU with both end
+pixels counted, > 0.5; metrics.IOU_RULES and docs/tasks.md say which code follows which rule);
+the training targets use the same IoU.
 
 extra options: gt_features (folder), eval_on_gt (bool), soft_targets (bool, default True),
-visualize (int), images (folder of COCO images for --visualize), refs_file (default "refs(unc).p").
+visualize (int), images (folder of COCO images for --visualize), refs_file (default "refs(unc).p"),
+iou_rule (vilbert-multi-task, vl-bert, refer or continuous).
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import torch.nn.functional as F
 
 from .base import Task, batched, log, read_json
 from .features import FeatureStore, check_features, pad_regions, with_img_token
-from .metrics import box_iou
+from .metrics import IOU_RULES, is_hit, rule_iou
 from .refer_pickle import load_refs
 from .text import encode
 
@@ -65,6 +68,9 @@ class RefCOCOTask(Task):
         if x.get("eval_on_gt") and self.gt_store is None:
             raise ValueError("eval_on_gt needs gt_features (shards extracted with vilbert-extract --gt-boxes)")
         self.soft = x.get("soft_targets", True)
+        self.iou_rule = x.get("iou_rule") or "vilbert-multi-task"
+        if self.iou_rule not in IOU_RULES:
+            raise ValueError(f"unknown IoU rule {self.iou_rule!r} (one of {', '.join(IOU_RULES)})")
         for split, entries in self.splits.items():
             log.info("refcoco+ %s: %d expressions", split, len(entries))
         used = list(opts.splits or self.default_splits) + (["train"] if opts.train_steps > 0 else [])
@@ -101,7 +107,7 @@ class RefCOCOTask(Task):
         targets = torch.zeros(B, R)  # (B, R), 0 at [IMG] and padding
         boxes = torch.zeros(B, R, 4)  # (B, R, 4) pixels, [IMG] = 0
         for i, (e, (_, _, bx)) in enumerate(zip(entries, regions)):
-            iou = box_iou(bx, [e["box"]])[:, 0]  # (N,)
+            iou = rule_iou(bx, [e["box"]], self.iou_rule)[:, 0]  # (N,)
             targets[i, 1:1 + len(bx)] = torch.where(iou >= 0.5, iou if self.soft else torch.ones_like(iou), 0.0)
             boxes[i, 1:1 + len(bx)] = torch.from_numpy(bx)
         text = encode(self.tokenizer, [e["expression"] for e in entries], self.opts.max_seq_length)
@@ -144,11 +150,11 @@ class RefCOCOTask(Task):
             for i, e in enumerate(chunk):
                 n = int(batch["image_mask"][i].sum()) - 1
                 bx = batch["boxes"][i, 1:1 + n].cpu()
-                ious = box_iou(bx, [e["box"]])[:, 0]  # (N,)
+                ious = rule_iou(bx, [e["box"]], self.iou_rule)[:, 0]  # (N,)
                 iou = float(ious[top[i] - 1])
-                hit = iou >= 0.5
+                hit = bool(is_hit(ious[top[i] - 1], self.iou_rule))
                 hits += hit
-                reachable += bool((ious >= 0.5).any())
+                reachable += bool(is_hit(ious, self.iou_rule).any())
                 preds.append({"sent_id": e["sent_id"], "ref_id": e["ref_id"], "image_id": e["image_id"],
                               "expression": e["expression"], "pred_box": [round(float(v), 2) for v in bx[top[i] - 1]],
                               "gt_box": [round(float(v), 2) for v in e["box"]], "iou": round(iou, 4), "hit": bool(hit)})

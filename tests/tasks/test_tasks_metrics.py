@@ -11,7 +11,7 @@ import torch
 from pipelines.tasks import TASKS
 from pipelines.tasks.base import Task
 from pipelines.tasks.features import FeatureStore, locations, with_img_token
-from pipelines.tasks.metrics import box_iou, hit_rate, recall_at_k
+from pipelines.tasks.metrics import box_iou, hit_rate, recall_at_k, rule_iou
 from pipelines.tasks.refer_pickle import UnsafePickleError, load_plain_pickle, load_refs
 
 from tasks_data import exit_status, npy, write_shards
@@ -30,10 +30,36 @@ def test_box_iou_hand_cases():
 def test_hit_rate_counts_iou_at_least_half():
     gt = [[0, 0, 10, 10]] * 3
     pred = [[0, 0, 10, 10], [0, 0, 10, 5], [0, 0, 10, 4.9]]  # IoU 1, 0.5 exactly, 0.49
-    rate, hits = hit_rate(pred, gt)
+    rate, hits = hit_rate(pred, gt, "continuous")
     assert hits == [True, True, False] and rate == pytest.approx(2 / 3)
     with pytest.raises(ValueError):
         hit_rate(pred, gt[:2])
+    with pytest.raises(ValueError, match="unknown IoU rule 'iou'"):
+        hit_rate(pred, gt, "iou")
+
+
+def test_the_referring_rules_at_their_boundaries():
+    # end pixels counted: [0, 0, 9, 9] is 10 x 10 = 100 px; [0, 0, 9, 4] is 10 x 5 = 50 px inside it: IoU 0.5
+    a, b = [[0, 0, 9, 4]], [[0, 0, 9, 9]]
+    assert box_iou(a, b, pixel_inclusive=True).item() == 0.5
+    assert box_iou(a, b).item() == pytest.approx(36 / 81)  # continuous: 9 x 4 inside 9 x 9
+    assert hit_rate(a, b, "vilbert-multi-task")[1] == [False]  # IoU > 0.5 (task_utils.py)
+    assert hit_rate(a, b, "vl-bert")[1] == [True]  # IoU >= 0.5 (refcoco/function/test.py)
+    assert hit_rate(a, b, "refer")[1] == [False] and hit_rate(a, b, "continuous")[1] == [False]  # 0.44
+    # continuously 0.49, but 11 x 5.9 of 11 x 11 = 0.536 with the end pixels counted
+    a, b = [[0, 0, 10, 4.9]], [[0, 0, 10, 10]]
+    assert box_iou(a, b, pixel_inclusive=True).item() == pytest.approx(64.9 / 121)
+    assert [hit_rate(a, b, r)[1][0] for r in ("vilbert-multi-task", "vl-bert", "refer", "continuous")] == \
+        [True, True, False, False]
+    # the refer toolkit counts an intersection at most one pixel wide as none: identical 1-px-wide boxes miss
+    thin = [[0, 0, 1, 10]]
+    assert [hit_rate(thin, thin, r)[1][0] for r in ("vilbert-multi-task", "vl-bert", "refer", "continuous")] == \
+        [True, True, False, True]
+    torch.testing.assert_close(rule_iou([[0, 0, 10, 10]], [[9, 0, 19, 10]], "refer"), torch.zeros(1, 1))
+    torch.testing.assert_close(rule_iou([[0, 0, 10, 10]], [[8, 0, 18, 10]], "refer"), torch.tensor([[20 / 180]]))
+    # disjoint boxes stay at 0 with the +1 too (an intersection of -1 + 1 is clamped, not counted)
+    assert box_iou([[0, 0, 4, 4]], [[6, 6, 9, 9]], pixel_inclusive=True).item() == 0.0
+    assert box_iou([[0, 0, 4, 4]], [[4, 4, 9, 9]], pixel_inclusive=True).item() == pytest.approx(1 / (25 + 36 - 1))
 
 
 def test_recall_at_k_hand_case():
