@@ -23,6 +23,11 @@ TASK_OPTIONS = ("gt_features", "refs_file", "eval_on_gt", "hard_targets", "iou_r
                 "min_answer_count", "train_split")
 
 
+def _per_task(value) -> str:
+    """"name value, ..." over the tasks, for the help texts."""
+    return ", ".join(f"{name} {value(task)}" for name, task in TASKS.items())
+
+
 def load_model(checkpoint, official_checkpoint, official_config, preset, device):
     from vilbert import ViLBert, load_official_checkpoint, load_preset, load_pretrained
 
@@ -67,32 +72,33 @@ def load_model(checkpoint, official_checkpoint, official_config, preset, device)
 @click.option("--batch-size", type=int, default=32, help="Fine-tuning batch (retrieval: positives, x4 pairs).")
 @click.option("--eval-batch-size", type=int, default=128, help="Evaluation batch size.")
 @click.option("--lr", type=float, help="Peak learning rate (AdamW). Default: the official per-task value "
-              "(refcoco+ 2e-5, retrieval 2e-5, vqa 4e-5).")
+              f"({_per_task(lambda t: f'{t.default_lr:g}')}).")
 @click.option("--warmup", type=float, default=0.1, help="Warmup fraction of --train-steps.")
 @click.option("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases/LayerNorm).")
 @click.option("--max-seq-length", type=int, help="Max tokens incl. [CLS]/[SEP]. Default: the official "
-              "per-task value (refcoco+ 20, retrieval 30, vqa 23).")
+              f"per-task value ({_per_task(lambda t: str(t.default_max_seq_length))}).")
 @click.option("--max-regions", type=int, default=101, help="Max visual positions incl. [IMG].")
-@click.option("--split", "splits", multiple=True, help="Evaluation split (repeatable). Default: refcoco+ "
-              "val/testA/testB, retrieval test, vqa val.")
+@click.option("--split", "splits", multiple=True, help="Evaluation split (repeatable). Default: "
+              f"{_per_task(lambda t: '/'.join(t.default_splits))}.")
 @click.option("--task-token", type=int, help="Task token id for multi-task checkpoints (default: the "
-              "official id of the task: refcoco+ 10, retrieval 8, vqa 1).")
+              f"official id of the task: {_per_task(lambda t: str(t.official_task_id))}).")
 @click.option("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available).")
 @click.option("--seed", type=int, default=0, help="Random seed.")
 @click.option("--bf16", is_flag=True, help="bfloat16 autocast (CUDA only; ignored on CPU).")
 @click.option("--gt-boxes", "gt_features", type=click.Path(exists=True, file_okay=False),
-              help="refcoco+: shards of ground-truth-box regions (vilbert-extract --gt-boxes), mixed into training.")
-@click.option("--refs-file", default="refs(unc).p", help="refcoco+: the refs pickle in --data (refcocog: refs(umd).p).")
-@click.option("--eval-on-gt-boxes", "eval_on_gt", is_flag=True, help="refcoco+: evaluate on the --gt-boxes regions.")
-@click.option("--hard-targets", is_flag=True, help="refcoco+: 1/0 targets instead of the IoU (>= 0.5).")
+              help="refcoco/+/g: shards of ground-truth-box regions (vilbert-extract --gt-boxes), mixed into training.")
+@click.option("--refs-file", help="refcoco, refcoco+, refcocog: the refs pickle in --data "
+                                  "(default refs(unc).p; refcocog: refs(umd).p).")
+@click.option("--eval-on-gt-boxes", "eval_on_gt", is_flag=True, help="refcoco/+/g: evaluate on the --gt-boxes regions.")
+@click.option("--hard-targets", is_flag=True, help="refcoco/+/g: 1/0 targets instead of the IoU (>= 0.5).")
 @click.option("--iou-rule", type=click.Choice(["vilbert-multi-task", "vl-bert", "refer", "continuous"]),
               default="vilbert-multi-task", show_default=True,
-              help="refcoco+: how a box is judged: vilbert-multi-task (end pixels counted, IoU > 0.5), vl-bert "
+              help="refcoco/+/g: how a box is judged: vilbert-multi-task (end pixels counted, IoU > 0.5), vl-bert "
                    "(end pixels counted, >= 0.5), refer (the refer toolkit's computeIoU, >= 0.5), continuous "
                    "(no pixel convention, >= 0.5); see docs/tasks.md.")
-@click.option("--visualize", type=int, default=0, help="refcoco+: draw the first N predictions per split.")
+@click.option("--visualize", type=int, default=0, help="refcoco/+/g: draw the first N predictions per split.")
 @click.option("--images", type=click.Path(exists=True, file_okay=False),
-              help="refcoco+: COCO image folder for --visualize (else a grey canvas).")
+              help="refcoco/+/g: COCO image folder for --visualize (else a grey canvas).")
 @click.option("--score-head", type=click.Choice(["auto", "alignment", "retrieval"]), default="auto",
               help="retrieval: score pairs with the alignment head or a 'retrieval' head "
                    "(auto: the latter if present).")
@@ -108,7 +114,8 @@ def load_model(checkpoint, official_checkpoint, official_config, preset, device)
 @click.option("--train-split", default="train", help="vqa: split(s) used for fine-tuning, e.g. train,val.")
 @click.option("--save/--no-save", default=True, help="Save the fine-tuned model to OUT/finetuned.")
 def cli(task_name, checkpoint, official_checkpoint, official_config, init_preset, save, **kw):
-    """Fine-tune and evaluate on refcoco+, retrieval (Flickr30k/COCO) or vqa (VQA v2)."""
+    """Fine-tune and evaluate a model on a downstream task (--task; docs/tasks.md gives each
+    task's data layout, metric and official numbers)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.manual_seed(kw["seed"])
     extra = {k: kw.pop(k) for k in TASK_OPTIONS}

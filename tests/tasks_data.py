@@ -77,14 +77,15 @@ def task_folder(root: Path, name: str, num_objects: int, feature_size: int, seed
     return task, np.random.default_rng(seed), data
 
 
-def make_refer(root: Path, n_images=(60, 10, 8, 8), n_objects: int = 4, feature_size: int = 32, seed: int = 0):
-    """refcoco+/refs(unc).p (protocol 2), refcoco+/instances.json, detected and gt-box shards.
+def make_refer(root: Path, n_images=(60, 10, 8, 8), n_objects: int = 4, feature_size: int = 32, seed: int = 0,
+               name: str = "refcoco+", refs_file: str = "refs(unc).p", splits=("train", "val", "testA", "testB")):
+    """NAME/refs(unc).p (protocol 2; refcocog: refs(umd).p), NAME/instances.json, detected and gt-box shards.
     Detected regions: each object's box jittered by a few pixels (IoU >= 0.5), then one large
     background box that overlaps no object by IoU >= 0.5."""
-    task, rng, data = task_folder(root, "refcoco+", n_objects, feature_size, seed)
+    task, rng, data = task_folder(root, name, n_objects, feature_size, seed)
     refs, images, anns, det, gt = [], [], [], {}, {}
     image_id, ann_id, sent_id = 1, 1, 1
-    for split, count in zip(("train", "val", "testA", "testB"), n_images):
+    for split, count in zip(splits, n_images):
         for _ in range(count):
             objects, boxes = scene(task, rng, n_objects)
             key = f"COCO_train2014_{image_id:012d}"
@@ -105,7 +106,7 @@ def make_refer(root: Path, n_images=(60, 10, 8, 8), n_objects: int = 4, feature_
                              "sentences": [{"raw": raw, "sent": raw, "sent_id": sent_id, "tokens": raw.split()}]})
                 ann_id, sent_id = ann_id + 1, sent_id + 1
             image_id += 1
-    (data / "refs(unc).p").write_bytes(pickle.dumps(refs, protocol=2))
+    (data / refs_file).write_bytes(pickle.dumps(refs, protocol=2))
     (data / "instances.json").write_text(json.dumps({"images": images, "annotations": anns,
                                                      "categories": [{"id": i + 1, "name": s}
                                                                     for i, s in enumerate(SHAPES)]}))

@@ -13,8 +13,8 @@ pixels counted, > 0.5; metrics.IOU_RULES and docs/tasks.md say which code follow
 the training targets use the same IoU.
 
 extra options: gt_features (folder), eval_on_gt (bool), soft_targets (bool, default True),
-visualize (int), images (folder of COCO images for --visualize), refs_file (default "refs(unc).p"),
-iou_rule (vilbert-multi-task, vl-bert, refer or continuous).
+visualize (int), images (folder of COCO images for --visualize), refs_file (default refs(unc).p;
+refs(umd).p for refcocog), iou_rule (vilbert-multi-task, vl-bert, refer or continuous).
 """
 from __future__ import annotations
 
@@ -54,14 +54,18 @@ def load_refer(data: Path, refs_file: str = "refs(unc).p") -> dict[str, list[dic
 
 
 class RefCOCOTask(Task):
+    """RefCOCO+ (and, through the subclasses below, RefCOCO and RefCOCOg): the same task on another
+    refs pickle."""
     name = "refcoco+"
     default_splits = ("val", "testA", "testB")
     official_task_id = 10  # TASK10 in vilbert-multi-task
+    default_refs_file = "refs(unc).p"
 
     def __init__(self, opts):
         super().__init__(opts)
         x = opts.extra
-        self.splits = load_refer(Path(opts.data), x.get("refs_file") or "refs(unc).p")
+        self.refs_file = x.get("refs_file") or self.default_refs_file
+        self.splits = load_refer(Path(opts.data), self.refs_file)
         self.images = {im["id"]: im for im in read_json(Path(opts.data) / "instances.json", "COCO instances")["images"]}
         self.load_common()
         self.gt_store = FeatureStore(x["gt_features"]) if x.get("gt_features") else None
@@ -72,7 +76,7 @@ class RefCOCOTask(Task):
         if self.iou_rule not in IOU_RULES:
             raise ValueError(f"unknown IoU rule {self.iou_rule!r} (one of {', '.join(IOU_RULES)})")
         for split, entries in self.splits.items():
-            log.info("refcoco+ %s: %d expressions", split, len(entries))
+            log.info("%s %s: %d expressions", self.name, split, len(entries))
         used = list(opts.splits or self.default_splits) + (["train"] if opts.train_steps > 0 else [])
         unknown = [split for split in used if split not in self.splits]
         if unknown:  # now, not after fine-tuning
@@ -117,7 +121,7 @@ class RefCOCOTask(Task):
     def train_batch(self, rng):
         train = self.splits.get("train")
         if not train:
-            raise ValueError(f"{Path(self.opts.data) / 'refs(unc).p'}: no refs in split 'train'")
+            raise ValueError(f"{Path(self.opts.data) / self.refs_file}: no refs in split 'train'")
         idx = rng.integers(0, len(train), size=self.opts.batch_size)
         return self.make_batch([train[i] for i in idx], train=True)
 
@@ -167,3 +171,17 @@ class RefCOCOTask(Task):
             for p in preds[:n_vis]:
                 draw_referring(p, self.images.get(p["image_id"], {}), self.opts.extra.get("images"), folder)
         return metrics, preds
+
+
+class RefCOCOUncTask(RefCOCOTask):
+    """RefCOCO (UNC splits: refs(unc).p of the refcoco folder)."""
+    name = "refcoco"
+    official_task_id = 9  # TASK9
+
+
+class RefCOCOgTask(RefCOCOTask):
+    """RefCOCOg (UMD splits: refs(umd).p, train / val / test)."""
+    name = "refcocog"
+    default_splits = ("val", "test")
+    official_task_id = 11  # TASK11
+    default_refs_file = "refs(umd).p"
