@@ -157,6 +157,58 @@ def make_vqa(root: Path, n_train: int = 40, n_val: int = 12, feature_size: int =
     return data
 
 
+def make_snli_ve(root: Path, n_images=(400, 40, 40), feature_size: int = 32, seed: int = 3):
+    """snli_ve_{train,dev,test}.jsonl as released ("Flikr30kID", "sentence2", "gold_label") + shards
+    keyed by Flickr30k stem. The hypothesis names a colour and a shape: entailment when the image has
+    that object, contradiction when its shape is there in another colour, neutral when the shape is
+    absent; the colours are uniform, so the words alone never tell."""
+    task, rng, data = task_folder(root, "snli_ve", 2, feature_size, seed)
+    samples, image = {}, 3000000
+    for split, count in zip(("train", "dev", "test"), n_images):
+        lines = []
+        for _ in range(count):
+            objects, boxes = scene(task, rng, 2)
+            samples[str(image)] = (region_features(task, objects, rng), boxes)
+            (c, s) = objects[rng.integers(2)]
+            absent = [k for k in range(len(SHAPES)) if k not in objects[:, 1]]
+            hypotheses = [(COLOURS[c], SHAPES[s], "entailment"),
+                          (COLOURS[(c + rng.integers(1, 4)) % 4], SHAPES[s], "contradiction"),
+                          (COLOURS[rng.integers(4)], SHAPES[absent[rng.integers(len(absent))]], "neutral")]
+            for colour, shape, gold in hypotheses:
+                lines.append(json.dumps({"Flikr30kID": f"{image}.jpg", "sentence1": "a picture",
+                                         "sentence2": f"a {colour} {shape}", "gold_label": gold,
+                                         "pairID": f"{image}.jpg#0r{len(lines)}"}))
+            image += 1
+        (data / f"snli_ve_{split}.jsonl").write_text("\n".join(lines) + "\n")
+    write_shards(root / "features", samples)
+    return data
+
+
+def make_nlvr2(root: Path, n_pairs=(600, 40, 40), feature_size: int = 32, seed: int = 4):
+    """{train,dev,test1}.json as released ("identifier", "sentence", "label": "True"/"False") + shards
+    keyed by the image stems SPLIT-SET-PAIR-img0/1. The sentence names a colour and a shape; it is
+    True when both images hold that object, so each image and the words are needed."""
+    task, rng, data = task_folder(root, "nlvr2", 2, feature_size, seed)
+    samples = {}
+    for split, count in zip(("train", "dev", "test1"), n_pairs):
+        lines = []
+        for pair in range(count):
+            left, right = (scene(task, rng, 2) for _ in range(2))
+            (c, s) = left[0][rng.integers(2)]
+            truth = rng.random() < 0.5
+            if truth:  # give the right image the object too, in place of one of its own
+                right[0][rng.integers(2)] = (c, s)
+            stem = f"{split}-{pair}-0"
+            for side, (objects, boxes) in (("img0", left), ("img1", right)):
+                samples[f"{stem}-{side}"] = (region_features(task, objects, rng), boxes)
+            label = all(any(tuple(o) == (c, s) for o in objects) for objects, _ in (left, right))
+            lines.append(json.dumps({"identifier": f"{stem}-0", "sentence": f"a {COLOURS[c]} {SHAPES[s]}",
+                                     "label": str(bool(label)), "synset": "x", "query": "y"}))
+        (data / f"{split}.json").write_text("\n".join(lines) + "\n")
+    write_shards(root / "features", samples)
+    return data
+
+
 def tiny_config(feature_size: int = 32, **overrides):
     no_dropout = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
                       v_hidden_dropout_prob=0.0, v_attention_probs_dropout_prob=0.0)

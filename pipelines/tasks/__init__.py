@@ -1,8 +1,10 @@
 """Downstream tasks for `vilbert-eval`. Each task is one class in its own module (see
-`pipelines.tasks.base.Task`); this dict is the only registry. Adding VCR, NLVR2 or SNLI-VE means
-writing its module and adding one entry here."""
+`pipelines.tasks.base.Task`); this dict is the only registry. Adding a task (VCR, GQA, ...) means writing
+its module and adding one entry here."""
+from .nlvr2 import NLVR2Task
 from .refcoco import RefCOCOgTask, RefCOCOTask, RefCOCOUncTask
 from .retrieval import RetrievalTask
+from .snli_ve import SNLIVETask
 from .vqa import VQATask
 
 TASKS = {
@@ -10,7 +12,10 @@ TASKS = {
     "refcoco+": RefCOCOTask,
     "refcocog": RefCOCOgTask,
     "retrieval": RetrievalTask,
+    "nlvr2": NLVR2Task,
+    "snli-ve": SNLIVETask,
     "vqa": VQATask,
 }
 
-__all__ = ["TASKS", "RefCOCOTask", "RefCOCOUncTask", "RefCOCOgTask", "RetrievalTask", "VQATask"]
+__all__ = ["TASKS", "NLVR2Task", "RefCOCOTask", "RefCOCOUncTask", "RefCOCOgTask", "RetrievalTask", "SNLIVETask",
+           "VQATask"]
