@@ -107,11 +107,12 @@ def load_model(checkpoint, official_checkpoint, official_config, preset, device)
                                       "when it holds several, or instead of SPLIT.jsonl.")
 @click.option("--pair-batch", type=int, default=256, help="retrieval: (caption, image) pairs per forward pass.")
 @click.option("--answers", type=click.Path(exists=True, dir_okay=False),
-              help="vqa: answer vocabulary (.json list, .txt, or the official label2ans .pkl).")
-@click.option("--num-answers", type=int, default=3129, help="vqa: vocabulary size built from the train annotations.")
+              help="vqa, gqa: answer vocabulary (.json list, .txt, or the released label2ans .pkl).")
+@click.option("--num-answers", type=click.IntRange(1), show_default="3129 for vqa, 1533 for gqa",
+              help="vqa, gqa: vocabulary size built from the train annotations.")
 @click.option("--min-answer-count", type=click.IntRange(1), default=9,
               help="vqa: a built vocabulary keeps answers given by at least this many training questions.")
-@click.option("--train-split", default="train", help="vqa: split(s) used for fine-tuning, e.g. train,val.")
+@click.option("--train-split", default="train", help="vqa, gqa: split(s) used for fine-tuning, e.g. train,val.")
 @click.option("--save/--no-save", default=True, help="Save the fine-tuned model to OUT/finetuned.")
 def cli(task_name, checkpoint, official_checkpoint, official_config, init_preset, save, **kw):
     """Fine-tune and evaluate a model on a downstream task (--task; docs/tasks.md gives each

@@ -209,6 +209,32 @@ def make_nlvr2(root: Path, n_pairs=(600, 40, 40), feature_size: int = 32, seed: 
     return data
 
 
+def make_gqa(root: Path, n_images=(400, 40, 40), feature_size: int = 32, seed: int = 5):
+    """{train,val,testdev}_balanced_questions.json as released ({question id: {"imageId", "question",
+    "answer", ...}}) + shards keyed by image id: "what colour is the SHAPE?" (a colour) and "is there
+    a COLOUR SHAPE?" (yes / no, half of them true)."""
+    task, rng, data = task_folder(root, "gqa", 3, feature_size, seed)
+    samples, image, qid = {}, 2350000, 1
+    for split, count in zip(("train", "val", "testdev"), n_images):
+        questions = {}
+        for _ in range(count):
+            objects, boxes = scene(task, rng, 3)
+            samples[str(image)] = (region_features(task, objects, rng), boxes)
+            c, s = objects[rng.integers(3)]
+            asked = [(f"what colour is the {SHAPES[s]}?", COLOURS[c])]
+            yes = rng.random() < 0.5
+            colour = c if yes else (c + rng.integers(1, 4)) % 4
+            asked.append((f"is there a {COLOURS[colour]} {SHAPES[s]}?", "yes" if yes else "no"))
+            for question, answer in asked:
+                questions[f"{qid:08d}"] = {"imageId": str(image), "question": question, "answer": answer,
+                                           "fullAnswer": answer, "isBalanced": True, "types": {}}
+                qid += 1
+            image += 1
+        (data / f"{split}_balanced_questions.json").write_text(json.dumps(questions))
+    write_shards(root / "features", samples)
+    return data
+
+
 def tiny_config(feature_size: int = 32, **overrides):
     no_dropout = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
                       v_hidden_dropout_prob=0.0, v_attention_probs_dropout_prob=0.0)

@@ -1,6 +1,7 @@
 """Downstream tasks for `vilbert-eval`. Each task is one class in its own module (see
-`pipelines.tasks.base.Task`); this dict is the only registry. Adding a task (VCR, GQA, ...) means writing
+`pipelines.tasks.base.Task`); this dict is the only registry. Adding a task (VCR, ...) means writing
 its module and adding one entry here."""
+from .gqa import GQATask
 from .nlvr2 import NLVR2Task
 from .refcoco import RefCOCOgTask, RefCOCOTask, RefCOCOUncTask
 from .retrieval import RetrievalTask
@@ -15,7 +16,8 @@ TASKS = {
     "nlvr2": NLVR2Task,
     "snli-ve": SNLIVETask,
     "vqa": VQATask,
+    "gqa": GQATask,
 }
 
-__all__ = ["TASKS", "NLVR2Task", "RefCOCOTask", "RefCOCOUncTask", "RefCOCOgTask", "RetrievalTask", "SNLIVETask",
-           "VQATask"]
+__all__ = ["TASKS", "GQATask", "NLVR2Task", "RefCOCOTask", "RefCOCOUncTask", "RefCOCOgTask", "RetrievalTask",
+           "SNLIVETask", "VQATask"]

@@ -21,6 +21,7 @@ class SentenceImagesTask(Task):
     head_name = ""
     head_kind = "pooled_linear"
     images_per_item = 1
+    train_split = "train"
 
     def __init__(self, opts):
         super().__init__(opts)
@@ -45,11 +46,13 @@ class SentenceImagesTask(Task):
         return model.task_logits(self.head_name, self.backbone(model, batch))  # (B, labels)
 
     def train_items(self) -> list[dict]:
+        """The labelled items of the training split(s) (`train_split`, several joined by commas)."""
         if self._train is None:
-            items = [it for it in self.load_split("train") if it["label"] is not None]
+            splits = [s.strip() for s in self.train_split.split(",")]
+            items = [it for split in splits for it in self.load_split(split) if it["label"] is not None]
             if not items:
                 raise ValueError(f"{self.data}: no labelled training item")
-            check_features(self.store, sorted({i for it in items for i in it["images"]}), "train")
+            check_features(self.store, sorted({i for it in items for i in it["images"]}), self.train_split)
             self._train = items
         return self._train
 
@@ -67,6 +70,18 @@ class SentenceImagesTask(Task):
         check_features(self.store, sorted({i for it in items for i in it["images"]}), split)
         return items
 
+    def scored(self, item: dict) -> bool:
+        """Whether the item counts in the accuracy (it has a gold label)."""
+        return item["label"] is not None
+
+    def correct(self, item: dict, k: int) -> bool:
+        return k == item["label"]
+
+    def prediction(self, item: dict, k: int) -> dict:
+        """One line of predictions_SPLIT.json for label index k."""
+        return {"id": item["id"], "prediction": self.labels[k],
+                "label": None if item["label"] is None else self.labels[item["label"]]}
+
     @torch.no_grad()
     def evaluate(self, model, split):
         items = self.eval_inputs(split)
@@ -76,11 +91,10 @@ class SentenceImagesTask(Task):
             batch = self.to_device(self.make_batch(chunk))
             top = self.logits(model, batch).argmax(1).tolist()  # (B,)
             for it, k in zip(chunk, top):
-                preds.append({"id": it["id"], "prediction": self.labels[k],
-                              "label": None if it["label"] is None else self.labels[it["label"]]})
-                if it["label"] is not None:
+                preds.append(self.prediction(it, k))
+                if self.scored(it):
                     scored += 1
-                    correct += int(k == it["label"])
+                    correct += int(self.correct(it, k))
         metrics = {"count": len(items), "scored": scored}
         if scored:
             metrics["accuracy"] = correct / scored

@@ -211,7 +211,7 @@ def test_feature_store_refuses_pickled_arrays(tmp_path):
 
 
 def test_task_registry_is_a_plain_dict_of_task_classes():
-    assert set(TASKS) == {"refcoco", "refcoco+", "refcocog", "retrieval", "vqa"}
+    assert set(TASKS) == {"refcoco", "refcoco+", "refcocog", "retrieval", "nlvr2", "snli-ve", "vqa", "gqa"}
     assert all(issubclass(cls, Task) for cls in TASKS.values())
 
 
@@ -221,8 +221,8 @@ def test_cli_help_shows_defaults_and_model_choice_is_checked(tmp_path, capsys):
     status = exit_status(main, ["--help"])
     assert status == 0
     text = capsys.readouterr().out
-    assert "refcoco|refcoco+|refcocog|retrieval|vqa" in text
-    assert "default: 3129" in text and "--official-checkpoint" in text
+    assert "refcoco|refcoco+|refcocog|retrieval|nlvr2|snli-ve|vqa|gqa" in text
+    assert "3129 for vqa" in text and "--official-checkpoint" in text
     (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b"]))
     write_shards(tmp_path / "f", {"1": (np.zeros((2, 4), np.float32), np.zeros((2, 4), np.float32))})
     (tmp_path / "test.jsonl").write_text('{"img_path": "1.jpg", "sentences": ["a"]}\n')
