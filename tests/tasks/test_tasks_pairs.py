@@ -138,3 +138,32 @@ def test_gqa_vocabulary_exact_match_and_submission_file(gqa, tmp_path):
         assert results["splits"][split]["accuracy"] == pytest.approx(exact)
     # chance: a quarter of the questions are colour questions answered at random (1/4), half yes/no (1/2)
     assert results["splits"]["testdev"]["accuracy"] >= 0.8  # 0.99 measured (2,000 steps, 37 s)
+
+
+@pytest.mark.parametrize("task", ["snli-ve", "nlvr2", "gqa"])
+def test_a_released_multi_task_checkpoint_evaluates_with_its_own_head(task, tmp_path, caplog):
+    """vil_tri_prediction, vil_binary_prediction and vil_prediction_gqa of an official checkpoint (random
+    tensors in the official layout, with task tokens) drive the tasks as they are: no fine-tuning, no new head."""
+    import logging
+
+    from official_state import CFG, official_state
+    from tasks_data import make_gqa
+
+    torch.save(official_state(task_tokens=True), tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text(json.dumps(CFG.to_dict()))
+    root = tmp_path / "d12"  # the official test config reads 12-d features
+    make = {"snli-ve": lambda: make_snli_ve(root, n_images=(0, 3, 3), feature_size=12),
+            "nlvr2": lambda: make_nlvr2(root, n_pairs=(0, 4, 4), feature_size=12),
+            "gqa": lambda: make_gqa(root, n_images=(0, 3, 3), feature_size=12)}
+    d = {"root": root, "data": make[task](), "vocab": write_vocab(root)}
+    extra = []
+    if task == "gqa":  # the official test head has 5 answers
+        (tmp_path / "answers.json").write_text(json.dumps(["red", "green", "blue", "yes", "no"]))
+        extra = ["--answers", str(tmp_path / "answers.json")]
+    with caplog.at_level(logging.INFO, logger="vilbert.eval"):
+        assert run_cli(task, d, tmp_path / "o", "--official-checkpoint", str(tmp_path / "pytorch_model.bin"),
+                       "--official-config", str(tmp_path / "config.json"), *extra) == 0
+    assert "added a new" not in caplog.text
+    res = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert res["model"].startswith("official checkpoint") and res["train_steps"] == 0
+    assert all("accuracy" in m for m in res["splits"].values())
