@@ -1,3 +1,3 @@
-"""What `extractor/` and `pipelines/` both need, below both of them: the `--device` check, the
+"""What `vilbert/`, `extractor/` and `pipelines/` share, below all of them: the `--device` check, the
 shard format's names (docs/shard-format.md) and the crash-safe `ShardWriter`. Imports nothing of
 this project."""

@@ -88,6 +88,7 @@ def extract(images, out, weights, config_name, attributes, backend, device, batc
 
     Re-running the same command resumes: images already in complete shards are skipped."""
     from common.devices import check_device
+    from common.outputs import writable_folder
     from common.shard_writer import ShardWriter
     from extractor.config import get_config
     from extractor.detector import build_detector
@@ -103,6 +104,7 @@ def extract(images, out, weights, config_name, attributes, backend, device, batc
     problems = []  # unreadable input shards: (path, reason)
     try:
         device = check_device(device)
+        writable_folder(out, "OUT")
         boxes = GroundTruthBoxes.from_file(gt_boxes) if gt_boxes else None
         inputs = discover_inputs(images, captions, exclude=out, problems=problems)
     except (FileNotFoundError, ValueError) as error:

@@ -130,7 +130,7 @@ def discover_inputs(images: str, captions_tsv: Optional[str] = None, exclude: Op
         return _tar_records(root, problems)
     captions = read_caption_tsv(captions_tsv) if captions_tsv else {}
     records = _folder_records(root, captions, excluded)
-    for tar_path in sorted(p for p in root.rglob("*.tar") if not _is_under(p, excluded)):
+    for tar_path in sorted(p for p in root.rglob("*.tar") if p.is_file() and not _is_under(p, excluded)):  # no FIFOs
         records.extend(_tar_records(tar_path, problems))
     return records
 

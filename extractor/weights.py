@@ -19,6 +19,8 @@ from typing import Dict, Mapping
 import numpy as np
 import torch
 
+from common.safe_load import refusal
+
 # numpy moved its internals from numpy.core to numpy._core in 2.0; pickles name either
 _NUMPY_GLOBALS = {
     ("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"),
@@ -77,8 +79,8 @@ def read_detectron2_pickle(path: str) -> Dict[str, np.ndarray]:
 def read_torch_state_dict(path: str) -> Dict[str, torch.Tensor]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise WeightsError(f"{path}: not loadable with torch.load(weights_only=True) ({error})") from error
+    except Exception as error:  # refuse, don't execute
+        raise WeightsError(refusal(path, error)) from None
     if isinstance(data, dict) and isinstance(data.get("model"), dict):
         data = data["model"]
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):

@@ -14,6 +14,7 @@ import click
 import torch
 
 from common.devices import check_device
+from common.outputs import writable_folder
 from pipelines.tasks import TASKS
 from pipelines.tasks.base import TaskOptions, autocast, finetune, log, write_json
 
@@ -68,16 +69,19 @@ def load_model(checkpoint, official_checkpoint, official_config, preset, device)
               help="Start from a randomly initialised preset name or config JSON (smoke tests, baselines).")
 @click.option("--tokenizer", type=click.Path(exists=True), required=True,
               help="BERT tokenizer directory or vocab.txt (bert-base-uncased for the released models).")
-@click.option("--train-steps", type=int, default=0, help="Fine-tuning steps; 0 = evaluate only (zero-shot).")
-@click.option("--batch-size", type=int, default=32, help="Fine-tuning batch (retrieval: positives, x4 pairs).")
-@click.option("--eval-batch-size", type=int, default=128, help="Evaluation batch size.")
-@click.option("--lr", type=float, help="Peak learning rate (AdamW). Default: the official per-task value "
+@click.option("--train-steps", type=click.IntRange(0), default=0,
+              help="Fine-tuning steps; 0 = evaluate only (zero-shot).")
+@click.option("--batch-size", type=click.IntRange(1), default=32,
+              help="Fine-tuning batch (retrieval: positives, x4 pairs).")
+@click.option("--eval-batch-size", type=click.IntRange(1), default=128, help="Evaluation batch size.")
+@click.option("--lr", type=click.FloatRange(0, min_open=True),
+              help="Peak learning rate (AdamW). Default: the official per-task value "
               f"({_per_task(lambda t: f'{t.default_lr:g}')}).")
-@click.option("--warmup", type=float, default=0.1, help="Warmup fraction of --train-steps.")
+@click.option("--warmup", type=click.FloatRange(0, 1), default=0.1, help="Warmup fraction of --train-steps.")
 @click.option("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases/LayerNorm).")
-@click.option("--max-seq-length", type=int, help="Max tokens incl. [CLS]/[SEP]. Default: the official "
+@click.option("--max-seq-length", type=click.IntRange(3), help="Max tokens incl. [CLS]/[SEP]. Default: the official "
               f"per-task value ({_per_task(lambda t: str(t.default_max_seq_length))}).")
-@click.option("--max-regions", type=int, default=101, help="Max visual positions incl. [IMG].")
+@click.option("--max-regions", type=click.IntRange(2), default=101, help="Max visual positions incl. [IMG].")
 @click.option("--split", "splits", multiple=True, help="Evaluation split (repeatable). Default: "
               f"{_per_task(lambda t: '/'.join(t.default_splits))}.")
 @click.option("--task-token", type=int, help="Task token id for multi-task checkpoints (default: the "
@@ -96,16 +100,18 @@ def load_model(checkpoint, official_checkpoint, official_config, preset, device)
               help="refcoco/+/g: how a box is judged: vilbert-multi-task (end pixels counted, IoU > 0.5), vl-bert "
                    "(end pixels counted, >= 0.5), refer (the refer toolkit's computeIoU, >= 0.5), continuous "
                    "(no pixel convention, >= 0.5); see docs/tasks.md.")
-@click.option("--visualize", type=int, default=0, help="refcoco/+/g: draw the first N predictions per split.")
-@click.option("--images", type=click.Path(exists=True, file_okay=False),
+@click.option("--visualize", type=click.IntRange(0), default=0,
+              help="refcoco/+/g: draw the first N predictions per split.")
+@click.option("--images", type=click.Path(exists=True, file_okay=False, readable=True),
               help="refcoco/+/g: COCO image folder for --visualize (else a grey canvas).")
 @click.option("--score-head", type=click.Choice(["auto", "alignment", "retrieval"]), default="auto",
               help="retrieval: score pairs with the alignment head or a 'retrieval' head "
                    "(auto: the latter if present).")
-@click.option("--max-images", type=int, help="retrieval: evaluate on the first N images only.")
+@click.option("--max-images", type=click.IntRange(1), help="retrieval: evaluate on the first N images only.")
 @click.option("--karpathy-file", help="retrieval: the Karpathy split file in --data to read (e.g. dataset_coco.json) "
                                       "when it holds several, or instead of SPLIT.jsonl.")
-@click.option("--pair-batch", type=int, default=256, help="retrieval: (caption, image) pairs per forward pass.")
+@click.option("--pair-batch", type=click.IntRange(1), default=256,
+              help="retrieval: (caption, image) pairs per forward pass.")
 @click.option("--answers", type=click.Path(exists=True, dir_okay=False),
               help="vqa, gqa: answer vocabulary (.json list, .txt, or the released label2ans .pkl).")
 @click.option("--num-answers", type=click.IntRange(1), show_default="3129 for vqa, 1533 for gqa",
@@ -124,6 +130,7 @@ def cli(task_name, checkpoint, official_checkpoint, official_config, init_preset
     out = Path(kw.pop("out"))
     try:
         kw["device"] = check_device(kw["device"])
+        writable_folder(out, "--out")  # before any fine-tuning, not after it
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
     opts = TaskOptions(data=Path(kw.pop("data")), features=Path(kw.pop("features")), out=out,

@@ -8,6 +8,7 @@ Official ViLBERT checkpoints are converted by `vilbert.official`.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,12 +35,19 @@ class LoadReport:
         return f"loaded {len(self.loaded)} tensors, {len(self.missing)} missing, {len(self.unused)} unused"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_pretrained(model: ViLBert, directory: str | Path, metadata: dict | None = None) -> Path:
     """Write `model.safetensors` and `config.json` (config + task heads + free-form metadata)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    os.chmod(directory / WEIGHTS_NAME, 0o666 & ~_umask())  # safetensors writes 0600; as any other file here
     doc = {
         "config": model.config.to_dict(),
         "task_heads": {k: list(v) for k, v in model.task_heads.spec.items()},

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from common.safe_load import refusal
+
 from .checkpoint import BERT_EMBEDDING_RULES, BERT_LAYER_RULES, MLM_HEAD_RULES, LoadReport, apply_rules
 from .config import ViLBertConfig, load_preset
 from .pretraining import ViLBert
@@ -134,7 +136,7 @@ def read_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle.UnpicklingError and friends: refuse, don't execute
-        raise ValueError(f"{path}: cannot be read as a weights-only PyTorch checkpoint: {e}") from e
+        raise ValueError(refusal(path, e)) from None
     if isinstance(state, dict) and "model_state_dict" in state and isinstance(state["model_state_dict"], dict):
         state = state["model_state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

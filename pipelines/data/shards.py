@@ -35,11 +35,15 @@ def expand_shards(source) -> list[str]:
         return [url for item in source for url in expand_shards(item)]
     source = str(source)
     if not _is_url(source) and Path(source).is_dir():
-        urls = sorted(str(p) for p in Path(source).glob("*.tar") if not p.name.startswith("."))
+        urls = sorted(str(p) for p in Path(source).glob("*.tar")
+                      if p.is_file() and not p.name.startswith("."))  # never a FIFO: it would block
         if not urls:
             raise FileNotFoundError(f"{source}: directory holds no .tar shards")
         return urls
     urls = wds.shardlists.expand_urls(source)
+    special = [u for u in urls if not _is_url(u) and Path(u).exists() and not Path(u).is_file()]
+    if special:  # a FIFO or device would block the reader forever
+        raise ValueError(f"{special[0]}: not a regular file (a FIFO, device or folder), not a shard")
     missing = [u for u in urls if not _is_url(u) and not Path(u).is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} shard(s) not found, e.g. {missing[0]} (from {source!r})")

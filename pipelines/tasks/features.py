@@ -76,7 +76,7 @@ class FeatureStore:
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise FileNotFoundError(f"{self.folder}: feature folder not found (expected vilbert-extract shards)")
-        shards = sorted(p for p in self.folder.glob("*.tar") if not p.name.startswith("."))
+        shards = sorted(p for p in self.folder.glob("*.tar") if p.is_file() and not p.name.startswith("."))  # no FIFOs
         if not shards:
             raise FileNotFoundError(f"{self.folder}: no *.tar shards (expected vilbert-extract output)")
         self.members: dict[str, dict[str, tuple[Path, int, int]]] = {}

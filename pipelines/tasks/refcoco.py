@@ -169,7 +169,10 @@ class RefCOCOTask(Task):
 
             folder = Path(self.opts.out) / "visualize" / split
             for p in preds[:n_vis]:
-                draw_referring(p, self.images.get(p["image_id"], {}), self.opts.extra.get("images"), folder)
+                try:
+                    draw_referring(p, self.images.get(p["image_id"], {}), self.opts.extra.get("images"), folder)
+                except (OSError, ValueError, TypeError) as error:  # a picture is never worth the results
+                    log.warning("picture of sentence %s (image %s) not drawn: %s", p["sent_id"], p["image_id"], error)
         return metrics, preds
 
 

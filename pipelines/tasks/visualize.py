@@ -1,7 +1,10 @@
 """PNG pictures of referring-expression predictions: the expression, predicted and ground-truth boxes."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
+
+from common.names import inside, safe_name
 
 
 def draw_referring(pred: dict, image_info: dict, images_dir, folder: Path) -> Path:
@@ -16,7 +19,10 @@ def draw_referring(pred: dict, image_info: dict, images_dir, folder: Path) -> Pa
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     w, h = image_info.get("width", 640), image_info.get("height", 480)
-    path = Path(images_dir) / image_info["file_name"] if images_dir and image_info.get("file_name") else None
+    path = inside(images_dir, image_info["file_name"]) if images_dir and image_info.get("file_name") else None
+    if path is None and images_dir and image_info.get("file_name"):
+        warnings.warn(f"{image_info['file_name']!r}: file_name leads outside --images {images_dir}; "
+                      "drawing on a grey canvas", stacklevel=2)
     if path is not None and path.is_file():
         img = Image.open(path).convert("RGB")
     else:
@@ -31,7 +37,7 @@ def draw_referring(pred: dict, image_info: dict, images_dir, folder: Path) -> Pa
     ax.legend(loc="lower right", fontsize=8)
     ax.axis("off")
     fig.tight_layout()
-    out = folder / f"{pred['image_id']}_{pred['sent_id']}.png"
+    out = folder / f"{safe_name(pred['image_id'])}_{safe_name(pred['sent_id'])}.png"  # ids are data
     fig.savefig(out, dpi=80)
     plt.close(fig)
     return out

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.safe_load import refusal
 from vilbert import ViLBert, load_pretrained, save_pretrained
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -79,5 +80,8 @@ def save_checkpoint(root: Path, step: int, model: ViLBert, trainer_state: dict, 
 
 def load_checkpoint(path: Path, map_location="cpu") -> tuple[ViLBert, dict]:
     model = load_pretrained(path, map_location=map_location)
-    state = torch.load(path / STATE_NAME, map_location=map_location, weights_only=True)
+    try:
+        state = torch.load(path / STATE_NAME, map_location=map_location, weights_only=True)
+    except Exception as error:  # refuse, don't execute
+        raise ValueError(refusal(path / STATE_NAME, error)) from None
     return model, state

@@ -307,3 +307,28 @@ def test_trainer_on_loader_batches_with_fixed_size_heads_and_float16_features(tm
             assert abs(exact[key] - fixed[key]) < 1e-4 * max(1.0, abs(exact[key])), (key, exact[key], fixed[key])
         assert fixed["masked_overflow"] == 0
     assert rows[1][-1]["mrm_loss"] > 0
+
+
+def test_a_fifo_named_tar_never_blocks_a_reader(tmp_path):
+    """A FIFO opened for reading waits for a writer forever: every glob of shards passes it by."""
+    import os
+    import signal
+
+    from extractor.sources import discover_inputs
+    from pipelines.tasks.features import FeatureStore
+
+    signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(TimeoutError("a FIFO blocked")))
+    signal.alarm(30)
+    try:
+        write_shards(tmp_path / "shards", num_shards=1, per_shard=2)
+        os.mkfifo(tmp_path / "shards" / "zz-fifo.tar")
+        assert all(not u.endswith("zz-fifo.tar") for u in expand_shards(str(tmp_path / "shards")))
+        with pytest.raises(ValueError, match="zz-fifo.tar: not a regular file"):
+            expand_shards(str(tmp_path / "shards" / "zz-fifo.tar"))
+        assert len(FeatureStore(tmp_path / "shards")) == 2
+        images = tmp_path / "images"
+        images.mkdir()
+        os.mkfifo(images / "inputs.tar")
+        assert discover_inputs(str(images), None, problems=[]) == []
+    finally:
+        signal.alarm(0)

@@ -246,3 +246,34 @@ def test_ambiguous_numeric_ids_need_the_exact_key(tmp_path):
     store = FeatureStore(write_shards(tmp_path, {"train2014_7": one, "val2014_0007": one}))
     assert 7 not in store
     assert store.get("val2014_0007").key == "val2014_0007"
+
+
+def test_names_from_data_never_leave_the_picture_folder(tmp_path):
+    from common.names import inside, safe_name
+    from pipelines.tasks.visualize import draw_referring
+
+    assert safe_name("COCO_val2014_42") == "COCO_val2014_42" and safe_name(7) == "7"
+    assert safe_name("../../x").startswith("______x-") and "/" not in safe_name("/etc/passwd")
+    assert safe_name("猫") != safe_name("犬") and safe_name("猫") == safe_name("猫")  # unique and stable
+    assert inside(tmp_path, "a/b.jpg") == (tmp_path / "a" / "b.jpg").resolve()
+    assert inside(tmp_path, "../x.jpg") is None and inside(tmp_path, "/etc/passwd") is None
+    folder = tmp_path / "out" / "visualize"
+    pred = {"image_id": "../../../escaped", "sent_id": "/tmp/abs", "expression": "the dog", "iou": 0.7, "hit": True,
+            "gt_box": [1, 1, 20, 20], "pred_box": [2, 2, 18, 18]}
+    (tmp_path / "secret.jpg").write_bytes(b"not for drawing")
+    with pytest.warns(UserWarning, match="leads outside --images"):
+        out = draw_referring(pred, {"width": 40, "height": 30, "file_name": "../secret.jpg"}, tmp_path / "imgs",
+                             folder)
+    assert out.parent == folder and out.is_file() and list(tmp_path.glob("escaped*")) == []
+
+
+def test_eval_out_that_is_a_file_is_refused_before_anything(tmp_path, capsys):
+    from pipelines.eval_cli import main
+
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a"]))
+    (tmp_path / "taken").write_text("a file")
+    status = exit_status(main, ["--task", "retrieval", "--data", str(tmp_path), "--features", str(tmp_path),
+                                "--out", str(tmp_path / "taken" / "sub"), "--tokenizer", str(tmp_path / "vocab.txt"),
+                                "--init-preset", "vilbert-tiny"])
+    err = capsys.readouterr().err
+    assert status == 2 and "--out" in err and "not writable" in err

@@ -4,6 +4,7 @@ import shutil
 import tarfile
 
 import click
+import numpy as np
 import pytest
 import torch
 
@@ -191,3 +192,45 @@ def test_the_cli_module_runs_under_torchrun(corpus, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-00000002"]
     assert [r["step"] for r in read_metrics(out / "metrics.csv")] == [2]  # logged by rank 0 alone
+
+
+@pytest.mark.parametrize("option,value", [("--max-steps", "-5"), ("--batch-size", "0"), ("--micro-batch-size", "0"),
+                                          ("--save-every", "0"), ("--log-every", "0"), ("--max-regions", "0"),
+                                          ("--epochs", "0"), ("--lr", "-1"), ("--workers", "-1")])
+def test_nonsense_numbers_are_usage_errors(corpus, tmp_path, option, value):
+    with pytest.raises(click.UsageError) as raised:
+        main(args(corpus, tmp_path / "run", option, value))
+    assert raised.value.exit_code == 2 and f"Invalid value for '{option}'" in raised.value.format_message()
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_an_out_that_is_a_file_or_read_only_is_one_line_before_training(corpus, tmp_path):
+    import os
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(click.ClickException, match="--out .*file: exists and is not a folder"):
+        main(args(corpus, tmp_path / "file", "--max-steps", "1"))
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root ignores permissions
+            pytest.skip("this user can write into a read-only folder")
+        with pytest.raises(click.ClickException, match="--out .*locked.*not writable"):
+            main(args(corpus, locked / "run", "--max-steps", "1"))
+    finally:
+        locked.chmod(0o700)
+
+
+def test_a_run_whose_updates_were_mostly_skipped_fails_and_says_so(tmp_path, capsys):
+    class NaNScenes(SyntheticTask):
+        def regions(self, objects, rng):
+            feats, boxes, probs = super().regions(objects, rng)
+            return np.full_like(feats, np.nan), boxes, probs
+
+    write_shards(NaNScenes(feature_size=32), tmp_path / "nan" / "train", 64, seed=0, shard_size=32)
+    write_vocab(tmp_path / "nan" / "vocab.txt")
+    with pytest.raises(click.ClickException, match="4 of 4 updates were skipped"):
+        main(args(tmp_path / "nan", tmp_path / "run", "--max-steps", "4"))
+    assert "skipped updates: 4 of 4 steps" in capsys.readouterr().err
+    assert list_checkpoints(tmp_path / "run" / "checkpoints")  # the run's state is still saved

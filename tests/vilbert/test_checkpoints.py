@@ -94,3 +94,15 @@ def test_bert_with_more_layers_than_the_text_stream_fails(tmp_path):
         load_bert_weights(model, tiny_bert_dir(tmp_path))
     with pytest.raises(FileNotFoundError, match="not a BERT directory"):
         load_bert_weights(model, tmp_path / "nothing")
+
+
+def test_the_weights_file_gets_the_permissions_of_the_other_files(tmp_path):
+    import os
+
+    from vilbert import ViLBert, load_preset, save_pretrained
+
+    folder = save_pretrained(ViLBert(load_preset("vilbert-tiny")), tmp_path / "ckpt")
+    modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
+    mask = os.umask(0)
+    os.umask(mask)
+    assert modes["model.safetensors"] == modes["config.json"] == 0o666 & ~mask  # safetensors alone gives 0600

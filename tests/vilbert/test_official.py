@@ -137,6 +137,16 @@ def test_pickled_code_is_refused_not_executed(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with open(tmp_path / "pytorch_model.bin", "wb") as f:
         pickle.dump({"bert.t_pooler.dense.weight": _Evil()}, f)
-    with pytest.raises(ValueError, match="weights-only"):
+    with pytest.raises(ValueError, match=r"pytorch_model.bin: refused: the file holds pickled data .*"
+                                         r"nothing from it was run") as raised:
         load_official_checkpoint(tmp_path / "pytorch_model.bin", CFG)
+    assert not (tmp_path / "PWNED_BY_CHECKPOINT").exists()
+    assert "weights_only=False" not in str(raised.value) and "likely succeed" not in str(raised.value)
+    (tmp_path / "junk.bin").write_bytes(b"\x00not a checkpoint")
+    with pytest.raises(ValueError, match="junk.bin: (refused|not a readable weights-only PyTorch file)"):
+        load_official_checkpoint(tmp_path / "junk.bin", CFG)
+    with open(tmp_path / "named.bin", "wb") as f:  # protocol 2 names the global: the message does too
+        pickle.dump({"x": _Evil()}, f, protocol=2)
+    with pytest.raises(ValueError, match=r"named.bin: refused: .*\(it names (posix|os)\.system\)"):
+        load_official_checkpoint(tmp_path / "named.bin", CFG)
     assert not (tmp_path / "PWNED_BY_CHECKPOINT").exists()
