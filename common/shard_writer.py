@@ -5,7 +5,10 @@ A shard is written as `.PREFIX-000007.tar.partial`, fsynced and atomically renam
 name always means a complete, readable shard. A re-run lists the complete shards, skips their keys
 (and inputs already rejected in errors.jsonl), deletes its own stale partial files, repairs sizes.json
 and continues numbering. Rank r of W uses shard indices r, r+W, r+2W, ... so ranks never collide;
-sizes.json and errors.jsonl are updated under an advisory file lock.
+sizes.json and errors.jsonl are updated under an advisory file lock. Each rank holds an exclusive
+lock on `.PREFIX-rankR.lock` while it writes, so a second run of the same rank into OUT is refused
+(naming the holder) instead of deleting the first one's live partial shard; a complete shard that
+no longer reads is set aside as `NAME.damaged` and its images are redone.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import io
 import json
 import os
 import re
+import socket
 import tarfile
 import time
 from contextlib import contextmanager
@@ -59,6 +63,29 @@ def read_error_sources(errors_path: Path) -> Set[str]:
     return keys
 
 
+class OutputBusy(RuntimeError):
+    """Another process is writing the same rank of the same shards in OUT."""
+
+
+def _claim(path: Path):
+    """An exclusive, non-blocking lock on `path` for this process's lifetime (the kernel drops it
+    when the process dies, kill -9 included); OutputBusy naming the holder if another has it."""
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise OutputBusy(f"{path.parent}: {holder} is writing these shards ({path.name}); wait for it to "
+                         "finish, or write into another folder") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    return handle
+
+
 class ShardWriter:
     def __init__(self, out_dir: str, prefix: str = "shard", shard_size: int = 1000,
                  rank: int = 0, world_size: int = 1):
@@ -74,12 +101,19 @@ class ShardWriter:
         self._archive: Optional[tarfile.TarFile] = None
         self._count = 0
         self.shards_written = 0
+        # before any partial file is touched: a second run of this rank would delete our live one
+        self._claim = _claim(self.out_dir / f".{prefix}-rank{rank}.lock")
         self._remove_own_partials()
         complete = self._complete_shards()
         self.done_keys: Set[str] = set()
+        self.damaged: list[str] = []  # complete shards that did not read, set aside as NAME.damaged
         sizes = {}
         for name, path in complete.items():
-            keys = shard_keys(path)
+            try:
+                keys = shard_keys(path)
+            except (tarfile.TarError, OSError, EOFError) as error:
+                self._set_aside(path, error)
+                continue
             self.done_keys |= keys
             sizes[name] = len(keys)
         self._update_sizes(sizes)
@@ -91,6 +125,15 @@ class ShardWriter:
     # ----- discovery -----------------------------------------------------------------------
     def _complete_shards(self) -> Dict[str, Path]:
         return {p.name: p for p in sorted(self.out_dir.iterdir()) if self.pattern.match(p.name)}
+
+    def _set_aside(self, path: Path, error: Exception) -> None:
+        """A complete shard that cannot be read (damaged on disk, cut by a full disk elsewhere) is
+        renamed NAME.damaged, out of every reader's glob, and its images are extracted again."""
+        try:
+            os.replace(path, path.with_name(path.name + ".damaged"))
+        except FileNotFoundError:
+            pass  # another rank set it aside first
+        self.damaged.append(f"{path.name}: {type(error).__name__}: {error}")
 
     def _partial_path(self, index: int) -> Path:
         return self.out_dir / f".{self.prefix}-{index:06d}.tar.partial"
@@ -164,6 +207,9 @@ class ShardWriter:
 
     def close(self) -> None:
         self._finish_shard()
+        if self._claim is not None:
+            self._claim.close()  # releases the lock
+            self._claim = None
 
     def __enter__(self) -> "ShardWriter":
         return self

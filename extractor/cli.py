@@ -89,7 +89,7 @@ def extract(images, out, weights, config_name, attributes, backend, device, batc
     Re-running the same command resumes: images already in complete shards are skipped."""
     from common.devices import check_device
     from common.outputs import writable_folder
-    from common.shard_writer import ShardWriter
+    from common.shard_writer import OutputBusy, ShardWriter
     from extractor.config import get_config
     from extractor.detector import build_detector
     from extractor.gt_boxes import GroundTruthBoxes
@@ -127,7 +127,12 @@ def extract(images, out, weights, config_name, attributes, backend, device, batc
         raise click.ClickException(str(error)) from error
     detector.autocast_dtype = PRECISIONS[precision]
     records = split_for_rank(inputs, rank, world)
-    writer = ShardWriter(out, prefix=prefix, shard_size=shard_size, rank=rank, world_size=world)
+    try:
+        writer = ShardWriter(out, prefix=prefix, shard_size=shard_size, rank=rank, world_size=world)
+    except OutputBusy as error:
+        raise click.ClickException(str(error)) from None
+    for name in writer.damaged:
+        click.echo(f"warning: {out}/{name}; set aside as .damaged, its images are extracted again", err=True)
     for path, reason in problems:
         click.echo(f"warning: {path}: {reason}", err=True)
         if rank == 0 and path not in writer.error_sources:  # once, also over resumed runs
@@ -140,6 +145,8 @@ def extract(images, out, weights, config_name, attributes, backend, device, batc
                                  RegionSelector(min_boxes, max_boxes, conf_threshold), settings, boxes)
     except RecipeMismatch as error:
         raise click.ClickException(str(error)) from error
+    finally:
+        writer.close()  # the samples written so far stay; the rank's lock on OUT is released
     summary.update(rank=rank, num_workers=world, out=str(out), unreadable_shards=len(problems))
     failures = f"failed {summary['failed']}" + (f", unreadable input shards {len(problems)}" if problems else "")
     if summary["failed"] or problems:

@@ -190,13 +190,13 @@ def cli(shards, out, preset, arch, overrides, bert, tokenizer, objective, lr, be
         if skipped:
             click.echo(f"skipped updates: {skipped} of {steps} steps had a non-finite loss or gradient "
                        "(each is logged above with its batch keys)", err=True)
-    if steps and skipped * 2 > steps:  # the checkpoint is saved, but this run did not train
-        raise click.ClickException(f"{skipped} of {steps} updates were skipped (non-finite loss or gradient): "
-                                   "check the data (NaN or infinite features) and the learning rate")
         if last:
             click.echo(f"step {trainer.step}: loss {last['loss']:.4f}, "
                        f"alignment accuracy {last['align_accuracy']:.3f}, "
                        f"MLM accuracy {last['mlm_accuracy']:.3f}")
+    if steps and skipped * 2 > steps:  # the checkpoint is saved, but this run did not train
+        raise click.ClickException(f"{skipped} of {steps} updates were skipped (non-finite loss or gradient): "
+                                   "check the data (NaN or infinite features) and the learning rate")
     if eval_shards:
         eval_cfg = DataConfig(**{**data_cfg.__dict__, "shards": eval_shards, "samples_per_epoch": 0, "seed": None})
         with user_errors():

@@ -297,3 +297,23 @@ def test_input_mistakes_are_one_line_errors_and_missing_captions_a_warning(tmp_p
     text = capsys.readouterr()
     assert summary["done"] == 2 and "2 of 2 images have no caption" in text.err
     assert "errors.jsonl" not in text.out  # nothing failed: no pointer to an absent file
+
+
+def test_a_concurrent_run_is_refused_and_a_damaged_shard_redone(tmp_path, capsys):
+    import click
+
+    from common.shard_writer import ShardWriter
+
+    images = write_images(tmp_path / "images", 3)
+    out = tmp_path / "out"
+    holder = ShardWriter(str(out))  # another extraction, still running
+    with pytest.raises(click.ClickException, match="is writing these shards"):
+        main([str(images), str(out), *TINY])
+    holder.close()
+    assert main([str(images), str(out), *TINY, "--shard-size", "2"])["done"] == 3
+    first = out / "shard-000000.tar"
+    first.write_bytes(first.read_bytes()[:600])  # damaged on disk
+    again = main([str(images), str(out), *TINY, "--shard-size", "2"])
+    assert again["done"] == 2 and again["skipped"] == 1  # its two images extracted again
+    assert "shard-000000.tar: ReadError" in capsys.readouterr().err and (out / "shard-000000.tar.damaged").exists()
+    assert len(read_shards(out)) == 3

@@ -45,6 +45,7 @@ def test_errors_jsonl_survives_a_torn_line(tmp_path):
     writer.log_error("k1", "/data/k1.jpg", "empty file (0 bytes)")
     with open(tmp_path / "errors.jsonl", "a") as handle:
         handle.write('{"key": "k2", "pa')  # killed mid-line
+    writer.close()  # (a killed run's lock is gone with its process)
     writer = ShardWriter(str(tmp_path))
     assert writer.error_sources == {"/data/k1.jpg"}
     writer.log_error("k3", "/data/k3.jpg", "not an image")
@@ -60,6 +61,7 @@ def test_ranks_use_disjoint_shard_indices(tmp_path):
     names = sorted(p.name for p in tmp_path.glob("*.tar"))
     assert names == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
     assert read_shards(tmp_path).keys() == {"a", "b", "c"}
+    writers[1].close()
     again = ShardWriter(str(tmp_path), shard_size=1, rank=1, world_size=2)
     _write(again, ["d"])
     assert (tmp_path / "shard-000003.tar").exists()  # rank 1 continues at 3, never 2 or 4
@@ -69,3 +71,35 @@ def test_ranks_use_disjoint_shard_indices(tmp_path):
 def test_keys_with_dots_are_refused(tmp_path):
     with pytest.raises(ValueError, match="must not contain"):
         ShardWriter(str(tmp_path)).write("a.b", {"txt": b""})
+
+
+def test_a_second_run_of_the_same_rank_is_refused_naming_the_holder(tmp_path):
+    import os
+
+    from common.shard_writer import OutputBusy
+
+    first = ShardWriter(str(tmp_path), shard_size=10)
+    _write(first, ["a"])  # a live partial shard
+    with pytest.raises(OutputBusy, match=rf"pid {os.getpid()} on .* is writing these shards"):
+        ShardWriter(str(tmp_path), shard_size=10)
+    assert (tmp_path / ".shard-000000.tar.partial").exists()  # not deleted by the refused run
+    other_rank = ShardWriter(str(tmp_path), shard_size=10, rank=1, world_size=2)  # ranks share OUT
+    other_rank.close()
+    first.close()
+    again = ShardWriter(str(tmp_path), shard_size=10)  # the lock went with the first run
+    assert again.done_keys == {"a"}
+    again.close()
+
+
+def test_a_damaged_complete_shard_is_set_aside_and_its_images_redone(tmp_path):
+    with ShardWriter(str(tmp_path), shard_size=2) as writer:
+        _write(writer, ["a", "b", "c", "d"])
+    damaged = tmp_path / "shard-000000.tar"
+    damaged.write_bytes(damaged.read_bytes()[:700])  # cut inside its first member
+    writer = ShardWriter(str(tmp_path), shard_size=2)
+    assert writer.done_keys == {"c", "d"} and writer.damaged and "shard-000000.tar" in writer.damaged[0]
+    assert (tmp_path / "shard-000000.tar.damaged").exists() and not damaged.exists()
+    assert json.loads((tmp_path / "sizes.json").read_text()) == {"shard-000001.tar": 2}
+    _write(writer, ["a", "b"])
+    writer.close()
+    assert sorted(read_shards(tmp_path)) == ["a", "b", "c", "d"]

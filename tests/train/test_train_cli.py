@@ -136,7 +136,8 @@ def test_a_corrupt_first_shard_is_skipped_and_shards_without_captions_stop_with_
 def test_help_and_usage_errors(corpus, tmp_path, capsys):
     main(["--help"])
     help_text = capsys.readouterr().out
-    for option in ("--objective", "--micro-batch-size", "--bert", "--precision", "--eval-shards", "[default: 1e-4]"):
+    for option in ("--objective", "--micro-batch-size", "--bert", "--precision", "--eval-shards",
+                   "[default: 1e-4; x>0]"):
         assert option in help_text.replace("0.0001", "1e-4")
     with pytest.raises(Exception, match="--tokenizer"):
         main([str(corpus / "train"), "--out", str(tmp_path / "x")])
