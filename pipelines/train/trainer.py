@@ -22,7 +22,7 @@ from tqdm import tqdm
 from vilbert import ViLBert, load_bert_weights, load_preset
 from vilbert.pretraining import default_capacity, predicted_positions
 
-from .checkpoints import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoints import STATE_NAME, list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .metrics import STEP_SUMS, MetricsLogger, accumulate_step, new_step_sums, plot_losses, read_metrics
 from .optim import build_optimizer, build_scheduler
 
@@ -153,15 +153,30 @@ class Trainer:
         """Continue from checkpoint `path`, or else the newest complete one under OUT/checkpoints,
         if any: weights, optimizer, scheduler, scaler, counters and RNG states. Call before building
         the data stream, so that it can be seeded with the resumed step."""
-        ckpts = [Path(path)] if path else list_checkpoints(self.ckpt_root)
-        if not ckpts:
-            return False
-        model, state = load_checkpoint(ckpts[-1], map_location=self.device)
+        if path:
+            found = self._read_checkpoint(Path(path))
+            if isinstance(found, str):
+                raise ValueError(found)
+        else:
+            found = None
+            for ckpt in reversed(list_checkpoints(self.ckpt_root)):  # newest first
+                found = self._read_checkpoint(ckpt)
+                if not isinstance(found, str):
+                    break
+                log.warning("%s; set aside as %s.damaged, resuming from the checkpoint before it", found, ckpt.name)
+                try:
+                    os.replace(ckpt, ckpt.with_name(ckpt.name + ".damaged"))
+                except OSError:
+                    pass  # another rank set it aside first
+                found = None
+            if found is None:
+                return False
+        ckpt, model, state = found
         saved, current = model.config.to_dict(), self.model.config.to_dict()
         differ = [f"{k}: {saved.get(k)!r} in the checkpoint, {current.get(k)!r} now"
                   for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
         if differ:
-            raise ValueError(f"{ckpts[-1]}: the checkpoint's model config differs from this run's ("
+            raise ValueError(f"{ckpt}: the checkpoint's model config differs from this run's ("
                              + "; ".join(differ) + "); use the same --preset/--set, or another --out")
         self.model.load_state_dict(model.state_dict())
         self.optimizer.load_state_dict(state["optimizer"])
@@ -171,8 +186,22 @@ class Trainer:
         self.resumed_metadata = getattr(model, "checkpoint_metadata", {})
         set_rng_state(state["rng"])
         if self.dist.is_main:
-            log.info("resumed from %s (step %d)", ckpts[-1], self.step)
+            log.info("resumed from %s (step %d)", ckpt, self.step)
         return True
+
+    def _read_checkpoint(self, ckpt: Path):
+        """(ckpt, model, state), or the reason it cannot be resumed from (truncated weights, a state
+        file cut by a full disk, ...) as one line."""
+        try:
+            model, state = load_checkpoint(ckpt, map_location=self.device)
+        except Exception as error:  # safetensors, torch and JSON errors alike: the file is unusable
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            return f"{ckpt}: not a usable checkpoint ({type(error).__name__}: {reason})"
+        missing = [k for k in ("optimizer", "scaler", "step", "samples", "skipped", "scheduler", "rng")
+                   if not isinstance(state, dict) or k not in state]
+        if missing:
+            return f"{ckpt}: not a usable checkpoint ({STATE_NAME} lacks {', '.join(missing)})"
+        return ckpt, model, state
 
     # ---- one optimizer step -----------------------------------------------------------------
     def _forward(self, model, batch: dict):

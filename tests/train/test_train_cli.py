@@ -235,3 +235,23 @@ def test_a_run_whose_updates_were_mostly_skipped_fails_and_says_so(tmp_path, cap
         main(args(tmp_path / "nan", tmp_path / "run", "--max-steps", "4"))
     assert "skipped updates: 4 of 4 steps" in capsys.readouterr().err
     assert list_checkpoints(tmp_path / "run" / "checkpoints")  # the run's state is still saved
+
+
+def test_resume_auto_passes_a_truncated_newest_checkpoint(corpus, tmp_path, caplog):
+    import logging
+
+    out = tmp_path / "run"
+    main(args(corpus, out, "--max-steps", "6"))
+    newest = out / "checkpoints" / "step-00000006" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:1000])  # cut by a full disk or a copy that stopped
+    with caplog.at_level(logging.WARNING):
+        main(args(corpus, out, "--max-steps", "9"))
+    assert "step-00000006: not a usable checkpoint" in caplog.text
+    assert "resuming from the checkpoint before it" in caplog.text
+    assert (out / "checkpoints" / "step-00000006.damaged").is_dir()
+    assert [p.name for p in list_checkpoints(out / "checkpoints")][-1] == "step-00000009"
+    rows = read_metrics(out / "metrics.csv")
+    assert rows[-1]["step"] == 9 and rows[-1]["samples"] == 9 * 16  # continued from step 3, counted from there
+    with pytest.raises(click.ClickException, match="step-00000006.damaged: not a usable checkpoint"):
+        main(args(corpus, tmp_path / "other", "--max-steps", "8", "--resume",
+                  str(out / "checkpoints" / "step-00000006.damaged")))
