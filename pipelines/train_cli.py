@@ -19,7 +19,7 @@ from common.devices import check_device
 from common.outputs import writable_folder
 
 from .data.loader import DataConfig, NoUsableSamples, PretrainingData, PretrainingLoader, make_loader
-from .data.shards import expand_shards, feature_width
+from .data.shards import RecipeMismatch, expand_shards
 from .train.checkpoints import list_checkpoints
 from .train.trainer import TrainConfig, Trainer
 
@@ -145,7 +145,9 @@ def cli(shards, out, preset, arch, overrides, bert, tokenizer, objective, lr, be
                           half_features=device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()))
     with user_errors():
         data = PretrainingData(data_cfg, train=True)  # checks shards, recipe and tokenizer before any model is built
-        width, width_source = feature_width(data.urls)
+    if data.widths is None:
+        raise click.ClickException(data.widths_source)
+    width, width_source = data.widths[0], data.widths_source
     if not bert and "vocab_size" not in model_overrides:
         model_overrides["vocab_size"] = data.tokenizer.vocab_size
     if model_overrides.setdefault("v_feature_size", width) != width:
@@ -178,9 +180,10 @@ def cli(shards, out, preset, arch, overrides, bert, tokenizer, objective, lr, be
     first_step, skipped_before = trainer.step, trainer.skipped
     try:
         last = trainer.fit(loader.forever(), samples_per_epoch=loader.samples_per_epoch)
-    except NoUsableSamples as error:
+    except (NoUsableSamples, RecipeMismatch) as error:  # the run stops, with its checkpoints, on one line
         reason = str(error)  # from a DataLoader worker, it holds the worker's traceback before the reason
-        reason = reason.rsplit(f"{NoUsableSamples.__name__}: ", 1)[-1].strip() if "Traceback" in reason else reason
+        name = type(error).__name__
+        reason = reason.rsplit(f"{name}: ", 1)[-1].strip() if "Traceback" in reason else reason
         raise click.ClickException(f"{shards}: {reason}") from error
     errors = loader.error_counts()
     steps, skipped = trainer.step - first_step, trainer.skipped - skipped_before

@@ -22,7 +22,7 @@ import webdataset as wds
 
 from .batching import BatchBuilder
 from .samples import decode_samples, read_shards
-from .shards import ErrorCounter, count_samples, expand_shards, read_recipe
+from .shards import ErrorCounter, count_samples, expand_shards, read_recipe, region_widths
 from .tokenization import CaptionTokenizer, load_tokenizer
 
 
@@ -105,6 +105,12 @@ class PretrainingData:
         self.node_split = _split(rank, world_size)
         self.urls = expand_shards(cfg.shards)
         self.recipe = read_recipe(self.urls, cfg.allow_mixed_recipes)
+        # (F, C) of the first readable sample, and its shard: a sample of other widths is skipped, not
+        # batched. No readable shard at all: None and why (the stream then stops with its own reason)
+        try:
+            self.widths, self.widths_source = region_widths(self.urls)
+        except ValueError as error:
+            self.widths, self.widths_source = None, str(error)
         self.samples_per_epoch = cfg.samples_per_epoch or count_samples(self.urls) or 0
         if train and not self.samples_per_epoch:
             raise ValueError(f"{cfg.shards!r}: no sizes.json lists these shards; pass samples_per_epoch")
@@ -125,7 +131,7 @@ class PretrainingData:
     def dataset(self) -> wds.DataPipeline:
         cfg = self.cfg
         expected = None if cfg.allow_mixed_recipes else self.recipe
-        decode = decode_samples(self.errors, cfg.max_regions, expected)
+        decode = decode_samples(self.errors, cfg.max_regions, expected, self.widths)
         guard = StarvationGuard(self.urls, self.errors)
         if self.train:
             source = [wds.ResampledShards(self.urls, seed=cfg.seed or 0, deterministic=cfg.seed is not None),

@@ -118,9 +118,11 @@ def _array(raw: dict, name: str, columns: int | None = None) -> np.ndarray:
     return array
 
 
-def parse_sample(raw: dict, max_regions: int, expected_recipe: dict | None) -> RegionSample | None:
+def parse_sample(raw: dict, max_regions: int, expected_recipe: dict | None,
+                 widths: tuple[int, int] | None = None) -> RegionSample | None:
     """raw webdataset sample (member -> bytes) -> RegionSample; None when its caption is absent or empty.
-    Raises SampleError for malformed samples and RecipeMismatch for a foreign recipe."""
+    Raises SampleError for malformed samples, or ones whose feature / class widths are not `widths`
+    (those of the run's first sample), and RecipeMismatch for a foreign recipe."""
     key, url = raw.get("__key__", "?"), raw.get("__url__", "?")
     missing = [name for name in PRETRAINING_MEMBERS if name not in raw]
     if missing:
@@ -143,17 +145,21 @@ def parse_sample(raw: dict, max_regions: int, expected_recipe: dict | None) -> R
     if n == 0 or len(boxes) != n or len(cls_prob) != n:
         raise SampleError(f"region counts differ or are 0: features {n}, boxes {len(boxes)}, "
                           f"cls_prob {len(cls_prob)}")
+    if widths is not None and (features.shape[1], cls_prob.shape[1]) != tuple(widths):
+        raise SampleError(f"features {features.shape[1]} / classes {cls_prob.shape[1]} wide, the run's first "
+                          f"sample {widths[0]} / {widths[1]}")
     return RegionSample(key, url, caption, features[:max_regions], boxes[:max_regions],
                         cls_prob[:max_regions], (width, height))
 
 
-def decode_samples(errors: ErrorCounter, max_regions: int, expected_recipe: dict | None):
+def decode_samples(errors: ErrorCounter, max_regions: int, expected_recipe: dict | None,
+                   widths: tuple[int, int] | None = None):
     """A webdataset stage: raw samples -> RegionSample, skipping (and counting) bad ones."""
 
     def stage(source: Iterable[dict]) -> Iterator[RegionSample]:
         for raw in source:
             try:
-                sample = parse_sample(raw, max_regions, expected_recipe)
+                sample = parse_sample(raw, max_regions, expected_recipe, widths)
             except SampleError as error:
                 errors.add("bad_samples", f"{raw.get('__url__', '?')}: skipping sample "
                                           f"{raw.get('__key__', '?')!r}: {error}")

@@ -111,14 +111,18 @@ def from_first_readable_shard(urls: list[str], read, failure: str, tries: int = 
     raise ValueError(f"{failure}: " + "; ".join(problems))
 
 
-def feature_width(urls: list[str]) -> tuple[int, str]:
-    """(the width of the region features, the shard it was read from): the first features.npy of
-    the first readable shard (header read, no pickle)."""
-    def read(url: str) -> int:
-        features = load_npy(_first_member(url, ".features.npy"))
-        if features.ndim != 2:
-            raise ValueError(f"features.npy of shape {features.shape}, expected (N, D)")
-        return int(features.shape[1])
+def region_widths(urls: list[str]) -> tuple[tuple[int, int], str]:
+    """((feature width F, class-distribution width C), the shard they were read from): the first
+    sample of the first readable shard. Every sample a run trains on must have these widths."""
+
+    def read(url: str) -> tuple[int, int]:
+        widths = []
+        for name in ("features.npy", "cls_prob.npy"):
+            array = load_npy(_first_member(url, "." + name))
+            if array.ndim != 2:
+                raise ValueError(f"{name} of shape {array.shape}, expected (N, D)")
+            widths.append(int(array.shape[1]))
+        return widths[0], widths[1]
 
     return from_first_readable_shard(urls, read, "cannot read the region feature width")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import mmap
 import os
+import tokenize
 from typing import BinaryIO, Iterator
 
 import numpy as np
@@ -138,7 +139,10 @@ def _npy_header(data: bytes) -> tuple[int, tuple[tuple, bool, np.dtype]]:
     parsed = _HEADER_CACHE.get(key)
     if parsed is None:
         reader = npy_format.read_array_header_1_0 if major == 1 else npy_format.read_array_header_2_0
-        parsed = reader(io.BytesIO(key[8:]))  # (shape, fortran_order, dtype), literal_eval only
+        try:
+            parsed = reader(io.BytesIO(key[8:]))  # (shape, fortran_order, dtype), literal_eval only
+        except (SyntaxError, ValueError, TypeError, EOFError, tokenize.TokenError) as error:  # a cut header
+            raise ValueError(f"unreadable .npy header ({type(error).__name__}: {error})") from None
         if parsed[2].hasobject:
             raise ValueError("object arrays cannot be loaded when allow_pickle=False")
         if len(_HEADER_CACHE) < _HEADER_CACHE_LIMIT:

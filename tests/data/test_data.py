@@ -332,3 +332,21 @@ def test_a_fifo_named_tar_never_blocks_a_reader(tmp_path):
         assert discover_inputs(str(images), None, problems=[]) == []
     finally:
         signal.alarm(0)
+
+
+def test_samples_of_other_widths_and_cut_npy_headers_are_skipped_not_fatal(tmp_path, vocab):
+    rng = np.random.default_rng(5)
+    good = {f"g{i}": make_sample(rng, f"g{i}", **SMALL) for i in range(3)}
+    wide = make_sample(rng, "wide", feature_dim=24, num_classes=6)  # another detector's width
+    more_classes = make_sample(rng, "classes", feature_dim=16, num_classes=9)
+    cut = make_sample(rng, "cut", **SMALL)
+    cut["features.npy"] = cut["features.npy"][:40]  # inside the header's dict literal
+    write_tar(tmp_path / "x-000000.tar", {**good, "wide": wide, "classes": more_classes, "cut": cut})
+    loader = make_loader(config(tmp_path, vocab, batch_size=8), train=False)
+    with pytest.warns(DataWarning) as caught:
+        batches = list(loader)
+    assert sorted(k for b in batches for k in b["keys"]) == ["g0", "g1", "g2"]
+    assert batches[0]["image_feat"].shape[-1] == 16 and loader.error_counts()["bad_samples"] == 3
+    messages = "\n".join(str(w.message) for w in caught)
+    assert "'wide'" in messages and "features 24 / classes 6 wide, the run's first sample 16 / 6" in messages
+    assert "'classes'" in messages and "'cut'" in messages and "unreadable .npy header" in messages

@@ -255,3 +255,17 @@ def test_resume_auto_passes_a_truncated_newest_checkpoint(corpus, tmp_path, capl
     with pytest.raises(click.ClickException, match="step-00000006.damaged: not a usable checkpoint"):
         main(args(corpus, tmp_path / "other", "--max-steps", "8", "--resume",
                   str(out / "checkpoints" / "step-00000006.damaged")))
+
+
+def test_a_foreign_recipe_met_mid_run_stops_with_one_line(corpus, tmp_path):
+    from shards import RECIPE
+    from shards import write_shards as write_test_shards
+
+    folder = tmp_path / "mixed"
+    write_test_shards(folder, num_shards=1, per_shard=8, recipe={**RECIPE, "detector": "other-net"},
+                      feature_dim=32, num_classes=5)
+    (folder / "recipe.json").write_text(json.dumps(RECIPE))  # the folder claims another recipe than its samples
+    with pytest.raises(click.ClickException) as raised:
+        main([str(folder)] + args(corpus, tmp_path / "run", "--max-steps", "2", "--workers", "1")[1:])
+    message = raised.value.format_message()
+    assert "detector='other-net'" in message and "Traceback" not in message and "\n" not in message
