@@ -111,6 +111,11 @@ def extract(images, out, weights, config_name, attributes, backend, device, batc
         raise click.ClickException(str(error)) from error
     if not inputs and not problems:
         raise click.ClickException(f"{images}: no images found (image files, or img2dataset .tar shards)")
+    if boxes is not None:
+        try:
+            boxes.bind(inputs)  # every name to one image, or a one-line error before anything is written
+        except ValueError as error:
+            raise click.ClickException(str(error)) from error
     if not gt_boxes:  # task features (RefCOCO+ boxes) need no captions
         _warn_about_captions(inputs, captions)
     config = get_config(config_name, use_attributes=attributes)

@@ -2,13 +2,21 @@
 
 Accepted files:
 * plain JSON `{"<image key or file name>": [[x1, y1, x2, y2], ...], ...}` (pixels);
-* COCO JSON with `images` (`id`, `file_name`) and `annotations` (`image_id`, `bbox` = x, y, w, h).
+* COCO JSON with `images` (`id`, `file_name`, `width`, `height`) and `annotations` (`image_id`,
+  `bbox` = x, y, w, h).
+
+A name is matched to an image by the key the image gets (its path under IMAGES, without the
+extension), or by its path under IMAGES; else by its file name alone, only when exactly one image
+has that file name (two images `sub1/dup.jpg`, `sub2/dup.jpg` and a name `dup.jpg` is an error,
+not a guess). A COCO image's
+`width`/`height` must equal the size of the image as decoded (EXIF rotation applied), else the image
+is rejected with the reason: boxes drawn on another orientation are silently wrong features.
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -16,8 +24,12 @@ from extractor.sources import InputRecord, safe_key
 
 
 class GroundTruthBoxes:
-    def __init__(self, boxes_by_name: Dict[str, np.ndarray]):
+    def __init__(self, boxes_by_name: Dict[str, np.ndarray], sizes_by_name: Optional[Dict[str, tuple]] = None,
+                 path: str = "--gt-boxes"):
         self.boxes_by_name = boxes_by_name
+        self.sizes_by_name = sizes_by_name or {}  # COCO: name -> (width, height) as annotated
+        self.path = path
+        self.name_of: Optional[Dict[str, str]] = None  # record key -> box name, once bound
 
     @classmethod
     def from_file(cls, path: str) -> "GroundTruthBoxes":
@@ -27,7 +39,7 @@ class GroundTruthBoxes:
         except (OSError, ValueError) as error:
             raise ValueError(f"{path}: cannot read ground-truth boxes ({error})") from error
         if isinstance(data, dict) and "annotations" in data and "images" in data:
-            return cls(cls._from_coco(data, path))
+            return cls(*cls._from_coco(data, path), path=path)
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a JSON object (name -> boxes) or COCO annotations")
         boxes = {}
@@ -36,7 +48,7 @@ class GroundTruthBoxes:
             if array.ndim != 2 or array.shape[1] != 4:
                 raise ValueError(f"{path}: boxes for {name!r} must be a list of [x1, y1, x2, y2]")
             boxes[name] = cls._checked(array, name, path)
-        return cls(boxes)
+        return cls(boxes, path=path)
 
     @staticmethod
     def _checked(boxes: np.ndarray, name: str, path: str) -> np.ndarray:
@@ -48,26 +60,69 @@ class GroundTruthBoxes:
         return boxes
 
     @staticmethod
-    def _from_coco(data: Dict, path: str) -> Dict[str, np.ndarray]:
-        names = {image["id"]: image["file_name"] for image in data["images"]}
+    def _from_coco(data: Dict, path: str):
+        """-> (boxes by file name, (width, height) by file name); one-line errors naming the record."""
+        names, sizes = {}, {}
+        for k, image in enumerate(data["images"]):
+            if not isinstance(image, dict) or "id" not in image or not isinstance(image.get("file_name"), str):
+                raise ValueError(f"{path}: images[{k}] needs an 'id' and a 'file_name' string")
+            names[image["id"]] = image["file_name"]
+            if isinstance(image.get("width"), (int, float)) and isinstance(image.get("height"), (int, float)):
+                sizes[image["file_name"]] = (int(image["width"]), int(image["height"]))
         collected: Dict[str, list] = {name: [] for name in names.values()}
-        for annotation in data["annotations"]:
+        for k, annotation in enumerate(data["annotations"]):
+            if not isinstance(annotation, dict) or "image_id" not in annotation:
+                raise ValueError(f"{path}: annotations[{k}] has no 'image_id'")
             if annotation["image_id"] not in names:
                 raise ValueError(f"{path}: annotation {annotation.get('id')} refers to unknown "
                                  f"image_id {annotation['image_id']}")
-            x, y, w, h = annotation["bbox"]
+            bbox = annotation.get("bbox")
+            if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
+                raise ValueError(f"{path}: annotations[{k}] (id {annotation.get('id')}): 'bbox' is {bbox!r}, "
+                                 "expected [x, y, w, h]")
+            x, y, w, h = bbox
             collected[names[annotation["image_id"]]].append([x, y, x + w, y + h])
-        return {name: GroundTruthBoxes._checked(np.asarray(b, dtype=np.float32).reshape(-1, 4), name, path)
-                for name, b in collected.items()}
+        boxes = {name: GroundTruthBoxes._checked(np.asarray(b, dtype=np.float32).reshape(-1, 4), name, path)
+                 for name, b in collected.items()}
+        return boxes, sizes
+
+    def bind(self, records: List[InputRecord]) -> None:
+        """Match every box name to the one image it means, by key or path, a bare file name only
+        when one image has it; ValueError naming the file and the images if a name is ambiguous."""
+        by_key = {record.key: record for record in records}
+        by_base: Dict[str, list] = {}
+        for record in records:
+            by_base.setdefault(os.path.basename(_member(record)), []).append(record)
+        self.name_of = {}
+        for name in self.boxes_by_name:
+            stem = os.path.splitext(name)[0]
+            record = by_key.get(name) or by_key.get(safe_key(stem)) or by_key.get(safe_key(name))
+            if record is None:  # by file name alone ('train2014/x.jpg' for an image x.jpg), if only one has it
+                base = os.path.basename(name)
+                candidates = by_base.get(base, []) or by_base.get(base + ".jpg", [])
+                if len(candidates) > 1:
+                    raise ValueError(f"{self.path}: {name!r} matches {len(candidates)} images ("
+                                     + ", ".join(sorted(_member(r) for r in candidates)[:4])
+                                     + "); name them by their path under IMAGES")
+                record = candidates[0] if candidates else None
+            if record is not None:
+                self.name_of.setdefault(record.key, name)
 
     def lookup(self, record: InputRecord) -> Optional[np.ndarray]:
-        """Boxes for a record, matched by key, file name, or file name without extension."""
-        member = record.source.rsplit(":", 1)[-1] if record.offset >= 0 else record.source
-        base = os.path.basename(member)
-        for name in (record.key, base, os.path.splitext(base)[0]):
-            if name in self.boxes_by_name:
-                return self.boxes_by_name[name]
-        for name, boxes in self.boxes_by_name.items():  # e.g. COCO "train2014/xyz.jpg"
-            if safe_key(os.path.splitext(name)[0]) == record.key or os.path.basename(name) == base:
-                return boxes
-        return None
+        """Boxes for a record (after `bind`), or None when it has none."""
+        name = self.name_of.get(record.key) if self.name_of is not None else None
+        return None if name is None else self.boxes_by_name[name]
+
+    def size_mismatch(self, record: InputRecord, width: int, height: int) -> Optional[str]:
+        """Why the annotated size of the record's image differs from the decoded one, or None."""
+        name = self.name_of.get(record.key) if self.name_of is not None else None
+        annotated = self.sizes_by_name.get(name) if name is not None else None
+        if annotated is None or annotated == (width, height):
+            return None
+        return (f"{self.path} gives {name!r} as {annotated[0]}x{annotated[1]}, the image decodes (EXIF "
+                f"rotation applied) to {width}x{height}: its boxes would fall on other pixels")
+
+
+def _member(record: InputRecord) -> str:
+    """The image's path (or its name inside a tar shard)."""
+    return record.source.rsplit(":", 1)[-1] if record.offset >= 0 else record.source

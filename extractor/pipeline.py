@@ -110,11 +110,14 @@ def _plan(records: List[InputRecord], writer: ShardWriter):
 
 
 def _given_boxes(gt_boxes: GroundTruthBoxes, record: InputRecord, pixels: np.ndarray):
-    """Ground-truth boxes clipped to the image, or None when the image has none.  (K, 4)"""
+    """Ground-truth boxes clipped to the image (K, 4); or why there are none (a string)."""
     boxes = gt_boxes.lookup(record)
     if boxes is None or not len(boxes):
-        return None
+        return "no ground-truth boxes for this image"
     height, width = pixels.shape[:2]
+    mismatch = gt_boxes.size_mismatch(record, width, height)
+    if mismatch:
+        return mismatch
     boxes = boxes.copy()
     boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
     boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
@@ -168,6 +171,8 @@ def run_extraction(detector: BottomUpDetector, records: List[InputRecord], write
                    selector: RegionSelector, settings: ExtractionSettings,
                    gt_boxes: Optional[GroundTruthBoxes] = None) -> Dict:
     """Extract every record not already done; returns the summary counts."""
+    if gt_boxes is not None and gt_boxes.name_of is None:
+        gt_boxes.bind(records)  # the CLI binds before anything is written; a library caller here
     todo, skipped, failed = _plan(records, writer)
     header = dict(detector=detector.config.name, weights_hash=detector.weights_hash,
                   mode="gt-boxes" if gt_boxes else "detected")
@@ -189,8 +194,8 @@ def run_extraction(detector: BottomUpDetector, records: List[InputRecord], write
             boxes = None
             if item["pixels"] is not None and gt_boxes is not None:
                 boxes = _given_boxes(gt_boxes, record, item["pixels"])
-                if boxes is None:
-                    item["reason"], item["pixels"] = "no ground-truth boxes for this image", None
+                if isinstance(boxes, str):
+                    item["reason"], item["pixels"] = boxes, None
             if item["pixels"] is None:
                 writer.log_error(record.key, record.source, item["reason"])
                 failed += 1

@@ -3,6 +3,7 @@ TSV), img2dataset tar shards (KEY.jpg / KEY.txt / KEY.json), or both. Produces a
 sorted list of records that can be split across ranks and read back from any process."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -33,12 +34,18 @@ class InputRecord:
 
 
 def safe_key(name: str) -> str:
-    """'photos/a b.v2' -> 'photos_a_b_v2': WebDataset splits keys at the first dot."""
-    return re.sub(r"[^A-Za-z0-9_-]", "_", name)
+    """'photos/a b.v2' -> 'photos_a_b_v2': WebDataset splits keys at the first dot. A name with
+    characters outside ASCII also gets a short hash of itself ('猫' -> '_-4f1e…'), so that two such
+    names of the same length never share a key; ASCII names keep their keys of earlier runs."""
+    key = re.sub(r"[^A-Za-z0-9_-]", "_", name)
+    if name.isascii():
+        return key
+    return f"{key}-{hashlib.sha1(name.encode('utf-8', 'surrogatepass')).hexdigest()[:10]}"
 
 
 def read_caption_tsv(path: str) -> Dict[str, str]:
-    """`caption<TAB>url-or-filename` lines -> {basename: caption}; a header line is skipped."""
+    """`caption<TAB>url-or-filename` lines -> {name: caption}, the name being a URL's file name or a
+    file's path as written (relative to IMAGES); a header line is skipped."""
     captions: Dict[str, str] = {}
     with open(path, encoding="utf-8", errors="replace") as handle:
         for line_number, line in enumerate(handle, 1):
@@ -48,22 +55,40 @@ def read_caption_tsv(path: str) -> Dict[str, str]:
             caption, target = parts[0].strip(), parts[1].strip()
             if line_number == 1 and target.lower() in ("url", "filename", "file", "image"):
                 continue
-            captions[os.path.basename(target.split("?")[0])] = caption
+            target = target.split("?")[0]
+            name = os.path.basename(target) if "://" in target else Path(os.path.normpath(target)).as_posix()
+            captions[name] = caption
     return captions
+
+
+def caption_for(relative: Path, captions: Dict[str, str], images_by_name: Dict[str, int], source: str):
+    """The TSV caption of the image at `relative` (its path under IMAGES): by that path, else by
+    its file name when no other image has the same file name; ValueError if the TSV names a file
+    name that several images share (a guess would give one image another's caption)."""
+    caption = captions.get(relative.as_posix())
+    if caption is None and relative.name in captions:
+        if images_by_name.get(relative.name, 0) > 1:
+            raise ValueError(f"{source}: {relative.name!r} names {images_by_name[relative.name]} images under "
+                             "IMAGES (in different folders); give their paths relative to IMAGES instead")
+        caption = captions[relative.name]
+    return caption
 
 
 def _is_under(path: Path, folder: Optional[Path]) -> bool:
     return folder is not None and (path.resolve() == folder or folder in path.resolve().parents)
 
 
-def _folder_records(root: Path, captions: Dict[str, str], exclude: Optional[Path]
-                    ) -> List[InputRecord]:
+def _folder_records(root: Path, captions: Dict[str, str], exclude: Optional[Path],
+                    captions_source: str = "--captions") -> List[InputRecord]:
     records = []
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        if path.suffix.lower() not in IMAGE_EXTENSIONS or _is_under(path, exclude):
-            continue
+    paths = [p for p in sorted(root.rglob("*")) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+             and not _is_under(p, exclude)]
+    images_by_name: Dict[str, int] = {}
+    for path in paths:
+        images_by_name[path.name] = images_by_name.get(path.name, 0) + 1
+    for path in paths:
         relative = path.relative_to(root)
-        caption = captions.get(path.name)
+        caption = caption_for(relative, captions, images_by_name, captions_source) if captions else None
         sidecar = path.with_suffix(".txt")
         if caption is None and sidecar.is_file():
             caption = sidecar.read_text(encoding="utf-8", errors="replace").strip()
@@ -129,7 +154,7 @@ def discover_inputs(images: str, captions_tsv: Optional[str] = None, exclude: Op
             raise ValueError(f"{images}: expected a folder of images or an img2dataset .tar shard")
         return _tar_records(root, problems)
     captions = read_caption_tsv(captions_tsv) if captions_tsv else {}
-    records = _folder_records(root, captions, excluded)
+    records = _folder_records(root, captions, excluded, captions_tsv or "--captions")
     for tar_path in sorted(p for p in root.rglob("*.tar") if p.is_file() and not _is_under(p, excluded)):  # no FIFOs
         records.extend(_tar_records(tar_path, problems))
     return records

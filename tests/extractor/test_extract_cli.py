@@ -317,3 +317,69 @@ def test_a_concurrent_run_is_refused_and_a_damaged_shard_redone(tmp_path, capsys
     assert again["done"] == 2 and again["skipped"] == 1  # its two images extracted again
     assert "shard-000000.tar: ReadError" in capsys.readouterr().err and (out / "shard-000000.tar.damaged").exists()
     assert len(read_shards(out)) == 3
+
+
+def test_names_match_by_path_and_a_shared_file_name_is_an_error_not_a_guess(tmp_path):
+    import click
+
+    images = tmp_path / "images"
+    for sub in ("sub1", "sub2"):
+        (images / sub).mkdir(parents=True)
+        make_image(64, 48).save(images / sub / "dup.jpg")
+    (tmp_path / "by_path.tsv").write_text("a dog\tsub1/dup.jpg\na cat\tsub2/dup.jpg\n")
+    summary = main([str(images), str(tmp_path / "out"), *TINY, "--captions", str(tmp_path / "by_path.tsv")])
+    shards = read_shards(tmp_path / "out")
+    assert summary["done"] == 2 and shards["sub1_dup"]["txt"] == "a dog" and shards["sub2_dup"]["txt"] == "a cat"
+    (tmp_path / "by_name.tsv").write_text("a dog\thttp://x.org/dup.jpg\n")
+    with pytest.raises(click.ClickException, match="'dup.jpg' names 2 images under IMAGES"):
+        main([str(images), str(tmp_path / "o2"), *TINY, "--captions", str(tmp_path / "by_name.tsv")])
+    coco = {"images": [{"id": 1, "file_name": "dup.jpg", "width": 64, "height": 48}],
+            "annotations": [{"id": 1, "image_id": 1, "bbox": [0, 0, 30, 20]}]}
+    (tmp_path / "coco.json").write_text(json.dumps(coco))
+    with pytest.raises(click.ClickException, match=r"'dup.jpg' matches 2 images \(.*sub1/dup.jpg, .*sub2/dup.jpg\)"):
+        main([str(images), str(tmp_path / "o3"), *TINY, "--gt-boxes", str(tmp_path / "coco.json")])
+    coco["images"][0]["file_name"] = "sub2/dup.jpg"  # by its path: only that image gets the box
+    (tmp_path / "coco.json").write_text(json.dumps(coco))
+    summary = main([str(images), str(tmp_path / "o4"), *TINY, "--gt-boxes", str(tmp_path / "coco.json")])
+    assert (summary["done"], summary["failed"]) == (1, 1) and list(read_shards(tmp_path / "o4")) == ["sub2_dup"]
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
+
+
+def test_gt_boxes_of_another_image_size_are_refused_per_image(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    make_image(64, 48).save(images / "wide.jpg")
+    make_image(48, 64).save(images / "tall.jpg")  # e.g. a photo the annotator saw before EXIF rotation
+    coco = {"images": [{"id": 1, "file_name": "wide.jpg", "width": 64, "height": 48},
+                       {"id": 2, "file_name": "tall.jpg", "width": 64, "height": 48}],
+            "annotations": [{"id": 1, "image_id": 1, "bbox": [0, 0, 30, 20]},
+                            {"id": 2, "image_id": 2, "bbox": [0, 0, 30, 20]}]}
+    (tmp_path / "coco.json").write_text(json.dumps(coco))
+    out = tmp_path / "out"
+    summary = main([str(images), str(out), *TINY, "--gt-boxes", str(tmp_path / "coco.json")])
+    assert (summary["done"], summary["failed"]) == (1, 1) and list(read_shards(out)) == ["wide"]
+    (reason,) = [json.loads(line)["reason"] for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert "'tall.jpg' as 64x48, the image decodes (EXIF rotation applied) to 48x64" in reason
+    coco["annotations"][0]["bbox"] = "0 0 30 20"
+    (tmp_path / "bad.json").write_text(json.dumps(coco))
+    import click
+
+    with pytest.raises(click.ClickException, match=r"bad.json: annotations\[0\] \(id 1\): 'bbox' is '0 0 30 20'"):
+        main([str(images), str(tmp_path / "o2"), *TINY, "--gt-boxes", str(tmp_path / "bad.json")])
+    del coco["images"][0]["file_name"]
+    (tmp_path / "bad.json").write_text(json.dumps(coco))
+    with pytest.raises(click.ClickException, match=r"bad.json: images\[0\] needs an 'id' and a 'file_name'"):
+        main([str(images), str(tmp_path / "o2"), *TINY, "--gt-boxes", str(tmp_path / "bad.json")])
+
+
+def test_non_ascii_names_of_the_same_length_get_distinct_stable_keys(tmp_path):
+    from extractor.sources import safe_key
+
+    images = tmp_path / "images"
+    images.mkdir()
+    make_image(64, 48).save(images / "猫.jpg")
+    make_image(48, 64).save(images / "犬.jpg")
+    summary = main([str(images), str(tmp_path / "out"), *TINY])
+    keys = sorted(read_shards(tmp_path / "out"))
+    assert summary["done"] == 2 and len(keys) == 2 and keys == sorted([safe_key("猫"), safe_key("犬")])
+    assert safe_key("photos/a b.v2") == "photos_a_b_v2"  # ASCII names keep the keys of earlier runs
