@@ -2,6 +2,7 @@
 or one it can create. Nothing is created by the check, so a refused run leaves no trace."""
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -22,3 +23,13 @@ def writable_folder(path, option: str = "OUT") -> Path:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"{option} {path}: not writable ({existing} is read-only for this user)")
     return path
+
+
+def is_disk_full(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full(path, error: OSError, kept: str) -> str:
+    """The one line for a full disk (or quota): what stays intact and how to go on."""
+    return (f"{path}: the disk is full ({error.strerror or error}); {kept}; free some space and re-run the "
+            "same command to resume")

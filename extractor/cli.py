@@ -88,7 +88,7 @@ def extract(images, out, weights, config_name, attributes, backend, device, batc
 
     Re-running the same command resumes: images already in complete shards are skipped."""
     from common.devices import check_device
-    from common.outputs import writable_folder
+    from common.outputs import disk_full, is_disk_full, writable_folder
     from common.shard_writer import OutputBusy, ShardWriter
     from extractor.config import get_config
     from extractor.detector import build_detector
@@ -150,8 +150,16 @@ def extract(images, out, weights, config_name, attributes, backend, device, batc
                                  RegionSelector(min_boxes, max_boxes, conf_threshold), settings, boxes)
     except RecipeMismatch as error:
         raise click.ClickException(str(error)) from error
+    except OSError as error:
+        if not is_disk_full(error):
+            raise
+        raise click.ClickException(disk_full(out, error, "the complete shards are intact")) from None
     finally:
-        writer.close()  # the samples written so far stay; the rank's lock on OUT is released
+        try:
+            writer.close()  # the samples written so far stay; the rank's lock on OUT is released
+        except OSError as error:
+            if not is_disk_full(error):
+                raise  # (on a full disk the unfinished partial shard is removed by the next run)
     summary.update(rank=rank, num_workers=world, out=str(out), unreadable_shards=len(problems))
     failures = f"failed {summary['failed']}" + (f", unreadable input shards {len(problems)}" if problems else "")
     if summary["failed"] or problems:

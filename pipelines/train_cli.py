@@ -16,7 +16,7 @@ import click
 import torch
 
 from common.devices import check_device
-from common.outputs import writable_folder
+from common.outputs import disk_full, is_disk_full, writable_folder
 
 from .data.loader import DataConfig, NoUsableSamples, PretrainingData, PretrainingLoader, make_loader
 from .data.shards import RecipeMismatch, expand_shards
@@ -180,6 +180,10 @@ def cli(shards, out, preset, arch, overrides, bert, tokenizer, objective, lr, be
     first_step, skipped_before = trainer.step, trainer.skipped
     try:
         last = trainer.fit(loader.forever(), samples_per_epoch=loader.samples_per_epoch)
+    except OSError as error:
+        if not is_disk_full(error):
+            raise
+        raise click.ClickException(disk_full(out, error, "the checkpoints already saved are intact")) from None
     except (NoUsableSamples, RecipeMismatch) as error:  # the run stops, with its checkpoints, on one line
         reason = str(error)  # from a DataLoader worker, it holds the worker's traceback before the reason
         name = type(error).__name__

@@ -61,7 +61,14 @@ def read_checkpoint_config(directory: str | Path) -> dict:
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found (expected a directory written by save_pretrained)")
-    return json.loads(path.read_text())
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    for name in ("config", "task_heads"):
+        if not isinstance(doc, dict) or not isinstance(doc.get(name), dict):
+            raise ValueError(f"{path}: no {name!r} object (not a checkpoint written by save_pretrained)")
+    return doc
 
 
 def load_pretrained(directory: str | Path, map_location: str | torch.device = "cpu") -> ViLBert:

@@ -21,8 +21,16 @@ def _from_vocab_file(path: Path):
 
     parameters = inspect.signature(BertTokenizerFast.__init__).parameters
     argument = "vocab" if "vocab" in parameters else "vocab_file"
+    try:
+        words = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (UnicodeDecodeError, OSError) as error:
+        raise ValueError(f"{path}: not a vocabulary (a BERT vocab.txt is UTF-8 text, one token a line): "
+                         f"{error}") from None
+    missing = [t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t not in words]
+    if missing:
+        raise ValueError(f"{path}: not a BERT vocabulary (no {', '.join(missing)})")
     tokenizer = BertTokenizerFast(**{argument: str(path)}, do_lower_case=True)
-    lines = sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    lines = len(words)
     if len(tokenizer) < lines:
         raise ValueError(f"{path}: loaded {len(tokenizer)} of its {lines} vocabulary entries")
     return tokenizer

@@ -67,4 +67,8 @@ def load_refs(path: str | Path) -> list[dict]:
         if (not isinstance(ref["sentences"], list)
                 or not all(isinstance(s, dict) and "raw" in s for s in ref["sentences"])):
             raise ValueError(f"{path}: ref #{i} (ref_id {ref['ref_id']}): sentences must be dicts with 'raw'")
+        for key in ("ref_id", "ann_id", "image_id"):  # the toolkit's ids are ints; '12' would match nothing
+            if not isinstance(ref[key], int) or isinstance(ref[key], bool):
+                raise ValueError(f"{path}: ref #{i} (ref_id {ref['ref_id']!r}): {key!r} is {ref[key]!r} "
+                                 f"({type(ref[key]).__name__}), expected an int as in the refer toolkit")
     return refs

@@ -383,3 +383,31 @@ def test_non_ascii_names_of_the_same_length_get_distinct_stable_keys(tmp_path):
     keys = sorted(read_shards(tmp_path / "out"))
     assert summary["done"] == 2 and len(keys) == 2 and keys == sorted([safe_key("猫"), safe_key("犬")])
     assert safe_key("photos/a b.v2") == "photos_a_b_v2"  # ASCII names keep the keys of earlier runs
+
+
+def test_a_full_disk_is_one_line_and_the_rerun_resumes(tmp_path, monkeypatch):
+    import errno
+
+    import click
+
+    from common.shard_writer import ShardWriter
+
+    images = write_images(tmp_path / "images", 5)
+    out = tmp_path / "out"
+    real_write, written = ShardWriter.write, []
+
+    def write_until_the_disk_fills(self, key, members):
+        if len(written) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(key)
+        return real_write(self, key, members)
+
+    monkeypatch.setattr(ShardWriter, "write", write_until_the_disk_fills)
+    with pytest.raises(click.ClickException, match="the disk is full .No space left on device.; the complete "
+                                                    "shards are intact"):
+        main([str(images), str(out), *TINY, "--shard-size", "2"])
+    monkeypatch.setattr(ShardWriter, "write", real_write)
+    again = main([str(images), str(out), *TINY, "--shard-size", "2"])
+    # the three written before the disk filled are kept (the last in a shard finished on the way out)
+    assert (again["skipped"], again["done"]) == (3, 2) and set(written) <= set(read_shards(out))
+    assert len(read_shards(out)) == 5  # every image once, none twice

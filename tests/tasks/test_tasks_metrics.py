@@ -278,3 +278,31 @@ def test_eval_out_that_is_a_file_is_refused_before_anything(tmp_path, capsys):
                                 "--init-preset", "vilbert-tiny"])
     err = capsys.readouterr().err
     assert status == 2 and "--out" in err and "not writable" in err
+
+
+def test_refs_with_other_id_types_a_checkpoint_without_heads_and_a_non_vocabulary_are_one_line(tmp_path):
+    from pipelines.data.tokenization import load_tokenizer as load_caption_tokenizer
+    from pipelines.tasks.text import load_tokenizer
+    from vilbert import load_pretrained
+
+    refs = [{"ref_id": 1, "ann_id": 1, "image_id": 5, "split": "val", "sentences": [{"raw": "a"}]},
+            {"ref_id": 2, "ann_id": 2, "image_id": "5", "split": "val", "sentences": [{"raw": "b"}]}]
+    (tmp_path / "refs(unc).p").write_bytes(pickle.dumps(refs, protocol=2))
+    with pytest.raises(ValueError, match=r"refs\(unc\).p: ref #1 \(ref_id 2\): 'image_id' is '5' \(str\)"):
+        load_refs(tmp_path / "refs(unc).p")
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps({"config": {}}))
+    with pytest.raises(ValueError, match=r"config.json: no 'task_heads' object"):
+        load_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "config.json").write_text("{oops")
+    with pytest.raises(ValueError, match="config.json: not valid JSON"):
+        load_pretrained(tmp_path / "ckpt")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "vocab.txt").write_bytes(bytes(range(256)) * 4)  # a binary file
+    (tmp_path / "words").mkdir()
+    (tmp_path / "words" / "vocab.txt").write_text("just\nsome\nwords\n")
+    for load in (load_tokenizer, load_caption_tokenizer):
+        with pytest.raises(ValueError, match="vocab.txt: not a vocabulary"):
+            load(tmp_path / "bin" / "vocab.txt")
+        with pytest.raises(ValueError, match=r"vocab.txt: not a BERT vocabulary \(no \[PAD\], \[UNK\]"):
+            load(tmp_path / "words" / "vocab.txt")

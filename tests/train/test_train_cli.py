@@ -269,3 +269,27 @@ def test_a_foreign_recipe_met_mid_run_stops_with_one_line(corpus, tmp_path):
         main([str(folder)] + args(corpus, tmp_path / "run", "--max-steps", "2", "--workers", "1")[1:])
     message = raised.value.format_message()
     assert "detector='other-net'" in message and "Traceback" not in message and "\n" not in message
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_the_rerun_resumes(corpus, tmp_path, monkeypatch):
+    import errno
+
+    import pipelines.train.trainer as trainer_module
+
+    real_save, calls = trainer_module.save_checkpoint, []
+
+    def save_until_the_disk_fills(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(*a, **kw)
+
+    monkeypatch.setattr(trainer_module, "save_checkpoint", save_until_the_disk_fills)
+    out = tmp_path / "run"
+    with pytest.raises(click.ClickException, match="the disk is full .No space left on device.; the checkpoints "
+                                                    "already saved are intact; free some space and re-run"):
+        main(args(corpus, out, "--max-steps", "6"))
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-00000003"]
+    monkeypatch.setattr(trainer_module, "save_checkpoint", real_save)
+    main(args(corpus, out, "--max-steps", "6"))  # the same command, with space again
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-00000003", "step-00000006"]
