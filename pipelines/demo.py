@@ -34,6 +34,8 @@ from pathlib import Path
 import click
 import numpy as np
 
+from common.outputs import writable_folder
+
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample"
 ENTRY = {"vilbert-extract": "extractor.cli", "vilbert-train": "pipelines.train_cli",
@@ -167,6 +169,10 @@ def run_pipeline(out: Path, sample: Path, config: str, weights: Path | None, tra
                  test_scenes: int | None, steps: int, batch_size: int, lr: float, refer_steps: int,
                  device: str, threads: int | None, visualize: int, control: bool, seed: int) -> dict:
     t_start = time.perf_counter()
+    try:
+        writable_folder(out, "--out")
+    except ValueError as error:
+        raise click.ClickException(str(error)) from None
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("shards", "train", "eval", "summary.json", "demo.log"):
         p = out / stale

@@ -149,3 +149,14 @@ def test_demo_refuses_a_missing_sample(tmp_path, option):
 
     with pytest.raises(click.ClickException, match="no bundled sample"):
         main(["--out", str(tmp_path / "o"), "--data", str(tmp_path / "nothing"), option, "3"])
+
+
+def test_demo_refuses_an_out_that_is_a_file(tmp_path):
+    import click
+
+    from pipelines.demo import main
+
+    (tmp_path / "taken").write_text("x")
+    with pytest.raises(click.ClickException, match="--out .*taken: exists and is not a folder"):
+        main(["--out", str(tmp_path / "taken"), "--steps", "1"])
+    assert (tmp_path / "taken").read_text() == "x"
