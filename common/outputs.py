@@ -11,6 +11,8 @@ def writable_folder(path, option: str = "OUT") -> Path:
     """ValueError naming the option and the reason unless `path` is a folder this process can write
     into, or does not exist yet below a folder it can write into."""
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise ValueError(f"{option} {path}: a symlink to {os.readlink(path)}, which does not exist")
     if path.exists() and not path.is_dir():
         raise ValueError(f"{option} {path}: exists and is not a folder")
     existing = path

@@ -161,6 +161,10 @@ class ShardWriter:
 
     def log_error(self, key: str, path: str, reason: str) -> None:
         line = json.dumps({"key": key, "path": path, "reason": reason}, ensure_ascii=False)
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError:  # a file name that is not UTF-8 (surrogate escapes): \u-escaped JSON
+            line = json.dumps({"key": key, "path": path, "reason": reason}, ensure_ascii=True)
         with _locked(self.out_dir):
             with open(self.errors_path, "ab+") as handle:
                 handle.seek(0, os.SEEK_END)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import click
 import torch
@@ -12,13 +13,25 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def _rank_and_world(rank, num_workers):
     """--rank/--num-workers win; otherwise torchrun's RANK/WORLD_SIZE; otherwise 0 of 1."""
-    if rank is None:
-        rank = int(os.environ.get("RANK", 0))
-    if num_workers is None:
-        num_workers = int(os.environ.get("WORLD_SIZE", 1))
+    try:
+        if rank is None:
+            rank = int(os.environ.get("RANK", 0))
+        if num_workers is None:
+            num_workers = int(os.environ.get("WORLD_SIZE", 1))
+    except ValueError:
+        raise click.BadParameter(f"$RANK={os.environ.get('RANK')!r} / $WORLD_SIZE={os.environ.get('WORLD_SIZE')!r}: "
+                                 "expected integers (or pass --rank / --num-workers)") from None
     if not 0 <= rank < num_workers:
         raise click.BadParameter(f"rank {rank} must be in 0..{num_workers - 1}")
     return rank, num_workers
+
+
+def _check_prefix(prefix: str) -> str:
+    """A shard prefix is one plain file-name part: never a path, never hidden from the readers."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", prefix or ""):
+        raise click.BadParameter(f"{prefix!r}: letters, digits, '_' and '-' only, not starting with '-' "
+                                 "(it names the shard files inside OUT)")
+    return prefix
 
 
 def _warn_about_captions(records, captions_tsv) -> None:
@@ -72,7 +85,8 @@ def _warn_about_captions(records, captions_tsv) -> None:
 @click.option("--max-pixels", type=click.IntRange(min=1), default=89_478_485,
               help="Reject larger images (decompression bombs) from their header.")
 @click.option("--shard-size", type=click.IntRange(min=1), default=1000, help="Samples per shard.")
-@click.option("--prefix", default="shard", help="Shard file prefix: PREFIX-000000.tar.")
+@click.option("--prefix", default="shard", callback=lambda ctx, param, value: _check_prefix(value),
+              help="Shard file prefix: PREFIX-000000.tar.")
 @click.option("--num-workers", "num_workers", type=click.IntRange(min=1), default=None,
               help="Total number of extraction processes (default: $WORLD_SIZE or 1).")
 @click.option("--rank", type=click.IntRange(min=0), default=None,
@@ -94,6 +108,7 @@ def extract(images, out, weights, config_name, attributes, backend, device, batc
     from extractor.detector import build_detector
     from extractor.gt_boxes import GroundTruthBoxes
     from extractor.pipeline import ExtractionSettings, RecipeMismatch, run_extraction
+    from extractor.preview import load_class_names
     from extractor.select import RegionSelector
     from extractor.sources import discover_inputs, split_for_rank
     from extractor.weights import WeightsError
@@ -121,6 +136,11 @@ def extract(images, out, weights, config_name, attributes, backend, device, batc
     config = get_config(config_name, use_attributes=attributes)
     if proposals:
         config = config.replace(rpn_post_nms_topk=proposals)
+    if class_names:  # read now, not after OUT is set up
+        try:
+            load_class_names(class_names, config.num_classes)
+        except ValueError as error:
+            raise click.ClickException(str(error)) from None
     try:
         if backend == "detectron2":
             from extractor.backend_detectron2 import build_detectron2_detector

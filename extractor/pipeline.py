@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from common.names import safe_name
 from common.shard_format import RECIPE_FILE, npy_bytes
 from common.shard_writer import ShardWriter
 from extractor.detector import BottomUpDetector
@@ -220,7 +221,7 @@ def run_extraction(detector: BottomUpDetector, records: List[InputRecord], write
             done += 1
             if previews < settings.preview:
                 draw_preview(item["pixels"].numpy(), boxes, cls_prob, names,
-                             Path(writer.out_dir) / "preview" / f"{record.key}.png")
+                             Path(writer.out_dir) / "preview" / f"{safe_name(record.key, 100)}.png")
                 previews += 1
         bar.update(len(batch))
         if settings.throttle_s:

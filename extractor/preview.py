@@ -15,7 +15,10 @@ def load_class_names(path: Optional[str], num_classes: int) -> List[str]:
     without a file, 'class 17' style names."""
     if not path:
         return [f"class {index}" for index in range(num_classes)]
-    lines = [line.strip().split(",")[0] for line in Path(path).read_text().splitlines()]
+    try:
+        lines = [line.strip().split(",")[0] for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not a text file of class names ({error})") from None
     if len(lines) != num_classes:
         raise ValueError(f"{path}: {len(lines)} class names, the detector has {num_classes} classes")
     return lines

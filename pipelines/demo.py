@@ -94,6 +94,24 @@ def feature_dim(shards: Path) -> int:
     raise click.ClickException(f"{tar}: no features")
 
 
+MARKER = ".vilbert-demo"  # in OUT: a folder the demo made, whose outputs it may replace
+
+
+def check_demo_folders(out: Path, sample: Path) -> None:
+    """Refuse, before anything is deleted, an OUT the demo did not make that holds files (the demo
+    replaces OUT/shards, train, eval and data on every run), a --data inside OUT, or a --data
+    without the bundled sample."""
+    if not (sample / "annotations.json").exists():
+        raise click.ClickException(f"{sample}: no bundled sample (regenerate: python data/sample/make_sample.py)")
+    made_by_demo = any((out / name).exists() for name in (MARKER, "demo.log", "summary.json"))  # or an older demo
+    if out.is_dir() and any(out.iterdir()) and not made_by_demo:
+        raise click.ClickException(f"--out {out}: holds files and was not made by vilbert-demo, which replaces "
+                                   "its outputs there on every run; give an empty or new folder")
+    if sample.resolve() == out.resolve() or out.resolve() in sample.resolve().parents:
+        raise click.ClickException(f"--data {sample} lies inside --out {out}, which the demo replaces; "
+                                   "copy it elsewhere first")
+
+
 # ---- running the stages -------------------------------------------------------------------------
 
 class Stages:
@@ -173,7 +191,9 @@ def run_pipeline(out: Path, sample: Path, config: str, weights: Path | None, tra
         writable_folder(out, "--out")
     except ValueError as error:
         raise click.ClickException(str(error)) from None
+    check_demo_folders(out, sample)  # before anything is deleted
     out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("made by vilbert-demo, which replaces its own outputs here on every run\n")
     for stale in ("shards", "train", "eval", "summary.json", "demo.log"):
         p = out / stale
         if p.is_dir():

@@ -160,3 +160,25 @@ def test_demo_refuses_an_out_that_is_a_file(tmp_path):
     with pytest.raises(click.ClickException, match="--out .*taken: exists and is not a folder"):
         main(["--out", str(tmp_path / "taken"), "--steps", "1"])
     assert (tmp_path / "taken").read_text() == "x"
+
+
+def test_demo_never_deletes_what_it_did_not_make(tmp_path):
+    import click
+
+    from pipelines.demo import main
+
+    project = tmp_path / "project"
+    (project / "train").mkdir(parents=True)
+    (project / "train" / "thesis.tex").write_text("months of work")
+    with pytest.raises(click.ClickException, match="holds files and was not made by vilbert-demo"):
+        main(["--out", str(project), "--steps", "1"])
+    with pytest.raises(click.ClickException, match="no bundled sample"):
+        main(["--out", str(project), "--data", str(tmp_path / "nowhere")])
+    assert (project / "train" / "thesis.tex").read_text() == "months of work"
+    demo = tmp_path / "demo"
+    (demo / "data").mkdir(parents=True)
+    (demo / "demo.log").write_text("an earlier run")
+    (demo / "data" / "annotations.json").write_text("{}")
+    with pytest.raises(click.ClickException, match="lies inside --out"):
+        main(["--out", str(demo), "--data", str(demo / "data")])
+    assert (demo / "data" / "annotations.json").exists()

@@ -411,3 +411,41 @@ def test_a_full_disk_is_one_line_and_the_rerun_resumes(tmp_path, monkeypatch):
     # the three written before the disk filled are kept (the last in a shard finished on the way out)
     assert (again["skipped"], again["done"]) == (3, 2) and set(written) <= set(read_shards(out))
     assert len(read_shards(out)) == 5  # every image once, none twice
+
+
+def test_more_mistakes_are_one_line_and_odd_names_never_stop_a_run(tmp_path, monkeypatch):
+    import os
+
+    import click
+
+    images = write_images(tmp_path / "images", 2)
+    for prefix in ("/../escaped", "../x", ".hidden", "a/b"):
+        with pytest.raises(click.BadParameter, match="letters, digits"):
+            main([str(images), str(tmp_path / "o1"), *TINY, "--prefix", prefix])
+    monkeypatch.setenv("RANK", "abc")
+    with pytest.raises(click.BadParameter, match=r"\$RANK='abc'"):
+        main([str(images), str(tmp_path / "o1"), *TINY])
+    monkeypatch.delenv("RANK")
+    (tmp_path / "cls.txt").write_text("cat\ndog\n")
+    (tmp_path / "cls.bin").write_bytes(bytes(range(256)))
+    for names, message in (("cls.txt", "2 class names, the detector has 1600"), ("cls.bin", "not a text file")):
+        with pytest.raises(click.ClickException, match=message):
+            main([str(images), str(tmp_path / "o1"), *TINY, "--preview", "1", "--class-names", str(tmp_path / names)])
+    os.symlink(tmp_path / "nowhere" / "deeper", tmp_path / "dangling")
+    with pytest.raises(click.ClickException, match="a symlink to .*nowhere/deeper, which does not exist"):
+        main([str(images), str(tmp_path / "dangling"), *TINY])
+    assert not (tmp_path / "o1").exists()  # every refusal came before OUT was touched
+    # a file name that is not UTF-8 and a very deep path: logged or extracted, the run goes on
+    deep = images / ("a" * 200) / ("b" * 200)
+    deep.mkdir(parents=True)
+    make_image(64, 48).save(deep / ("c" * 200 + ".jpg"))
+    (images / os.fsdecode(b"bad\xff.jpg")).write_bytes(b"not an image")
+    out = tmp_path / "out"
+    summary = main([str(images), str(out), *TINY, "--preview", "3"])
+    assert (summary["done"], summary["failed"]) == (3, 1)
+    (line,) = (out / "errors.jsonl").read_text(encoding="utf-8").splitlines()
+    assert json.loads(line)["path"].endswith(os.fsdecode(b"bad\xff.jpg"))
+    assert len(list((out / "preview").glob("*.png"))) == 3 and all(
+        len(p.name) < 160 for p in (out / "preview").iterdir())
+    again = main([str(images), str(out), *TINY])  # the logged failure is not tried (or logged) twice
+    assert (again["skipped"], again["failed"]) == (4, 0)
