@@ -53,6 +53,19 @@ def load_model(checkpoint, official_checkpoint, official_config, preset, device)
     return model.to(device), source
 
 
+def check_fit(config, vocabulary: int, opts, source: str) -> None:
+    """ValueError before any work if the tokenizer does not fit the model; a --max-seq-length beyond
+    the model's positions is cut to them (texts are padded to the longest, so short ones never
+    noticed; a long one would have indexed past the position table)."""
+    if vocabulary > config.vocab_size:
+        raise ValueError(f"--tokenizer has {vocabulary} tokens, the model reads {config.vocab_size} (vocab_size of "
+                         f"{source}): use the tokenizer the model was trained with")
+    if opts.max_seq_length > config.max_position_embeddings:  # (a task token takes no position)
+        log.warning("--max-seq-length %d is longer than the %d positions of %s: texts are cut to %d tokens",
+                    opts.max_seq_length, config.max_position_embeddings, source, config.max_position_embeddings)
+        opts.max_seq_length = config.max_position_embeddings
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--task", "task_name", type=click.Choice(sorted(TASKS)), required=True, help="Downstream task.")
 @click.option("--data", type=click.Path(exists=True, file_okay=False), required=True,
@@ -142,6 +155,7 @@ def cli(task_name, checkpoint, official_checkpoint, official_config, init_preset
             for split in opts.splits or task.default_splits:
                 task.eval_inputs(split)
         model, source = load_model(checkpoint, official_checkpoint, official_config, init_preset, device)
+        check_fit(model.config, len(task.tokenizer), task.opts, source)
         width = task.store.feature_size()
         if width != model.config.v_feature_size:
             raise ValueError(f"{opts.features}: region features are {width} wide, the model reads "

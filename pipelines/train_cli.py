@@ -163,6 +163,16 @@ def cli(shards, out, preset, arch, overrides, bert, tokenizer, objective, lr, be
     )
     with user_errors():
         trainer = Trainer(train_cfg, recipe=data.recipe)
+    config = trainer.model.config
+    if data.tokenizer.vocab_size > config.vocab_size:
+        raise click.ClickException(f"--tokenizer has {data.tokenizer.vocab_size} tokens, the model reads "
+                                   f"{config.vocab_size} (--set vocab_size or --bert)")
+    if max_seq_len > config.max_position_embeddings:
+        raise click.ClickException(f"--max-seq-len {max_seq_len} is longer than the model's "
+                                   f"max_position_embeddings {config.max_position_embeddings}")
+    if data.widths[1] != config.v_target_size:
+        raise click.ClickException(f"{width_source}: class distributions are {data.widths[1]} wide, the model "
+                                   f"predicts {config.v_target_size} (--set v_target_size={data.widths[1]})")
     if resume_from == "never" and list_checkpoints(trainer.ckpt_root):
         raise click.ClickException(f"{trainer.ckpt_root} holds checkpoints and --resume never was given; "
                                    "choose another --out or drop --resume never")

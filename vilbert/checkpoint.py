@@ -75,8 +75,18 @@ def load_pretrained(directory: str | Path, map_location: str | torch.device = "c
     """Inverse of `save_pretrained`; strict (every tensor must match)."""
     doc = read_checkpoint_config(directory)
     model = ViLBert(ViLBertConfig.from_dict(doc["config"]), {k: tuple(v) for k, v in doc["task_heads"].items()})
-    state = load_file(str(Path(directory) / WEIGHTS_NAME), device=str(map_location))
-    result = model.load_state_dict(state, strict=False)
+    path = Path(directory) / WEIGHTS_NAME
+    try:
+        state = load_file(str(path), device=str(map_location))
+    except Exception as error:  # safetensors' own error type: truncated, not safetensors, unreadable
+        raise ValueError(f"{path}: not a readable safetensors file ({str(error).strip() or type(error).__name__})"
+                         ) from None
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # tensor shapes of another config
+        first = str(error).strip().splitlines()
+        detail = next((line.strip() for line in first if "size mismatch" in line), first[0] if first else "")
+        raise ValueError(f"{directory}: the weights do not fit its config.json ({detail})") from None
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(
             f"{directory}: checkpoint does not match its config: missing {result.missing_keys}, "

@@ -66,6 +66,9 @@ class GQATask(SentenceImagesTask):
                              for it in load_gqa_split(self.data, split.strip()) if it["answer"])
             ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
             answers = [a for a, _ in ranked[: int(x.get("num_answers") or 1533)]]
+        if not answers:
+            raise ValueError(f"{self.data}: the {self.train_split} questions give no 'answer' to build a vocabulary "
+                             "from (pass --answers)")
         self.labels = tuple(answers)
         self.index = {a: i for i, a in enumerate(self.labels)}
         write_json(Path(opts.out) / "answers.json", list(self.labels))

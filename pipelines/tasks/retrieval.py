@@ -60,7 +60,11 @@ def load_retrieval_split(data: Path, split: str, karpathy: str | None = None) ->
                     continue
                 try:
                     row = json.loads(line)
-                    out.append((Path(row["img_path"]).stem, [str(s) for s in row["sentences"]]))
+                    sentences = row["sentences"]
+                    if not isinstance(sentences, list) or not all(isinstance(s, str) and s.strip()
+                                                                  for s in sentences):
+                        raise TypeError(f"'sentences' must be a list of non-empty strings, got {sentences!r:.60}")
+                    out.append((Path(row["img_path"]).stem, list(sentences)))
                 except (ValueError, KeyError, TypeError) as e:
                     raise ValueError(f"{path}:{n}: expected {{\"img_path\": ..., \"sentences\": [...]}}: {e}") from e
             log.info("retrieval %s: %s", split, path)

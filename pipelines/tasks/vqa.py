@@ -77,6 +77,9 @@ def load_vqa_split(data: Path, split: str, need_answers: bool = True) -> list[di
         _record(apath, k, a, {"question_id": int, "answers": list})
         if a["question_id"] not in items:
             raise ValueError(f"{apath}: annotation for unknown question_id {a['question_id']}")
+        if not isinstance(a.get("multiple_choice_answer", ""), str):
+            raise ValueError(f"{apath}: record #{k} (question {a['question_id']}): 'multiple_choice_answer' is "
+                             f"{a['multiple_choice_answer']!r}, expected a string")
         for answer in a["answers"]:
             if not isinstance(answer, dict) or not isinstance(answer.get("answer"), str):
                 raise ValueError(f"{apath}: record #{k} (question {a['question_id']}): each of 'answers' must be "

@@ -167,3 +167,38 @@ def test_a_released_multi_task_checkpoint_evaluates_with_its_own_head(task, tmp_
     res = json.loads((tmp_path / "o" / "results.json").read_text())
     assert res["model"].startswith("official checkpoint") and res["train_steps"] == 0
     assert all("accuracy" in m for m in res["splits"].values())
+
+
+def test_a_model_that_does_not_fit_the_tokenizer_or_a_damaged_checkpoint_is_one_line(snli, tmp_path, capsys):
+    import shutil
+
+    big = tmp_path / "big"
+    big.mkdir()
+    words = (snli["vocab"]).read_text().split() + [f"w{i}" for i in range(40000)]  # more than BERT's 30522
+    (big / "vocab.txt").write_text("\n".join(words) + "\n")
+    assert run_cli("snli-ve", {**snli, "vocab": big / "vocab.txt"}, tmp_path / "o", "--checkpoint",
+                   str(snli["ckpt"]), "--split", "dev") == 1
+    assert "--tokenizer has 40025 tokens, the model reads" in capsys.readouterr().err
+    ckpt = shutil.copytree(snli["ckpt"], tmp_path / "ckpt")
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert run_cli("snli-ve", snli, tmp_path / "o", "--checkpoint", str(ckpt), "--split", "dev") == 1
+    assert "model.safetensors: not a readable safetensors file" in capsys.readouterr().err
+    # texts longer than the model's positions: cut to them, with a warning, instead of an IndexError
+    assert run_cli("snli-ve", snli, tmp_path / "o2", "--checkpoint", str(snli["ckpt"]), "--split", "dev",
+                   "--max-seq-length", "5000") == 0
+
+
+def test_fields_of_the_wrong_kind_are_one_line(tmp_path):
+    from pipelines.tasks.retrieval import load_retrieval_split
+    from pipelines.tasks.vqa import load_vqa_split
+
+    (tmp_path / "test.jsonl").write_text('{"img_path": "1.jpg", "sentences": "a red circle"}\n')
+    with pytest.raises(ValueError, match=r"test.jsonl:1: .*'sentences' must be a list of non-empty strings"):
+        load_retrieval_split(tmp_path, "test")  # each character was a caption
+    (tmp_path / "val_questions.json").write_text(json.dumps({"questions": [
+        {"question_id": 1, "image_id": 1, "question": "how many?"}]}))
+    (tmp_path / "val_annotations.json").write_text(json.dumps({"annotations": [
+        {"question_id": 1, "multiple_choice_answer": 5, "answers": [{"answer": "5"}]}]}))
+    with pytest.raises(ValueError, match="'multiple_choice_answer' is 5, expected a string"):
+        load_vqa_split(tmp_path, "val")

@@ -263,7 +263,7 @@ def test_a_foreign_recipe_met_mid_run_stops_with_one_line(corpus, tmp_path):
 
     folder = tmp_path / "mixed"
     write_test_shards(folder, num_shards=1, per_shard=8, recipe={**RECIPE, "detector": "other-net"},
-                      feature_dim=32, num_classes=5)
+                      feature_dim=32, num_classes=1601)
     (folder / "recipe.json").write_text(json.dumps(RECIPE))  # the folder claims another recipe than its samples
     with pytest.raises(click.ClickException) as raised:
         main([str(folder)] + args(corpus, tmp_path / "run", "--max-steps", "2", "--workers", "1")[1:])
@@ -293,3 +293,13 @@ def test_a_full_disk_during_a_save_is_one_line_and_the_rerun_resumes(corpus, tmp
     monkeypatch.setattr(trainer_module, "save_checkpoint", real_save)
     main(args(corpus, out, "--max-steps", "6"))  # the same command, with space again
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-00000003", "step-00000006"]
+
+
+def test_a_model_that_cannot_read_the_batches_is_one_line_before_training(corpus, tmp_path):
+    cases = [(["--max-seq-len", "40"], "--max-seq-len 40 is longer than the model's max_position_embeddings 16"),
+             (["--set", "v_target_size=7"], "class distributions are 1601 wide, the model predicts 7"),
+             (["--set", "vocab_size=5"], "--tokenizer has 15 tokens, the model reads 5")]
+    for extra, message in cases:
+        with pytest.raises(click.ClickException, match=message):
+            main(args(corpus, tmp_path / "run", "--max-steps", "1", *extra))
+    assert not list_checkpoints(tmp_path / "run" / "checkpoints")
