@@ -119,10 +119,14 @@ def _given_boxes(gt_boxes: GroundTruthBoxes, record: InputRecord, pixels: np.nda
     mismatch = gt_boxes.size_mismatch(record, width, height)
     if mismatch:
         return mismatch
-    boxes = boxes.copy()
-    boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
-    boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
-    return boxes
+    clipped = boxes.copy()
+    clipped[:, 0::2] = clipped[:, 0::2].clip(0, width)
+    clipped[:, 1::2] = clipped[:, 1::2].clip(0, height)
+    empty = (clipped[:, 2] <= clipped[:, 0]) | (clipped[:, 3] <= clipped[:, 1])
+    if empty.any():  # a feature of nothing would look like a region
+        return (f"ground-truth box {boxes[empty][0].tolist()} lies outside the {width}x{height} image "
+                f"({int(empty.sum())} of {len(boxes)} boxes)")
+    return clipped
 
 
 def _detect(detector: BottomUpDetector, pixels: List[np.ndarray], given):

@@ -449,3 +449,14 @@ def test_more_mistakes_are_one_line_and_odd_names_never_stop_a_run(tmp_path, mon
         len(p.name) < 160 for p in (out / "preview").iterdir())
     again = main([str(images), str(out), *TINY])  # the logged failure is not tried (or logged) twice
     assert (again["skipped"], again["failed"]) == (4, 0)
+
+
+def test_a_ground_truth_box_outside_its_image_rejects_the_image_with_the_reason(tmp_path):
+    images = write_images(tmp_path / "images", 2)  # 64 x 48
+    (tmp_path / "boxes.json").write_text(json.dumps({"img000": [[0, 0, 30, 20]],
+                                                     "img001": [[0, 0, 30, 20], [500, 500, 600, 600]]}))
+    out = tmp_path / "out"
+    summary = main([str(images), str(out), *TINY, "--gt-boxes", str(tmp_path / "boxes.json")])
+    assert (summary["done"], summary["failed"]) == (1, 1) and list(read_shards(out)) == ["img000"]
+    (reason,) = [json.loads(line)["reason"] for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert reason == "ground-truth box [500.0, 500.0, 600.0, 600.0] lies outside the 64x48 image (1 of 2 boxes)"
