@@ -232,7 +232,11 @@ def cli(shards, out, preset, arch, overrides, bert, tokenizer, objective, lr, be
 def main(argv=None):
     """As every CLI's: with argv, returns the result (a mistake raises click's exception); without,
     reads sys.argv and exits with the status."""
-    return cli.main(args=argv, prog_name="vilbert-train", standalone_mode=argv is None)
+    try:
+        return cli.main(args=argv, prog_name="vilbert-train", standalone_mode=argv is None)
+    finally:  # under torchrun: a process group left to the interpreter's exit can abort the process
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
