@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from pathlib import Path
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -20,8 +21,6 @@ def safe_name(text, max_length: int = 80) -> str:
 
 def inside(folder, relative: str):
     """folder / relative when that stays inside folder (no absolute path, no '..' out of it), else None."""
-    from pathlib import Path
-
     base = Path(folder).resolve()
     path = (base / str(relative)).resolve()
     return path if path == base or base in path.parents else None

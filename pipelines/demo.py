@@ -45,12 +45,10 @@ ENTRY = {"vilbert-extract": "extractor.cli", "vilbert-train": "pipelines.train_c
 # ---- the data view: a (possibly shortened) copy of data/sample in OUT/data --------------------
 
 def prepare_data(sample: Path, out: Path, train_scenes: int | None, test_scenes: int | None) -> dict:
-    """Copy the first `train_scenes` training and `test_scenes` held-out scenes of `sample` with
-    their annotations (captions, COCO boxes, retrieval jsonl, refer pickle) into `out`."""
+    """Copy the first `train_scenes` training and `test_scenes` held-out scenes of `sample` (checked
+    by `check_demo_folders`) with their annotations (captions, COCO boxes, retrieval jsonl, refer pickle) into `out`."""
     from pipelines.tasks.refer_pickle import load_refs
 
-    if not (sample / "annotations.json").exists():
-        raise click.ClickException(f"{sample}: no bundled sample (regenerate: python data/sample/make_sample.py)")
     coco = json.loads((sample / "annotations.json").read_text())
     keep: dict[str, list[str]] = {}
     for split, limit in (("train", train_scenes), ("test", test_scenes)):

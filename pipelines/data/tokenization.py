@@ -12,6 +12,23 @@ import numpy as np
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def vocabulary_words(path: Path) -> list[str]:
+    """The tokens of a BERT vocab.txt; ValueError naming the file if it is not UTF-8 text or lacks
+    the special tokens (a file of another kind given as --tokenizer)."""
+    try:
+        words = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (UnicodeDecodeError, OSError) as error:
+        raise ValueError(f"{path}: not a vocabulary (a BERT vocab.txt is UTF-8 text, one token a line): "
+                         f"{error}") from None
+    missing = [t for t in SPECIAL_TOKENS if t not in words]
+    if missing:
+        raise ValueError(f"{path}: not a BERT vocabulary (no {', '.join(missing)})")
+    return words
+
+
 def _from_vocab_file(path: Path):
     """transformers 5 takes `vocab=` (a path or dict), 4.x `vocab_file=`; the other is ignored
     silently, so check that the whole vocabulary was loaded."""
@@ -21,16 +38,8 @@ def _from_vocab_file(path: Path):
 
     parameters = inspect.signature(BertTokenizerFast.__init__).parameters
     argument = "vocab" if "vocab" in parameters else "vocab_file"
-    try:
-        words = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except (UnicodeDecodeError, OSError) as error:
-        raise ValueError(f"{path}: not a vocabulary (a BERT vocab.txt is UTF-8 text, one token a line): "
-                         f"{error}") from None
-    missing = [t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t not in words]
-    if missing:
-        raise ValueError(f"{path}: not a BERT vocabulary (no {', '.join(missing)})")
+    lines = len(vocabulary_words(path))
     tokenizer = BertTokenizerFast(**{argument: str(path)}, do_lower_case=True)
-    lines = len(words)
     if len(tokenizer) < lines:
         raise ValueError(f"{path}: loaded {len(tokenizer)} of its {lines} vocabulary entries")
     return tokenizer

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import torch
 
+from pipelines.data.tokenization import vocabulary_words
+
 
 def load_tokenizer(path: str | Path, lower_case: bool = True):
     """`path`: a Hugging Face tokenizer directory (e.g. bert-base-uncased) or a vocab.txt file."""
@@ -17,15 +19,8 @@ def load_tokenizer(path: str | Path, lower_case: bool = True):
     if not folder.is_dir() or not any((folder / n).is_file() for n in ("vocab.txt", "tokenizer.json")):
         raise FileNotFoundError(f"{path}: no vocab.txt or tokenizer.json "
                                 "(pass a BERT tokenizer directory or vocab.txt)")
-    vocab = folder / "vocab.txt"
-    if vocab.is_file():
-        try:
-            words = set(vocab.read_text(encoding="utf-8").split())
-        except UnicodeDecodeError as error:
-            raise ValueError(f"{vocab}: not a vocabulary (a BERT vocab.txt is UTF-8 text): {error}") from None
-        missing = [t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t not in words]
-        if missing:
-            raise ValueError(f"{vocab}: not a BERT vocabulary (no {', '.join(missing)})")
+    if (folder / "vocab.txt").is_file():
+        vocabulary_words(folder / "vocab.txt")  # a file of another kind is one line, not a tokenizer error
     # transformers 5 ignores `vocab_file=` in the constructor; from_pretrained reads the folder
     tok = BertTokenizerFast.from_pretrained(str(folder), local_files_only=True, do_lower_case=lower_case)
     if len(tok) <= 5:
