@@ -74,7 +74,7 @@ def _sync(device: str) -> None:
 def run_batch(detector, batch, selector: RegionSelector | None = None) -> list[tuple]:
     """Detection and region selection of one batch, as extraction runs them. -> per image,
     select_regions' (boxes, features, class distributions, attributes)."""
-    selector = selector or RegionSelector()
+    selector = selector or RegionSelector.for_recipe(detector.config.recipe)
     outputs, scales = detector(batch)
     return [select_regions(output, scale, image.shape[1], image.shape[0], selector)
             for image, output, scale in zip(batch, outputs, scales)]
@@ -96,7 +96,7 @@ def count_per_image(detector, images, batch_size: int) -> tuple[float, dict, flo
 
 
 def measure(detector, images, batch_size: int, device: str) -> float:
-    selector = RegionSelector()
+    selector = RegionSelector.for_recipe(detector.config.recipe)
     record = InputRecord(key="bench", source="synthetic", path="")
     header = {"detector": detector.config.name, "weights_hash": detector.weights_hash}
     detector([images[0]])  # warm-up (cudnn autotune, allocator)
@@ -161,7 +161,7 @@ def box_match(reference: list, other: list, threshold: float = 0.9) -> dict:
 
 def compare_precisions(detector, images, precisions: list, base: dict) -> list:
     """One row per precision (plus the fp32 fixed-vs-detected check), see the module doc."""
-    selector = RegionSelector()
+    selector = RegionSelector.for_recipe(detector.config.recipe)
     reference = detect_and_select(detector, images, selector, None)
     ref_boxes = [boxes for boxes, _ in reference]
     ref_features, ref_probs = on_fixed_boxes(detector, images, ref_boxes, None)
@@ -192,7 +192,7 @@ def print_precision_rows(rows: list) -> None:
 
 
 def build(config_name: str, args):
-    config = get_config(config_name)
+    config = get_config(config_name, recipe=args.recipe)
     if args.test_size:
         low, high = (int(v) for v in args.test_size.split(","))
         config = config.replace(test_min_size=low, test_max_size=high)
@@ -263,6 +263,7 @@ def parse_args(argv=None):
     parser.add_argument("--configs", default="tiny,r101")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-sizes", default="1,4")
+    parser.add_argument("--recipe", default="caffe", choices=["caffe", "detectron2"])
     parser.add_argument("--precisions", default="fp32")
     parser.add_argument("--memory-formats", default="auto",
                         help="contiguous,channels_last to compare the conv layouts (auto: vilbert-extract's "

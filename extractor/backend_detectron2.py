@@ -1,11 +1,12 @@
 """`--backend detectron2`: the same network assembled from detectron2's own modules.
 
-UNTESTED HERE: detectron2 is not installable from PyPI and was absent when this was written, so
-this module and its equivalence test (tests/extractor/test_extract_detectron2.py, skipped without
-detectron2) have never run. The pieces detectron2 lacks are "registered" by subclassing:
-the Caffe max-pool stem, the res4-only backbone output, and the attribute-aware box predictor
-(reused from extractor.roi_heads). Everything else — ResNet stages, FrozenBN, the RPN head,
-ROIPool — is detectron2's, under the same parameter names, so the same weight files load.
+The pieces detectron2 lacks are added by subclassing: the Caffe max-pool stem, the res4-only
+backbone output, a tensor-in/tensor-out RPN head, and the attribute-aware box predictor (reused
+from extractor.roi_heads). Everything else — ResNet stages, FrozenBN, the RPN head's convolutions,
+ROIPool — is detectron2's, under the same parameter names, so the same weight files load. The
+recipe (proposal decoding, NMS, selection) is the torch backend's: extractor/recipes.py.
+tests/extractor/test_extract_detectron2.py checks both backends agree (it runs where detectron2
+is installed: CI installs the wheel in ../shared/wheels/ when there is one).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from extractor.config import DetectorConfig
-from extractor.detector import RANDOM_INIT_SEED, BottomUpDetector
+from extractor.detector import RANDOM_INIT_SEED, BottomUpDetector, build_detector
 
 try:
     from detectron2.modeling.backbone.resnet import BasicStem, BottleneckBlock, ResNet
@@ -32,6 +33,14 @@ class CaffeMaxPoolStem(BasicStem):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu_(self.conv1(x))
         return F.max_pool2d(x, kernel_size=3, stride=2, padding=0, ceil_mode=True)
+
+
+class TensorRPNHead(StandardRPNHead):
+    """detectron2's head takes and returns lists of feature maps (one per level); C4 has one."""
+
+    def forward(self, features: torch.Tensor):  # (B, C4, h, w) -> (B, A, h, w), (B, 4A, h, w)
+        logits, deltas = super().forward([features])
+        return logits[0], deltas[0]
 
 
 class Res4Backbone(ResNet):
@@ -60,7 +69,7 @@ class Detectron2BottomUpDetector(BottomUpDetector):
                   _stage(config, 1, config.res2_out_channels, 2, 1),
                   _stage(config, 2, config.res2_out_channels * 2, 2, 1)]
         self.backbone = Res4Backbone(stem, stages, out_features=["res4"])
-        self.proposal_generator.rpn_head = StandardRPNHead(
+        self.proposal_generator.rpn_head = TensorRPNHead(
             in_channels=config.res4_channels, num_anchors=config.num_anchors, box_dim=4,
             conv_dims=(config.rpn_hidden_channels,))
         dilation = config.res5_dilation
@@ -70,23 +79,16 @@ class Detectron2BottomUpDetector(BottomUpDetector):
                                    sampling_ratio=0, pooler_type="ROIPool")
         self.roi_heads.pooled_features = self._pooled_features
 
-    def _pooled_features(self, features: torch.Tensor, boxes: List[torch.Tensor]) -> torch.Tensor:
-        pooled = self.d2_pooler([features.float()], [Boxes(b.float()) for b in boxes])
+    def _pooled_features(self, features: List[torch.Tensor], boxes: List[torch.Tensor]) -> torch.Tensor:
+        """As Res5ROIHeads.pooled_features, with detectron2's pooler: image by image, then res5 once."""
+        if sum(len(b) for b in boxes) == 0:
+            return features[0].new_zeros((0, self.config.feature_dim))
+        pooled = torch.cat([self.d2_pooler([feature.float()], [Boxes(b.float())])
+                            for feature, b in zip(features, boxes) if len(b)])
         return self.roi_heads.res5(pooled).mean(dim=(2, 3))
 
 
 def build_detectron2_detector(config: DetectorConfig, weights: Optional[str], device: str = "cpu",
-                              seed: int = RANDOM_INIT_SEED) -> BottomUpDetector:
-    """Same contract as extractor.detector.build_detector (strict loading, loud random init)."""
-    import warnings
-
-    from extractor.weights import load_detector_weights
-
-    model = Detectron2BottomUpDetector(config)
-    if weights:
-        load_detector_weights(model, weights)
-    else:
-        warnings.warn("NO DETECTOR WEIGHTS GIVEN (--weights): seeded RANDOM initialisation",
-                      stacklevel=2)
-        model.random_init(seed)
-    return model.to(device).eval()
+                              seed: int = RANDOM_INIT_SEED, channels_last: bool = True) -> BottomUpDetector:
+    """extractor.detector.build_detector with this backend's module (strict loading, loud random init)."""
+    return build_detector(config, weights, device, seed, channels_last, model_class=Detectron2BottomUpDetector)

@@ -54,6 +54,10 @@ def _warn_about_captions(records, captions_tsv) -> None:
               help="Detector architecture (tiny = test-sized network).")
 @click.option("--attributes/--no-attributes", default=False,
               help="Build the 400-attribute head (needs the _attr weights) and store attr_prob.")
+@click.option("--recipe", type=click.Choice(["caffe", "detectron2"]), default="caffe",
+              help="Test-time conventions: caffe = the Caffe bottom-up-attention pipeline that made the published "
+                   "features (OpenCV resize, +1-pixel boxes, its anchors and proposal filter); detectron2 = those "
+                   "of py-bottom-up-attention and the HF port (docs/extractor.md has the table).")
 @click.option("--backend", type=click.Choice(["torch", "detectron2"]), default="torch",
               help="detectron2 needs `pip install detectron2` (see docs/extractor.md).")
 @click.option("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available).")
@@ -94,7 +98,7 @@ def _warn_about_captions(records, captions_tsv) -> None:
 @click.option("--seed", type=int, default=20240601, help="Seed of the random init (no --weights).")
 @click.option("--throttle", type=float, default=0.0, hidden=True)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def extract(images, out, weights, config_name, attributes, backend, device, batch_size, precision,
+def extract(images, out, weights, config_name, attributes, recipe, backend, device, batch_size, precision,
             channels_last, workers, captions, min_boxes, max_boxes, conf_threshold, proposals, gt_boxes, preview,
             class_names, max_pixels, shard_size, prefix, num_workers, rank, seed, throttle, quiet):
     """Extract bottom-up-attention region features from IMAGES (a folder of images, a folder of
@@ -102,14 +106,14 @@ def extract(images, out, weights, config_name, attributes, backend, device, batc
 
     Re-running the same command resumes: images already in complete shards are skipped."""
     from common.devices import check_device
-    from common.outputs import disk_full, is_disk_full, writable_folder
+    from common.outputs import folder_entries, undo_failed_start, writable_folder
+    from common.shard_format import ERRORS_FILE
     from common.shard_writer import OutputBusy, ShardWriter
     from extractor.config import get_config
     from extractor.detector import build_detector
     from extractor.gt_boxes import GroundTruthBoxes
-    from extractor.pipeline import ExtractionSettings, RecipeMismatch, run_extraction
+    from extractor.pipeline import ExtractionSettings
     from extractor.preview import load_class_names
-    from extractor.select import RegionSelector
     from extractor.sources import discover_inputs, split_for_rank
     from extractor.weights import WeightsError
 
@@ -133,7 +137,7 @@ def extract(images, out, weights, config_name, attributes, backend, device, batc
             raise click.ClickException(str(error)) from error
     if not gt_boxes:  # task features (RefCOCO+ boxes) need no captions
         _warn_about_captions(inputs, captions)
-    config = get_config(config_name, use_attributes=attributes)
+    config = get_config(config_name, use_attributes=attributes, recipe=recipe)
     if proposals:
         config = config.replace(rpn_post_nms_topk=proposals)
     if class_names:  # read now, not after OUT is set up
@@ -145,29 +149,49 @@ def extract(images, out, weights, config_name, attributes, backend, device, batc
         if backend == "detectron2":
             from extractor.backend_detectron2 import build_detectron2_detector
 
-            detector = build_detectron2_detector(config, weights, device, seed)
+            detector = build_detectron2_detector(config, weights, device, seed, channels_last)
         else:
             detector = build_detector(config, weights, device=device, seed=seed, channels_last=channels_last)
     except (WeightsError, ImportError) as error:
         raise click.ClickException(str(error)) from error
     detector.autocast_dtype = PRECISIONS[precision]
     records = split_for_rank(inputs, rank, world)
+    before = folder_entries(out)
     try:
         writer = ShardWriter(out, prefix=prefix, shard_size=shard_size, rank=rank, world_size=world)
     except OutputBusy as error:
         raise click.ClickException(str(error)) from None
+    try:
+        return _run(writer, detector, records, problems, config, rank, world, out, min_boxes, max_boxes,
+                    conf_threshold, boxes, ExtractionSettings(batch_size=batch_size, workers=workers, preview=preview,
+                                                              class_names=class_names, max_pixels=max_pixels,
+                                                              throttle_s=throttle, progress=not quiet))
+    except BaseException:
+        # a run that fails before it made anything (a broken backend, a recipe refused) leaves OUT as it
+        # was; not with several ranks, whose files in OUT this process cannot tell from its own
+        if world == 1:
+            undo_failed_start(out, before, lambda name: name == ERRORS_FILE or name.endswith(".damaged") or
+                              (name.endswith(".tar") and not name.startswith(".")))
+        raise
+
+
+def _run(writer, detector, records, problems, config, rank, world, out, min_boxes, max_boxes, conf_threshold,
+         boxes, settings):
+    """The extraction into an open ShardWriter, its warnings and its summary line."""
+    from common.outputs import disk_full, is_disk_full
+    from extractor.pipeline import RecipeMismatch, run_extraction
+    from extractor.select import RegionSelector
+
     for name in writer.damaged:
         click.echo(f"warning: {out}/{name}; set aside as .damaged, its images are extracted again", err=True)
     for path, reason in problems:
         click.echo(f"warning: {path}: {reason}", err=True)
         if rank == 0 and path not in writer.error_sources:  # once, also over resumed runs
             writer.log_error(os.path.splitext(os.path.basename(path))[0], path, reason)
-    settings = ExtractionSettings(batch_size=batch_size, workers=workers, preview=preview,
-                                  class_names=class_names, max_pixels=max_pixels,
-                                  throttle_s=throttle, progress=not quiet)
     try:
         summary = run_extraction(detector, records, writer,
-                                 RegionSelector(min_boxes, max_boxes, conf_threshold), settings, boxes)
+                                 RegionSelector.for_recipe(config.recipe, min_boxes, max_boxes, conf_threshold),
+                                 settings, boxes)
     except RecipeMismatch as error:
         raise click.ClickException(str(error)) from error
     except OSError as error:

@@ -5,6 +5,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Tuple
 
+from extractor.recipes import DEFAULT_RECIPE, Recipe, get_recipe
+
 CAFFE_PIXEL_MEAN_BGR = (102.9801, 115.9465, 122.7717)
 
 
@@ -30,7 +32,6 @@ class DetectorConfig:
     rpn_nms_iou: float = 0.7
     rpn_pre_nms_topk: int = 6000
     rpn_post_nms_topk: int = 300
-    rpn_min_box_size: float = 0.0
     pooler_resolution: int = 14  # ROIPool on res4 (stride 16)
     num_classes: int = 1600  # foreground classes; the classifier has num_classes + 1 outputs
     num_attributes: int = 400  # attribute head (optional) has num_attributes + 1 outputs
@@ -40,6 +41,7 @@ class DetectorConfig:
     pixel_mean_bgr: Tuple[float, float, float] = CAFFE_PIXEL_MEAN_BGR
     test_min_size: int = 600
     test_max_size: int = 1000
+    recipe_name: str = DEFAULT_RECIPE  # extractor/recipes.py: the test-time conventions (caffe, detectron2)
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -61,6 +63,10 @@ class DetectorConfig:
     @property
     def attr_hidden_dim(self) -> int:
         return self.feature_dim // 4
+
+    @property
+    def recipe(self) -> Recipe:
+        return get_recipe(self.recipe_name)
 
     def replace(self, **changes) -> "DetectorConfig":
         return dataclasses.replace(self, **changes)
@@ -92,7 +98,8 @@ def tiny_config(use_attributes: bool = True) -> DetectorConfig:
 CONFIGS = {"r101": r101_config, "tiny": tiny_config}
 
 
-def get_config(name: str, use_attributes: bool = False) -> DetectorConfig:
+def get_config(name: str, use_attributes: bool = False, recipe: str = DEFAULT_RECIPE) -> DetectorConfig:
     if name not in CONFIGS:
         raise ValueError(f"unknown detector config {name!r}; choose one of {sorted(CONFIGS)}")
-    return CONFIGS[name](use_attributes=use_attributes)
+    get_recipe(recipe)  # a clear error for an unknown name
+    return CONFIGS[name](use_attributes=use_attributes).replace(recipe_name=recipe)

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import List, Optional, Sequence, Tuple
+import zlib
+from typing import Dict, List, Optional, Sequence, Tuple
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -12,7 +14,7 @@ from torch import nn
 
 from extractor.config import DetectorConfig
 from extractor.images import pixel_tensor
-from extractor.resnet import ConvNorm, FrozenBatchNorm2d, ResNetC4Backbone
+from extractor.resnet import ResNetC4Backbone
 from extractor.roi_heads import RegionOutputs, Res5ROIHeads
 from extractor.rpn import RPN
 
@@ -53,64 +55,73 @@ class BottomUpDetector(nn.Module):
         return self.pixel_mean.device
 
     def random_init(self, seed: int = RANDOM_INIT_SEED) -> None:
-        """Deterministic random weights (used when no weight file is given, and in tests)."""
-        generator = torch.Generator().manual_seed(seed)
+        """Deterministic random weights (used when no weight file is given, and in tests). Each
+        module draws from its own generator, seeded by `seed` and its name, and is recognised by
+        what it holds, so any backend with these parameter names (extractor/backend_detectron2.py)
+        gets the same weights for a seed, and an optional head leaves the others' weights alone."""
+
+        def draw(name: str, tensor: torch.Tensor, std: float) -> None:
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            tensor.copy_(torch.randn(tensor.shape, generator=generator) * std)
+
         with torch.no_grad():
-            for module in self.modules():
-                if isinstance(module, FrozenBatchNorm2d):
+            for name, module in self.named_modules():
+                if hasattr(module, "running_mean") and hasattr(module, "running_var"):  # a frozen BatchNorm
                     module.weight.fill_(1.0)
                     module.bias.zero_()
                     module.running_mean.zero_()
                     module.running_var.fill_(1.0 - module.eps)
-                if isinstance(module, (nn.Conv2d, nn.Linear, nn.Embedding)):
+                elif isinstance(module, (nn.Conv2d, nn.Linear, nn.Embedding)):
                     weight = module.weight
                     fan_in = weight[0].numel() if weight.dim() > 1 else 1
-                    std = math.sqrt(2.0 / fan_in) if not isinstance(module, nn.Embedding) else 0.1
-                    weight.copy_(torch.randn(weight.shape, generator=generator) * std)
+                    draw(name, weight, 0.1 if isinstance(module, nn.Embedding) else math.sqrt(2.0 / fan_in))
                     if getattr(module, "bias", None) is not None:
                         module.bias.zero_()
-            # keep activations O(1): pixels are ~100 after mean subtraction, residual stacks grow
-            self.backbone.stem.conv1.weight.mul_(0.01)
-            for name, module in self.named_modules():
-                if isinstance(module, ConvNorm) and name.endswith("conv3"):
-                    module.norm.weight.fill_(0.2)
+                    if name.endswith("conv3") and hasattr(module, "norm"):
+                        module.norm.weight.fill_(0.2)  # keep the residual stacks' activations O(1)
+            self.backbone.stem.conv1.weight.mul_(0.01)  # pixels are ~100 after mean subtraction
             # detectron2's own head initialisation
             rpn = self.proposal_generator.rpn_head
-            for layer in (rpn.conv, rpn.objectness_logits, rpn.anchor_deltas):
-                layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * 0.01)
+            for name in ("conv", "objectness_logits", "anchor_deltas"):
+                draw(f"proposal_generator.rpn_head.{name}", getattr(rpn, name).weight, 0.01)
             predictor = self.roi_heads.box_predictor
-            predictor.cls_score.weight.copy_(
-                torch.randn(predictor.cls_score.weight.shape, generator=generator) * 0.01)
-            predictor.bbox_pred.weight.copy_(
-                torch.randn(predictor.bbox_pred.weight.shape, generator=generator) * 0.001)
+            draw("roi_heads.box_predictor.cls_score", predictor.cls_score.weight, 0.01)
+            draw("roi_heads.box_predictor.bbox_pred", predictor.bbox_pred.weight, 0.001)
         self.weights_hash = "random-init"
 
     # ----- preprocessing -------------------------------------------------------------------
-    def preprocess(self, images_rgb: Sequence[np.ndarray | torch.Tensor]
-                   ) -> Tuple[torch.Tensor, List[Tuple[int, int]], List[float]]:
-        """uint8 RGB (H, W, 3) arrays or tensors -> padded BGR mean-subtracted batch (B, 3, Hmax, Wmax),
-        resized sizes [(h, w)] and scales (resized / original). The uint8 pixels go to the device as
-        they are (the fewest bytes, no host copy); channel order, float and resize happen there."""
+    def prepare(self, image: np.ndarray | torch.Tensor) -> Tuple[torch.Tensor, float]:
+        """One uint8 RGB (H, W, 3) array or tensor -> the network input (3, h, w) on the device,
+        BGR minus the pixel mean, resized by the recipe's rule; and its scale (resized / original)."""
         cfg = self.config
-        resized, sizes, scales = [], [], []
-        for image in images_rgb:
-            height, width = image.shape[:2]
-            scale = resize_scale(height, width, cfg.test_min_size, cfg.test_max_size)
-            new_h, new_w = max(1, int(round(height * scale))), max(1, int(round(width * scale)))
-            tensor = (image if isinstance(image, torch.Tensor) else pixel_tensor(image)).to(self.device)
-            tensor = tensor.permute(2, 0, 1).flip(0).float().unsqueeze(0)  # (1, 3, H, W) BGR
-            tensor = F.interpolate(tensor, size=(new_h, new_w), mode="bilinear", align_corners=False)
-            resized.append(tensor[0] - self.pixel_mean)
-            sizes.append((new_h, new_w))
-            scales.append(scale)
-        max_h = max(s[0] for s in sizes)
-        max_w = max(s[1] for s in sizes)
-        batch = torch.zeros((len(resized), 3, max_h, max_w), device=self.device)
-        for index, tensor in enumerate(resized):
-            batch[index, :, : tensor.shape[1], : tensor.shape[2]] = tensor
-        if self.channels_last:
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        return batch, sizes, scales
+        height, width = image.shape[:2]
+        scale = resize_scale(height, width, cfg.test_min_size, cfg.test_max_size)
+        if cfg.recipe.resize == "opencv-scale":
+            return resize_like_caffe(image, scale, cfg.pixel_mean_bgr).to(self.device), scale
+        new_h, new_w = max(1, int(round(height * scale))), max(1, int(round(width * scale)))
+        # the uint8 pixels go to the device as they are (the fewest bytes); channel order, float
+        # and resize happen there
+        tensor = (image if isinstance(image, torch.Tensor) else pixel_tensor(image)).to(self.device)
+        tensor = tensor.permute(2, 0, 1).flip(0).float().unsqueeze(0)  # (1, 3, H, W) BGR
+        tensor = F.interpolate(tensor, size=(new_h, new_w), mode="bilinear", align_corners=False)
+        return tensor[0] - self.pixel_mean, scale
+
+    def backbone_by_size(self, inputs: List[torch.Tensor]) -> List[torch.Tensor]:
+        """res4 features of each input [(3, h_i, w_i)] -> [(1, C4, h_i/16, w_i/16)]. Inputs of the
+        same size run as one batch and nothing is ever padded, so an image's features do not
+        depend on the other images of its batch."""
+        groups: Dict[Tuple[int, int], List[int]] = {}
+        for index, tensor in enumerate(inputs):
+            groups.setdefault(tuple(tensor.shape[1:]), []).append(index)
+        features: List[Optional[torch.Tensor]] = [None] * len(inputs)
+        for members in groups.values():
+            batch = torch.stack([inputs[i] for i in members])  # (G, 3, h, w)
+            if self.channels_last:
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            output = self.backbone(batch)  # (G, C4, h/16, w/16)
+            for position, index in enumerate(members):
+                features[index] = output[position: position + 1]
+        return features
 
     # ----- inference -----------------------------------------------------------------------
     @torch.no_grad()
@@ -119,14 +130,17 @@ class BottomUpDetector(nn.Module):
                 ) -> Tuple[List[RegionOutputs], List[float]]:
         """Run on a batch of RGB images. Without `given_boxes`, boxes are the RPN proposals;
         with them (original-image pixels, (K_i, 4) each), features are computed for those boxes.
-        Returns per-image outputs in RESIZED pixels and the per-image scales."""
-        batch, sizes, scales = self.preprocess(images_rgb)
+        Backbone and RPN see each image alone (or with images of its size), the res5 head takes
+        every image's regions at once. Returns per-image outputs in RESIZED pixels and the scales."""
+        prepared = [self.prepare(image) for image in images_rgb]
+        inputs, scales = [p[0] for p in prepared], [p[1] for p in prepared]
         autocast_dtype = getattr(self, "autocast_dtype", None)
         with torch.autocast(device_type=self.device.type, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None):
-            features = self.backbone(batch)  # (B, C4, h, w)
+            features = self.backbone_by_size(inputs)  # [(1, C4, h, w)]
             if given_boxes is None:
-                boxes = self.proposal_generator(features, sizes)
+                boxes = [self.proposal_generator(f, [tuple(x.shape[1:])], [s])[0]
+                         for f, x, s in zip(features, inputs, scales)]
             else:
                 boxes = [torch.as_tensor(np.asarray(b, dtype=np.float32).reshape(-1, 4),
                                          device=self.device) * scale
@@ -135,14 +149,31 @@ class BottomUpDetector(nn.Module):
         return outputs, scales
 
 
+def resize_like_caffe(image: np.ndarray | torch.Tensor, scale: float,
+                      pixel_mean_bgr: Tuple[float, float, float]) -> torch.Tensor:
+    """Caffe's _get_image_blob: the BGR image as float32 minus the (float64) pixel mean, in place,
+    then cv2.resize(fx=fy=scale, INTER_LINEAR), whose output side is round(side * scale) and whose
+    sampling grid follows `scale` itself (not the rounded size's ratio).  (H, W, 3) uint8 RGB -> (3, h, w)"""
+    pixels = image.numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    bgr = pixels[:, :, ::-1].astype(np.float32)
+    bgr -= np.asarray(pixel_mean_bgr, dtype=np.float64)
+    height, width = pixels.shape[:2]
+    if round(height * scale) < 1 or round(width * scale) < 1:
+        raise RuntimeError(f"a {width}x{height} image resizes to nothing at scale {scale:.4g}")
+    resized = cv2.resize(bgr, None, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
+    return torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)))
+
+
 def build_detector(config: DetectorConfig, weights: Optional[str] = None, device: str = "cpu",
-                   seed: int = RANDOM_INIT_SEED, channels_last: bool = True) -> BottomUpDetector:
+                   seed: int = RANDOM_INIT_SEED, channels_last: bool = True,
+                   model_class: type = BottomUpDetector) -> BottomUpDetector:
     """Build, load weights (strict) or warn loudly and random-init, move to device, eval mode.
     channels_last: NHWC convolutions, 1.2-1.3x faster on this project's CPU (extract_benchmark.py)
-    and the tensor cores' layout on a GPU."""
+    and the tensor cores' layout on a GPU. model_class: another backend's module with these
+    parameter names (extractor/backend_detectron2.py)."""
     from extractor.weights import load_detector_weights
 
-    model = BottomUpDetector(config)
+    model = model_class(config)
     if weights:
         load_detector_weights(model, weights)
     else:

@@ -82,11 +82,12 @@ def select_regions(output: RegionOutputs, scale: float, width: int, height: int,
     """-> boxes (N, 4) original pixels, features (N, D), cls_prob (N, C+1) bg first, attr or None."""
     cls_prob = background_first(output.cls_probs)
     attr = None if output.attr_probs is None else background_first(output.attr_probs)
+    boxes = output.boxes / scale  # original-image pixels, where Caffe selects (its +1 rule is not scale-free)
     if selector is None:  # --gt-boxes: keep every given box, in the given order
-        index = torch.arange(len(output.boxes), device=output.boxes.device)
+        index = torch.arange(len(boxes), device=boxes.device)
     else:
-        index = selector(output.boxes, cls_prob[:, 1:]).indices
-    rows = [output.boxes[index] / scale, output.features[index], cls_prob[index]] + \
+        index = selector(boxes, cls_prob[:, 1:]).indices
+    rows = [boxes[index], output.features[index], cls_prob[index]] + \
         ([] if attr is None else [attr[index]])
     host = torch.cat([r.float() for r in rows], dim=1).cpu().split([r.shape[1] for r in rows], dim=1)  # one copy
     boxes = host[0]
@@ -178,9 +179,14 @@ def run_extraction(detector: BottomUpDetector, records: List[InputRecord], write
     """Extract every record not already done; returns the summary counts."""
     if gt_boxes is not None and gt_boxes.name_of is None:
         gt_boxes.bind(records)  # the CLI binds before anything is written; a library caller here
+    recipe = detector.config.recipe
+    if selector is not None and (selector.box_offset, selector.threshold_order) != \
+            (recipe.box_offset, recipe.threshold_order):
+        raise ValueError(f"the region selector's conventions differ from the detector's recipe {recipe.name!r}: "
+                         "build it with RegionSelector.for_recipe(detector.config.recipe, ...)")
     todo, skipped, failed = _plan(records, writer)
     header = dict(detector=detector.config.name, weights_hash=detector.weights_hash,
-                  mode="gt-boxes" if gt_boxes else "detected")
+                  recipe=detector.config.recipe_name, mode="gt-boxes" if gt_boxes else "detected")
     if gt_boxes is None:
         header.update(min_boxes=selector.min_boxes, max_boxes=selector.max_boxes,
                       conf_threshold=selector.conf_threshold,

@@ -67,25 +67,27 @@ class Res5ROIHeads(nn.Module):
         self.res5 = make_res5_head(config)
         self.box_predictor = FastRCNNOutputLayers(config)
 
-    def pooled_features(self, features: torch.Tensor, boxes: List[torch.Tensor]) -> torch.Tensor:
-        """features (B, C4, h, w); boxes [(R_i, 4)] -> mean-pooled res5 features (sum R_i, D)."""
+    def pooled_features(self, features: List[torch.Tensor], boxes: List[torch.Tensor]) -> torch.Tensor:
+        """features [(1, C4, h_i, w_i)] per image; boxes [(R_i, 4)] -> mean-pooled res5 features
+        (sum R_i, D): ROIPool image by image, then res5 over every image's regions in one batch."""
         if sum(len(b) for b in boxes) == 0:
-            return features.new_zeros((0, self.config.feature_dim))
-        rois = torch.cat([torch.cat([b.new_full((len(b), 1), float(i)), b], dim=1)
-                          for i, b in enumerate(boxes)]).float()  # (R, 5)
+            return features[0].new_zeros((0, self.config.feature_dim))
         size = self.config.pooler_resolution
-        pooled = roi_pool(features.float(), rois, output_size=(size, size),  # no bf16 CPU kernel
-                          spatial_scale=self.spatial_scale)  # (R, C4, 14, 14)
+        pooled = torch.cat([
+            roi_pool(feature.float(), torch.cat([b.new_zeros((len(b), 1)), b], dim=1).float(),  # no bf16 CPU kernel
+                     output_size=(size, size), spatial_scale=self.spatial_scale)
+            for feature, b in zip(features, boxes) if len(b)])  # (R, C4, 14, 14)
         # one copy into what the res5 convs take: the backbone's layout and the autocast precision
         # (left to autocast, each of the first block's two convs would cast it again)
         device = pooled.device.type
-        channels_last = features.is_contiguous(memory_format=torch.channels_last) and not features.is_contiguous()
+        first = features[0]
+        channels_last = first.is_contiguous(memory_format=torch.channels_last) and not first.is_contiguous()
         pooled = pooled.to(dtype=torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None,
                            memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         return self.res5(pooled).mean(dim=(2, 3))  # (R, D)
 
     @torch.no_grad()
-    def forward(self, features: torch.Tensor, boxes: List[torch.Tensor]) -> List[RegionOutputs]:
+    def forward(self, features: List[torch.Tensor], boxes: List[torch.Tensor]) -> List[RegionOutputs]:
         pooled = self.pooled_features(features, boxes)
         class_logits, attr_logits = self.box_predictor(pooled)
         cls_probs = class_logits.softmax(dim=-1)  # float32 logits (class_logits)

@@ -3,13 +3,20 @@
 For each foreground class, NMS (IoU 0.3) over the proposals scored by that class; every proposal
 keeps the best score among the classes in which it survived (0 if none); keep proposals with that
 score >= conf_threshold, but at least `min_boxes` and at most `max_boxes`, taking the best scores.
+Caffe's generate_tsv.py runs it on the boxes in original-image pixels with +1 areas
+(`box_offset=1`) and keeps the regions of the threshold branch in proposal order
+(`threshold_order="proposal"`); the other two branches sort by score, ties later proposal first
+(np.argsort(max_conf)[::-1]).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-from torchvision.ops import batched_nms, box_iou
+from torchvision.ops import batched_nms
+
+from extractor.boxes import exclusive, iou_offset
+from extractor.recipes import Recipe
 
 
 @dataclass
@@ -27,9 +34,13 @@ def background_first(probs: torch.Tensor, background_last: bool = True) -> torch
 
 class RegionSelector:
     def __init__(self, min_boxes: int = 10, max_boxes: int = 36, conf_threshold: float = 0.2,
-                 nms_iou: float = 0.3):
+                 nms_iou: float = 0.3, box_offset: float = 1.0, threshold_order: str = "proposal"):
         if not 0 < min_boxes <= max_boxes:
             raise ValueError(f"need 0 < min_boxes <= max_boxes, got {min_boxes}, {max_boxes}")
+        if threshold_order not in ("proposal", "score"):
+            raise ValueError(f"threshold_order must be 'proposal' or 'score', got {threshold_order!r}")
+        self.box_offset = box_offset
+        self.threshold_order = threshold_order
         self.min_boxes = min_boxes
         self.max_boxes = max_boxes
         self.conf_threshold = conf_threshold
@@ -45,7 +56,8 @@ class RegionSelector:
         best = class_scores.new_zeros(class_scores.shape[0])
         if len(scores) == 0:
             return best
-        keep = batched_nms(boxes[proposal_ids].float(), scores.float(), class_ids, self.nms_iou)
+        keep = batched_nms(exclusive(boxes[proposal_ids].float(), self.box_offset), scores.float(), class_ids,
+                           self.nms_iou)
         return best.scatter_reduce(0, proposal_ids[keep], scores[keep], reduce="amax")
 
     def best_surviving_scores_all_pairs(self, boxes: torch.Tensor, class_scores: torch.Tensor
@@ -53,7 +65,7 @@ class RegionSelector:
         """Same rule over every (proposal, class) pair, as one greedy NMS run for all classes at
         once on a shared IoU matrix (per-class loops cost ~C kernel calls).  -> (R,)"""
         count, classes = class_scores.shape
-        overlaps = box_iou(boxes.float(), boxes.float()) > self.nms_iou  # (R, R)
+        overlaps = iou_offset(boxes, self.box_offset) > self.nms_iou  # (R, R)
         order = torch.argsort(class_scores, dim=0, descending=True, stable=True)  # (R, C)
         columns = torch.arange(classes, device=boxes.device)
         suppressed = torch.zeros((classes, count), dtype=torch.bool, device=boxes.device)
@@ -81,8 +93,22 @@ class RegionSelector:
             pairs *= 4
         return self.best_surviving_scores_all_pairs(boxes, class_scores)
 
+    @classmethod
+    def for_recipe(cls, recipe: Recipe, min_boxes: int = 10, max_boxes: int = 36, conf_threshold: float = 0.2,
+                   nms_iou: float = 0.3) -> "RegionSelector":
+        return cls(min_boxes, max_boxes, conf_threshold, nms_iou, box_offset=recipe.box_offset,
+                   threshold_order=recipe.threshold_order)
+
+    def by_score(self, best: torch.Tensor) -> torch.Tensor:
+        """Indices by descending score; ties: the later proposal first under Caffe's rule
+        (np.argsort()[::-1]), the earlier under the detectron2 ports' stable sort.  (R,) -> (R,)"""
+        if self.threshold_order == "proposal":
+            return torch.argsort(best, stable=True).flip(0)
+        return torch.argsort(best, descending=True, stable=True)
+
     def __call__(self, boxes: torch.Tensor, fg_class_scores: torch.Tensor) -> Selection:
-        """boxes (R, 4) proposals; fg_class_scores (R, C) class probabilities WITHOUT background."""
+        """boxes (R, 4) proposals in original-image pixels (the +1 rule is not scale-free), in
+        proposal order; fg_class_scores (R, C) class probabilities WITHOUT background."""
         count = boxes.shape[0]
         if count == 0:
             return Selection(torch.zeros(0, dtype=torch.long), torch.zeros(0))
@@ -92,7 +118,8 @@ class RegionSelector:
         confident = int((best >= self.conf_threshold).sum())  # exact, and the same after a lower floor
         if confident < wanted:
             best = self.best_surviving_scores_top_pairs(boxes, fg_class_scores, wanted)
-        order = torch.argsort(best, descending=True, stable=True)
-        count_kept = max(min(confident, self.max_boxes), wanted)
-        indices = order[:count_kept]
+        if self.min_boxes <= confident <= self.max_boxes and self.threshold_order == "proposal":
+            indices = (best >= self.conf_threshold).nonzero().squeeze(1)  # np.where: proposal order
+        else:
+            indices = self.by_score(best)[:max(min(confident, self.max_boxes), wanted)]
         return Selection(indices=indices, scores=best[indices])

@@ -245,7 +245,7 @@ def test_an_image_without_proposals_is_logged_not_written(tmp_path, tiny_detecto
 
     images = write_images(tmp_path / "images", 1)
     monkeypatch.setattr(tiny_detector.proposal_generator, "forward",
-                        lambda features, sizes: [features.new_zeros((0, 4)) for _ in sizes])
+                        lambda features, sizes, scales: [features.new_zeros((0, 4)) for _ in sizes])
     summary = run_extraction(tiny_detector, discover_inputs(str(images)), ShardWriter(str(tmp_path / "out")),
                              RegionSelector(), ExtractionSettings(progress=False))
     assert (summary["done"], summary["failed"]) == (0, 1)
@@ -460,3 +460,50 @@ def test_a_ground_truth_box_outside_its_image_rejects_the_image_with_the_reason(
     assert (summary["done"], summary["failed"]) == (1, 1) and list(read_shards(out)) == ["img000"]
     (reason,) = [json.loads(line)["reason"] for line in (out / "errors.jsonl").read_text().splitlines()]
     assert reason == "ground-truth box [500.0, 500.0, 600.0, 600.0] lies outside the 64x48 image (1 of 2 boxes)"
+
+
+def test_a_run_that_fails_at_start_leaves_out_as_it_found_it(tmp_path, monkeypatch):
+    """A backend that dies in its first forward pass (as --backend detectron2 once did) takes back the
+    lock, sizes.json and recipe.json it made; the next run, with other settings, is not refused."""
+    from extractor.detector import BottomUpDetector
+
+    images = write_images(tmp_path / "images", 2)
+
+    def broken(self, *args, **kwargs):
+        raise AttributeError("'list' object has no attribute 'shape'")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(BottomUpDetector, "forward", broken)
+        for out in (tmp_path / "new", tmp_path / "empty"):
+            if out.name == "empty":
+                out.mkdir()
+            with pytest.raises(AttributeError):
+                main([str(images), str(out), *TINY])
+        assert not (tmp_path / "new").exists() and list((tmp_path / "empty").iterdir()) == []
+    assert main([str(images), str(tmp_path / "empty"), *TINY, "--max-boxes", "20"])["done"] == 2
+    # a folder with shards keeps them and its recipe when a later run fails
+    kept = sorted(p.name for p in (tmp_path / "empty").iterdir())
+    more = write_images(tmp_path / "more", 3)
+    with monkeypatch.context() as patch:
+        patch.setattr(BottomUpDetector, "forward", broken)
+        with pytest.raises(AttributeError):
+            main([str(more), str(tmp_path / "empty"), *TINY, "--max-boxes", "20"])
+    assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == kept
+
+
+def test_recipe_is_recorded_and_another_recipe_is_refused(tmp_path):
+    images = write_images(tmp_path / "images", 2)
+    out = tmp_path / "out"
+    main([str(images), str(out), *TINY])
+    assert json.loads((out / "recipe.json").read_text())["recipe"] == "caffe"
+    assert all(sample["json"]["recipe"] == "caffe" for sample in read_shards(out).values())
+    from click import ClickException
+
+    with pytest.raises(ClickException, match="recipe: 'caffe' -> 'detectron2'"):
+        main([str(images), str(out), *TINY, "--recipe", "detectron2"])
+    other = main([str(images), str(tmp_path / "ports"), *TINY, "--recipe", "detectron2"])
+    assert other["done"] == 2
+    from pipelines.data.shards import RecipeMismatch, read_recipe
+
+    with pytest.raises(RecipeMismatch, match="different feature recipes"):
+        read_recipe([str(out / "shard-000000.tar"), str(tmp_path / "ports" / "shard-000000.tar")])

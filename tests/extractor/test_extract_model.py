@@ -132,9 +132,11 @@ def test_tiny_detector_outputs(tiny_detector):
     images = [rng.integers(0, 255, (48, 64, 3), dtype=np.uint8), rng.integers(0, 255, (30, 20, 3), dtype=np.uint8)]
     outputs, scales = tiny_detector(images)
     assert scales == [pytest.approx(2.0), pytest.approx(96 / 20)]
-    for output in outputs:
+    for output, scale in zip(outputs, scales):
         count = len(output.boxes)
-        assert 10 <= count <= tiny_detector.config.rpn_post_nms_topk
+        assert 1 <= count <= tiny_detector.config.rpn_post_nms_topk
+        sides = torch.minimum(output.boxes[:, 2] - output.boxes[:, 0], output.boxes[:, 3] - output.boxes[:, 1])
+        assert (sides + 1 >= 16 * scale - 1e-4).all()  # Caffe's proposal filter: 16 original pixels, +1 rule
         assert output.features.shape == (count, 256)
         assert output.cls_probs.shape == (count, 1601) and output.attr_probs.shape == (count, 401)
         assert torch.allclose(output.cls_probs.sum(1), torch.ones(count), atol=1e-4)
@@ -207,21 +209,19 @@ def test_channels_last_gives_the_same_regions():
         torch.testing.assert_close(b.cls_probs, a.cls_probs, rtol=1e-4, atol=1e-6)
 
 
-def test_preprocess_makes_the_caffe_input_from_arrays_and_tensors(tiny_detector):
-    """RGB uint8 -> BGR minus the pixel mean, resized by the shortest-edge rule, zero-padded to the
-    batch's largest size; numpy arrays (even flipped views) and tensors give the same batch."""
+def test_prepare_makes_the_network_input_from_arrays_and_tensors(tiny_detector):
+    """RGB uint8 -> BGR minus the pixel mean, resized by the shortest-edge rule (the caffe recipe:
+    cv2.resize by the scale itself); numpy arrays (even flipped views) and tensors give the same input."""
     from extractor.images import pixel_tensor
 
     cfg = tiny_detector.config
     first = np.zeros((20, 30, 3), np.uint8)
     first[..., 0], first[..., 1], first[..., 2] = 200, 100, 50  # R, G, B
     second = np.arange(40 * 20 * 3, dtype=np.uint8).reshape(40, 20, 3)
-    batch, sizes, scales = tiny_detector.preprocess([first, second[:, ::-1]])
+    (one, scale_one), (two, _) = tiny_detector.prepare(first), tiny_detector.prepare(second[:, ::-1])
     scale = resize_scale(20, 30, cfg.test_min_size, cfg.test_max_size)
-    assert scales[0] == scale and sizes[0] == (round(20 * scale), round(30 * scale))
-    assert batch.shape == (2, 3, max(s[0] for s in sizes), max(s[1] for s in sizes))
+    assert scale_one == scale and one.shape == (3, round(20 * scale), round(30 * scale))
     mean = torch.tensor(cfg.pixel_mean_bgr)
-    torch.testing.assert_close(batch[0, :, 3, 3], torch.tensor([50.0, 100.0, 200.0]) - mean)  # B, G, R
-    assert (batch[0, :, sizes[0][0]:] == 0).all() and (batch[0, :, :, sizes[0][1]:] == 0).all()
-    again, _, _ = tiny_detector.preprocess([pixel_tensor(first), torch.from_numpy(second[:, ::-1].copy())])
-    assert torch.equal(again, batch)
+    torch.testing.assert_close(one[:, 3, 3], torch.tensor([50.0, 100.0, 200.0]) - mean)  # B, G, R
+    assert torch.equal(tiny_detector.prepare(pixel_tensor(first))[0], one)
+    assert torch.equal(tiny_detector.prepare(torch.from_numpy(second[:, ::-1].copy()))[0], two)
