@@ -1,7 +1,15 @@
-"""Reading weight and state files without executing what they hold."""
+"""Reading weight, state and pickle files without executing what they hold."""
 from __future__ import annotations
 
+import _codecs
+import builtins
+import collections
+import importlib
+import io
+import pickle
 import re
+
+import numpy as np
 
 
 def refusal(path, error: Exception) -> str:
@@ -17,3 +25,59 @@ def refusal(path, error: Exception) -> str:
                 "which only a code-running unpickler reads; nothing from it was run")
     first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
     return f"{path}: not a readable weights-only PyTorch file ({first})"
+
+
+# ----- pickles of plain data ---------------------------------------------------------------------
+# A pickle can name any importable callable and have it called while loading. These admit only
+# inert builtin types (and, where asked, numpy arrays); anything else is refused before it is called.
+_BUILTINS = {"set", "frozenset", "list", "dict", "tuple", "int", "float", "complex", "bool", "str", "bytes",
+             "bytearray", "unicode", "long"}
+_PY2_NAMES = {"unicode": "str", "long": "int"}
+_INERT = {("collections", "OrderedDict"), ("_codecs", "encode")}  # OrderedDict; bytes of a Python 2 pickle
+# numpy moved its internals from numpy.core to numpy._core in 2.0; pickles name either
+_NUMPY_GLOBALS = {("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer")}
+
+
+class UnsafePickle(ValueError):
+    """A pickle that names a global beyond plain data (or numpy arrays, where they are admitted)."""
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Builtin containers, numbers and strings; with numpy=True also numpy arrays, dtypes and scalars.
+    Subclasses may override `refuse` to raise their own error."""
+
+    def __init__(self, file, source: str, numpy: bool = True, encoding: str = "latin1", errors: str = "strict"):
+        super().__init__(file, encoding=encoding, errors=errors)
+        self.source, self.numpy = str(source), numpy
+
+    def find_class(self, module: str, name: str):
+        if module in ("builtins", "__builtin__") and name in _BUILTINS:
+            return getattr(builtins, _PY2_NAMES.get(name, name))
+        if (module, name) in _INERT:
+            return {"OrderedDict": collections.OrderedDict, "encode": _codecs.encode}[name]
+        if self.numpy and module in ("numpy", "numpy.core", "numpy._core") and name in ("ndarray", "dtype"):
+            return getattr(np, name)
+        if self.numpy and module.startswith(("numpy.core.", "numpy._core.")) and \
+                (module.rsplit(".", 1)[1], name) in _NUMPY_GLOBALS:
+            core = "numpy._core." if hasattr(np, "_core") else "numpy.core."
+            return getattr(importlib.import_module(core + module.rsplit(".", 1)[1]), name)
+        self.refuse(module, name)
+
+    def refuse(self, module: str, name: str):
+        kinds = "dicts, lists, numbers, strings" + (" and numpy arrays" if self.numpy else "")
+        raise UnsafePickle(f"{self.source}: refusing to unpickle global {module}.{name}; only {kinds} are allowed, "
+                           "so nothing in it was run")
+
+    def persistent_load(self, pid):
+        raise UnsafePickle(f"{self.source}: refusing a pickle with persistent ids; nothing in it was run")
+
+
+def restricted_loads(data: bytes, source: str, numpy: bool = True):
+    """Unpickle `data` with RestrictedUnpickler: UnsafePickle for a forbidden global, ValueError for
+    bytes that are not a (complete) pickle."""
+    try:
+        return RestrictedUnpickler(io.BytesIO(data), source, numpy).load()
+    except UnsafePickle:
+        raise
+    except Exception as error:  # truncated or corrupt data
+        raise ValueError(f"{source}: not a readable pickle ({type(error).__name__}: {error})") from error

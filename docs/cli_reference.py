@@ -8,6 +8,8 @@ from pathlib import Path
 
 COMMANDS = [
     ("vilbert-extract", "extractor.cli", "extract"),
+    ("vilbert-import", "extractor.import_cli", "import_features"),
+    ("vilbert-export", "extractor.import_cli", "export_features"),
     ("vilbert-train", "pipelines.train_cli", "cli"),
     ("vilbert-eval", "pipelines.eval_cli", "cli"),
     ("vilbert-demo", "pipelines.demo", "cli"),

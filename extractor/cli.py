@@ -1,6 +1,7 @@
 """`vilbert-extract IMAGES OUT`: region features for a folder of images or img2dataset shards."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -42,6 +43,49 @@ def _warn_about_captions(records, captions_tsv) -> None:
         click.echo(f"warning: {missing} of {len(records)} images have no caption{where}: they are extracted, "
                    "but pretraining skips them (captions: KEY.txt beside each image, --captions FILE.tsv, or "
                    "the .txt members of img2dataset shards)", err=True)
+
+
+def _warn_about_img2dataset_resizing(records) -> None:
+    """img2dataset's defaults (resize_mode=border, image_size=256) pad every image into a small
+    square: say so once, before the extraction, with how to download images the detector can use."""
+    from extractor.sources import reshaped_by_img2dataset
+
+    count, example, padding = reshaped_by_img2dataset(records)
+    if count:
+        click.echo(f"warning: {count} of {len(records)} img2dataset images were stored at another aspect ratio "
+                   f"than the original (e.g. {example}; border mode pads about {100 * padding:.0f} % of such a "
+                   "frame): img2dataset padded, cropped or squashed them (its default --resize_mode border, "
+                   "--image_size 256). Bottom-up features need the whole image at ~600 px: the detector scales a "
+                   "256-px frame up and finds regions in the padding. Re-download with --resize_mode no (or "
+                   "keep_ratio with --image_size 600 or more). Boxes are in the pixels of the images as read.",
+                   err=True)
+
+
+def _made_progress(name: str) -> bool:
+    """A name in OUT that a failed run keeps: a complete shard, a set-aside one, the error log."""
+    from common.shard_format import ERRORS_FILE
+
+    return name == ERRORS_FILE or name.endswith(".damaged") or (name.endswith(".tar") and not name.startswith("."))
+
+
+@contextlib.contextmanager
+def _writing(writer, out):
+    """Close the ShardWriter however the run ends (its lock on OUT is released; the samples written
+    so far stay); a full disk becomes one line saying the complete shards are intact."""
+    from common.outputs import disk_full, is_disk_full
+
+    try:
+        yield writer
+    except OSError as error:
+        if not is_disk_full(error):
+            raise
+        raise click.ClickException(disk_full(out, error, "the complete shards are intact")) from None
+    finally:
+        try:
+            writer.close()
+        except OSError as error:
+            if not is_disk_full(error):
+                raise  # (on a full disk the unfinished partial shard is removed by the next run)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -107,7 +151,6 @@ def extract(images, out, weights, config_name, attributes, recipe, backend, devi
     Re-running the same command resumes: images already in complete shards are skipped."""
     from common.devices import check_device
     from common.outputs import folder_entries, undo_failed_start, writable_folder
-    from common.shard_format import ERRORS_FILE
     from common.shard_writer import OutputBusy, ShardWriter
     from extractor.config import get_config
     from extractor.detector import build_detector
@@ -137,6 +180,7 @@ def extract(images, out, weights, config_name, attributes, recipe, backend, devi
             raise click.ClickException(str(error)) from error
     if not gt_boxes:  # task features (RefCOCO+ boxes) need no captions
         _warn_about_captions(inputs, captions)
+    _warn_about_img2dataset_resizing(inputs)
     config = get_config(config_name, use_attributes=attributes, recipe=recipe)
     if proposals:
         config = config.replace(rpn_post_nms_topk=proposals)
@@ -170,15 +214,13 @@ def extract(images, out, weights, config_name, attributes, recipe, backend, devi
         # a run that fails before it made anything (a broken backend, a recipe refused) leaves OUT as it
         # was; not with several ranks, whose files in OUT this process cannot tell from its own
         if world == 1:
-            undo_failed_start(out, before, lambda name: name == ERRORS_FILE or name.endswith(".damaged") or
-                              (name.endswith(".tar") and not name.startswith(".")))
+            undo_failed_start(out, before, _made_progress)
         raise
 
 
 def _run(writer, detector, records, problems, config, rank, world, out, min_boxes, max_boxes, conf_threshold,
          boxes, settings):
     """The extraction into an open ShardWriter, its warnings and its summary line."""
-    from common.outputs import disk_full, is_disk_full
     from extractor.pipeline import RecipeMismatch, run_extraction
     from extractor.select import RegionSelector
 
@@ -188,22 +230,13 @@ def _run(writer, detector, records, problems, config, rank, world, out, min_boxe
         click.echo(f"warning: {path}: {reason}", err=True)
         if rank == 0 and path not in writer.error_sources:  # once, also over resumed runs
             writer.log_error(os.path.splitext(os.path.basename(path))[0], path, reason)
-    try:
-        summary = run_extraction(detector, records, writer,
-                                 RegionSelector.for_recipe(config.recipe, min_boxes, max_boxes, conf_threshold),
-                                 settings, boxes)
-    except RecipeMismatch as error:
-        raise click.ClickException(str(error)) from error
-    except OSError as error:
-        if not is_disk_full(error):
-            raise
-        raise click.ClickException(disk_full(out, error, "the complete shards are intact")) from None
-    finally:
+    with _writing(writer, out):
         try:
-            writer.close()  # the samples written so far stay; the rank's lock on OUT is released
-        except OSError as error:
-            if not is_disk_full(error):
-                raise  # (on a full disk the unfinished partial shard is removed by the next run)
+            summary = run_extraction(detector, records, writer,
+                                     RegionSelector.for_recipe(config.recipe, min_boxes, max_boxes, conf_threshold),
+                                     settings, boxes)
+        except RecipeMismatch as error:
+            raise click.ClickException(str(error)) from error
     summary.update(rank=rank, num_workers=world, out=str(out), unreadable_shards=len(problems))
     failures = f"failed {summary['failed']}" + (f", unreadable input shards {len(problems)}" if problems else "")
     if summary["failed"] or problems:

@@ -22,7 +22,7 @@ from extractor.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_image, pi
 from extractor.preview import draw_preview, load_class_names
 from extractor.roi_heads import RegionOutputs
 from extractor.select import RegionSelector, background_first
-from extractor.sources import InputRecord
+from extractor.sources import InputRecord, img2dataset_fields
 
 
 @dataclass
@@ -64,8 +64,7 @@ def encode_sample(record: InputRecord, width: int, height: int, boxes: np.ndarra
     """Shard members of one sample, exactly as docs/shard-format.md describes."""
     info = dict(image_id=record.key, width=width, height=height, num_boxes=int(len(boxes)),
                 source=record.source, **header)
-    if record.meta.get("url"):
-        info["url"] = record.meta["url"]
+    info.update(img2dataset_fields(record.meta))
     members = {"json": json.dumps(info).encode("utf-8")}
     if record.caption:
         members["txt"] = record.caption.encode("utf-8")

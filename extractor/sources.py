@@ -103,10 +103,12 @@ def _split_member_name(name: str) -> Tuple[str, str]:
     return os.path.join(directory, stem), "." + extension.lower()
 
 
-def _tar_records(tar_path: Path, problems: Optional[List[Tuple[str, str]]] = None) -> List[InputRecord]:
+def _tar_records(tar_path: Path, problems: Optional[List[Tuple[str, str]]] = None,
+                 folder: str = "") -> List[InputRecord]:
     """The images of an img2dataset shard. A shard that is corrupt or truncated keeps the images
     read before the damage; the damage goes to `problems` as (path, reason), or raises ValueError
-    when no list is given."""
+    when no list is given. `folder`: the shard's folder under IMAGES, the first part of its keys
+    (two img2dataset runs in one input folder both number their keys from 000000000)."""
     images: Dict[str, tarfile.TarInfo] = {}
     texts: Dict[str, str] = {}
     metas: Dict[str, Dict] = {}
@@ -133,7 +135,7 @@ def _tar_records(tar_path: Path, problems: Optional[List[Tuple[str, str]]] = Non
         if problems is None:
             raise ValueError(f"{tar_path}: {reason}") from None
         problems.append((str(tar_path), reason))
-    return [InputRecord(key=safe_key(stem), source=f"{tar_path}:{images[stem].name}",
+    return [InputRecord(key=safe_key(os.path.join(folder, stem)), source=f"{tar_path}:{images[stem].name}",
                         path=str(tar_path), offset=images[stem].offset_data,
                         size=images[stem].size, caption=texts.get(stem), meta=metas.get(stem, {}))
             for stem in order]
@@ -156,8 +158,43 @@ def discover_inputs(images: str, captions_tsv: Optional[str] = None, exclude: Op
     captions = read_caption_tsv(captions_tsv) if captions_tsv else {}
     records = _folder_records(root, captions, excluded, captions_tsv or "--captions")
     for tar_path in sorted(p for p in root.rglob("*.tar") if p.is_file() and not _is_under(p, excluded)):  # no FIFOs
-        records.extend(_tar_records(tar_path, problems))
+        folder = tar_path.parent.relative_to(root).as_posix()
+        records.extend(_tar_records(tar_path, problems, "" if folder == "." else folder))
     return records
+
+
+IMG2DATASET_FIELDS = ("key", "url", "caption", "original_width", "original_height")
+
+
+def img2dataset_fields(meta: Dict) -> Dict:
+    """What a sample's JSON keeps of img2dataset's per-image JSON: its key (as `img2dataset_key`),
+    url, caption and the size of the image before img2dataset resized it."""
+    kept = {}
+    for name in IMG2DATASET_FIELDS:
+        value = meta.get(name)
+        if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            kept["img2dataset_key" if name == "key" else name] = value
+    return kept
+
+
+def reshaped_by_img2dataset(records: List[InputRecord]) -> Tuple[int, Optional[str], float]:
+    """Images that img2dataset padded, cropped or squashed: stored at another aspect ratio than the
+    original (its default resize_mode=border makes 256x256 frames). -> (count, an example, the mean
+    share of those frames that border-mode padding fills)."""
+    count, example, padding = 0, None, 0.0
+    for record in records:
+        meta = record.meta
+        sizes = [meta.get(n) for n in ("width", "height", "original_width", "original_height")]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes):
+            continue
+        width, height, original_w, original_h = sizes
+        if abs(width / height - original_w / original_h) <= 0.02 * (original_w / original_h):
+            continue
+        count += 1
+        example = example or f"{record.source}: {width}x{height}, originally {original_w}x{original_h}"
+        fit = min(width / original_w, height / original_h)  # border mode: the image scaled to fit, then padded
+        padding += 1.0 - (original_w * fit) * (original_h * fit) / (width * height)
+    return count, example, padding / count if count else 0.0
 
 
 def split_for_rank(records: List[InputRecord], rank: int, world_size: int) -> List[InputRecord]:

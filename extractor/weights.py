@@ -3,6 +3,7 @@
 * `.pkl` — detectron2 pickle (`{"model": {name: ndarray}}`, as py-bottom-up-attention's
   `faster_rcnn_from_caffe[_attr].pkl`), read with a restricted unpickler that admits only
   containers, numbers, strings and numpy arrays; anything else is refused without being executed.
+  Norms stored without running statistics load as detectron2 loads them (mean 0, var 1).
 * `.bin` / `.pth` / `.pt` — torch state dict (e.g. `unc-nlp/frcnn-vg-finetuned/pytorch_model.bin`)
   read with `torch.load(weights_only=True)` and mapped to our names (HF stores BatchNorm counters
   and the anchor generator's cell anchors, which we recompute and check).
@@ -10,47 +11,25 @@
 from __future__ import annotations
 
 import hashlib
-import importlib
 import io
-import pickle
 from pathlib import Path
 from typing import Dict, Mapping
 
 import numpy as np
 import torch
 
-from common.safe_load import refusal
-
-# numpy moved its internals from numpy.core to numpy._core in 2.0; pickles name either
-_NUMPY_GLOBALS = {
-    ("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"),
-}
-_SAFE_GLOBALS = {("collections", "OrderedDict"), ("_codecs", "encode")}  # OrderedDict; py2 bytes
+from common.safe_load import RestrictedUnpickler, refusal
 
 
 class WeightsError(ValueError):
     """A weight file that cannot be used, with the file and the reason in the message."""
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, stream, path: str):
-        super().__init__(stream, encoding="latin1")
-        self.path = path
+class _RestrictedUnpickler(RestrictedUnpickler):
+    """common.safe_load's unpickler (containers, numbers, strings, numpy arrays), refusing with WeightsError."""
 
-    def find_class(self, module: str, name: str):
-        if module in ("numpy", "numpy.core", "numpy._core") and name in ("ndarray", "dtype"):
-            return getattr(np, name)
-        if module.startswith(("numpy.core.", "numpy._core.")) and \
-                (module.rsplit(".", 1)[1], name) in _NUMPY_GLOBALS:
-            submodule = importlib.import_module("numpy._core." + module.rsplit(".", 1)[1]) \
-                if hasattr(np, "_core") else importlib.import_module(module)
-            return getattr(submodule, name)
-        if (module, name) in _SAFE_GLOBALS:
-            import _codecs
-            import collections
-
-            return {"OrderedDict": collections.OrderedDict, "encode": _codecs.encode}[name]
-        raise WeightsError(f"{self.path}: refusing to unpickle global {module}.{name}; only dicts, "
+    def refuse(self, module: str, name: str):
+        raise WeightsError(f"{self.source}: refusing to unpickle global {module}.{name}; only dicts, "
                            "lists, numbers, strings and numpy arrays are allowed in a weight pickle")
 
 
@@ -137,6 +116,20 @@ def map_to_detector_names(tensors: Mapping[str, torch.Tensor], expected_anchors:
     return mapped
 
 
+def with_default_norm_statistics(tensors: Dict[str, torch.Tensor], own: Mapping[str, torch.Tensor]
+                                 ) -> Dict[str, torch.Tensor]:
+    """A detectron2 pickle may hold a frozen BatchNorm as its affine part only (weight, bias: the
+    Caffe/Detectron conversions folded the statistics in). detectron2's FrozenBatchNorm2d loads such
+    a norm with running_mean 0 and running_var 1 (its _load_from_state_dict for checkpoints without
+    a version); so does this, for norms whose weight the file has and whose statistics it lacks."""
+    filled = dict(tensors)
+    for name in own:
+        for stat, value in (("running_mean", 0.0), ("running_var", 1.0)):
+            if name.endswith("." + stat) and name not in filled and name[: -len(stat)] + "weight" in filled:
+                filled[name] = torch.full_like(own[name], value)
+    return filled
+
+
 def file_sha256_prefix(path: str, length: int = 16) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -151,6 +144,8 @@ def load_detector_weights(model: torch.nn.Module, path: str) -> None:
     anchors = model.proposal_generator.base_anchors.detach().cpu()
     tensors = map_to_detector_names(tensors, anchors, path)
     own = model.state_dict()
+    if Path(path).suffix == ".pkl":
+        tensors = with_default_norm_statistics(tensors, own)
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
     mismatched = sorted(f"{n}: file {tuple(tensors[n].shape)} vs model {tuple(own[n].shape)}"
@@ -164,7 +159,8 @@ def load_detector_weights(model: torch.nn.Module, path: str) -> None:
         problems.append(f"{len(mismatched)} shape mismatches: {'; '.join(mismatched[:20])}")
     attribute_names = [n for n in unexpected if ".box_predictor." in n and "attr" in n or "cls_embedding" in n]
     if attribute_names and not model.config.use_attributes:
-        problems.append("the file has the attribute head: pass --attributes")
+        problems.append("the file has the attribute head (as unc-nlp/frcnn-vg-finetuned's and the _attr .pkl): "
+                        "pass --attributes")
     if any("attr" in n or "cls_embedding" in n for n in missing) and model.config.use_attributes:
         problems.append("the file has no attribute head: drop --attributes")
     if problems:

@@ -19,7 +19,7 @@ from common.devices import check_device
 from common.outputs import disk_full, is_disk_full, writable_folder
 
 from .data.loader import DataConfig, NoUsableSamples, PretrainingData, PretrainingLoader, make_loader
-from .data.shards import RecipeMismatch, expand_shards
+from .data.shards import RecipeMismatch, expand_shards, refuse_without_class_targets
 from .train.checkpoints import list_checkpoints
 from .train.trainer import TrainConfig, Trainer
 
@@ -132,8 +132,8 @@ def cli(shards, out, preset, arch, overrides, bert, tokenizer, objective, lr, be
         writable_folder(out, "--out")
     if eval_shards:
         try:
-            expand_shards(eval_shards)  # checked now, not after days of training
-        except FileNotFoundError as error:
+            refuse_without_class_targets(expand_shards(eval_shards))  # checked now, not after days of training
+        except (FileNotFoundError, ValueError) as error:
             raise click.ClickException(f"--eval-shards: {error}") from error
     model_overrides = _parse_overrides(overrides)
     if arch:

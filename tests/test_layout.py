@@ -135,5 +135,7 @@ def test_console_scripts_point_at_their_packages_cli():
     text = (REPO / "setup.cfg").read_text()
     scripts = dict(line.strip().split(" = ") for line in text.split("console_scripts =", 1)[1].strip().splitlines()
                    if " = " in line)
-    assert scripts == {"vilbert-extract": "extractor.cli:main", "vilbert-train": "pipelines.train_cli:main",
-                       "vilbert-eval": "pipelines.eval_cli:main", "vilbert-demo": "pipelines.demo:main"}
+    assert scripts == {"vilbert-extract": "extractor.cli:main", "vilbert-import": "extractor.import_cli:main",
+                       "vilbert-export": "extractor.import_cli:export_main",
+                       "vilbert-train": "pipelines.train_cli:main", "vilbert-eval": "pipelines.eval_cli:main",
+                       "vilbert-demo": "pipelines.demo:main"}

@@ -22,7 +22,14 @@ import webdataset as wds
 
 from .batching import BatchBuilder
 from .samples import decode_samples, read_shards
-from .shards import ErrorCounter, count_samples, expand_shards, read_recipe, region_widths
+from .shards import (
+    ErrorCounter,
+    count_samples,
+    expand_shards,
+    read_recipe,
+    refuse_without_class_targets,
+    region_widths,
+)
 from .tokenization import CaptionTokenizer, load_tokenizer
 
 
@@ -105,6 +112,7 @@ class PretrainingData:
         self.node_split = _split(rank, world_size)
         self.urls = expand_shards(cfg.shards)
         self.recipe = read_recipe(self.urls, cfg.allow_mixed_recipes)
+        refuse_without_class_targets(self.urls)
         # (F, C) of the first readable sample, and its shard: a sample of other widths is skipped, not
         # batched. No readable shard at all: None and why (the stream then stops with its own reason)
         try:

@@ -157,6 +157,24 @@ def read_recipe(urls: list[str], allow_mixed: bool = False) -> dict:
     return {"mixed": distinct}
 
 
+def refuse_without_class_targets(urls: list[str]) -> None:
+    """ValueError (one line) when a folder's recipe.json says its samples have no class distributions
+    (features imported from a source without them, vilbert-import): the masked-region targets of
+    pretraining are those distributions, so such shards serve fine-tuning and evaluation only."""
+    for folder in _local_dirs(urls):
+        path = folder / RECIPE_FILE
+        try:
+            recipe = json.loads(path.read_text()) if path.is_file() else {}
+        except ValueError:
+            continue  # read_recipe names the broken file
+        if isinstance(recipe, dict) and recipe.get("cls_prob") == "missing":
+            raise ValueError(
+                f"{folder}: imported from {recipe.get('source_format', 'another format')} without class "
+                "distributions (recipe.json: cls_prob missing), and pretraining's masked-region targets are "
+                "those; these shards serve fine-tuning and evaluation (vilbert-eval). To pretrain, import "
+                "features that carry object ids (lxmert-tsv, h5, ...) or extract them with vilbert-extract")
+
+
 def check_recipe(meta: dict, expected: dict | None, url: str, key: str) -> None:
     """Raise RecipeMismatch if a sample's recipe differs from `expected` (None: no check)."""
     if expected is None:

@@ -8,28 +8,22 @@ refuses everything else (os.system, eval, subprocess, ...) before anything is ca
 from __future__ import annotations
 
 import io
-import pickle
 from pathlib import Path
 
-_ALLOWED = {"set", "frozenset", "list", "dict", "tuple", "int", "float", "complex", "bool", "str", "bytes",
-            "bytearray", "unicode", "long"}
-_PY2_NAMES = {"unicode": "str", "long": "int"}
+from common.safe_load import RestrictedUnpickler, UnsafePickle
 
 
-class UnsafePickleError(ValueError):
+class UnsafePickleError(UnsafePickle):
     pass
 
 
-class _PlainDataUnpickler(pickle.Unpickler):
+class _PlainDataUnpickler(RestrictedUnpickler):
+    """common.safe_load's unpickler without numpy: builtin containers, strings and numbers only."""
+
     def __init__(self, file, source: str):
-        super().__init__(file, encoding="utf-8", errors="replace")
-        self.source = source
+        super().__init__(file, source, numpy=False, encoding="utf-8", errors="replace")
 
-    def find_class(self, module, name):
-        if module in ("builtins", "__builtin__") and name in _ALLOWED:
-            import builtins
-
-            return getattr(builtins, _PY2_NAMES.get(name, name))
+    def refuse(self, module, name):
         raise UnsafePickleError(
             f"{self.source}: refused to load: the pickle references {module}.{name}; only plain data "
             f"(lists, dicts, strings, numbers) is accepted, so nothing in it is executed")

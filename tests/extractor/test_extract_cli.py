@@ -507,3 +507,44 @@ def test_recipe_is_recorded_and_another_recipe_is_refused(tmp_path):
 
     with pytest.raises(RecipeMismatch, match="different feature recipes"):
         read_recipe([str(out / "shard-000000.tar"), str(tmp_path / "ports" / "shard-000000.tar")])
+
+
+def _img2dataset_run(folder, count, size=(256, 256), original=(640, 480)):
+    """One img2dataset output shard as img2dataset writes it with its defaults (resize_mode=border,
+    image_size=256): KEY.jpg (the resized frame), KEY.txt and KEY.json with its fields."""
+    folder.mkdir(parents=True)
+    with tarfile.open(folder / "00000.tar", "w") as archive:
+        for index in range(count):
+            key = f"{index:09d}"
+            buffer = io.BytesIO()
+            make_image(*size, seed=index).save(buffer, format="JPEG")
+            meta = {"url": f"http://example.org/{folder.name}/{index}.jpg", "key": key, "status": "success",
+                    "error_message": None, "caption": f"{folder.name} caption {index}", "width": size[0],
+                    "height": size[1], "original_width": original[0], "original_height": original[1],
+                    "exif": "{}", "sha256": "0" * 64}
+            for extension, payload in (("jpg", buffer.getvalue()), ("txt", meta["caption"].encode()),
+                                       ("json", json.dumps(meta).encode())):
+                info = tarfile.TarInfo(f"{key}.{extension}")
+                info.size = len(payload)
+                archive.addfile(info, io.BytesIO(payload))
+
+
+def test_img2dataset_runs_in_subfolders_keep_apart_and_keep_their_fields(tmp_path, capsys):
+    """Two img2dataset runs in one input folder both number from 000000000: their keys carry the
+    subfolder, as image folders' keys do. Each sample keeps img2dataset's key, url, caption and original
+    size; the padded 256x256 frames (from 640x480: 1 - 256*192 / 256^2 = 25 % padding) are warned about once."""
+    inputs = tmp_path / "inputs"
+    _img2dataset_run(inputs / "cc3m", 2)
+    _img2dataset_run(inputs / "sbu", 2, size=(320, 240), original=(640, 480))  # keep_ratio: not reshaped
+    summary = main([str(inputs), str(tmp_path / "out"), *TINY])
+    assert (summary["done"], summary["failed"]) == (4, 0)
+    samples = read_shards(tmp_path / "out")
+    assert sorted(samples) == ["cc3m_000000000", "cc3m_000000001", "sbu_000000000", "sbu_000000001"]
+    meta = samples["sbu_000000001"]["json"]
+    assert (meta["img2dataset_key"], meta["url"], meta["caption"]) == \
+        ("000000001", "http://example.org/sbu/1.jpg", "sbu caption 1")
+    assert (meta["original_width"], meta["original_height"], meta["width"], meta["height"]) == (640, 480, 320, 240)
+    warning = [line for line in capsys.readouterr().err.splitlines() if "img2dataset images" in line]
+    assert len(warning) == 1 and warning[0].startswith("warning: 2 of 4 img2dataset images")
+    assert "256x256, originally 640x480" in warning[0] and "about 25 %" in warning[0]
+    assert "--resize_mode no" in warning[0]

@@ -1,0 +1,324 @@
+"""What every importer shares: a source record -> checked arrays -> shard members, and the loop that
+writes them through `common.shard_writer.ShardWriter` (resume, errors.jsonl, progress bar, recipe.json).
+
+A reader module (`butd_tsv`, `lxmert_tsv`, `vilbert_lmdb`, `npz`, `h5`) yields `Entry`s: the image id
+and where the record sits, cheap to list, and `decode()` -> `Record`, which does the costly part
+(base64, unpickling, decompression) only for records not imported yet. The first record that
+decodes decides what the whole import carries (`Carries`: feature width, where cls_prob and
+attr_prob come from); it is the same record on every re-run, so the recipe is too.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterable, Iterator, Optional
+
+import numpy as np
+from tqdm import tqdm
+
+from common.names import safe_name
+from common.shard_format import npy_bytes
+from common.shard_writer import ShardWriter
+
+VG_CLASSES, VG_ATTRIBUTES = 1600, 400  # Visual Genome vocabularies; the shards add column 0 (background / none)
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+class BadRecord(ValueError):
+    """A source record that cannot be imported; its one-line reason goes to errors.jsonl."""
+
+
+@dataclass
+class Record:
+    """One image's regions as its source holds them (any dtypes; `check` converts)."""
+
+    width: int
+    height: int
+    features: np.ndarray  # (N, F)
+    boxes: np.ndarray  # (N, 4) original-image pixels x1, y1, x2, y2
+    cls_prob: Optional[np.ndarray] = None  # (N, 1601) background first, or (N, 1600) without it
+    objects_id: Optional[np.ndarray] = None  # (N,) 0-based over the 1600 VG classes (the detector's argmax)
+    attr_prob: Optional[np.ndarray] = None  # (N, 401) "no attribute" first, or (N, 400)
+    attrs_id: Optional[np.ndarray] = None  # (N,) 0-based over the 400 VG attributes
+    notes: tuple = ()  # what was left out of this record and why (counted in the summary)
+
+
+@dataclass
+class Entry:
+    image_id: str  # the source's id of the image; the sample key is safe_name(image_id)
+    where: str  # "file:line", "lmdb:key", "file.npz": errors.jsonl's `path`, KEY.json's `source`
+    decode: Callable[[], Record]
+
+
+@dataclass(frozen=True)
+class Carries:
+    feature_dim: int
+    cls_prob: str  # "source" (the distributions), "one-hot" (from objects_id) or "missing"
+    attr_prob: str  # the same, from attr_prob / attrs_id
+
+
+def carries_of(record: Record) -> Carries:
+    def mode(prob, ids):
+        return "source" if prob is not None else "one-hot" if ids is not None else "missing"
+
+    features = np.asarray(record.features)
+    dim = int(features.shape[1]) if features.ndim == 2 else -1
+    return Carries(dim, mode(record.cls_prob, record.objects_id), mode(record.attr_prob, record.attrs_id))
+
+
+# ----- decoding helpers the readers share ---------------------------------------------------------
+def pick(item: Dict, *names: str):
+    """item[name] for the first of `names` present (producers spell fields differently), else BadRecord."""
+    for name in names:
+        if name in item:
+            return item[name]
+    raise BadRecord(f"no {' / '.join(names)} field (fields: {', '.join(map(str, list(item)[:12]))})")
+
+
+def optional(item: Dict, *names: str):
+    return next((item[name] for name in names if name in item and item[name] is not None), None)
+
+
+def as_int(value, name: str) -> int:
+    try:
+        number = int(np.asarray(value).item()) if not isinstance(value, (str, bytes)) else int(value)
+    except (TypeError, ValueError):
+        raise BadRecord(f"{name} {value!r:.40} is not an integer") from None
+    return number
+
+
+def b64_array(text, dtype, shape: tuple, name: str) -> np.ndarray:
+    """A base64 field (numpy's raw bytes of `dtype`) as an array of `shape` (one -1 allowed). A field
+    written by Python 3 through str() (b'...') is accepted too."""
+    if isinstance(text, str):
+        if text.startswith(("b'", 'b"')) and text[-1:] == text[1]:
+            text = text[2:-1]
+        try:
+            text = text.encode("ascii")
+        except UnicodeEncodeError:
+            raise BadRecord(f"{name}: not base64 (non-ASCII characters)") from None
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, TypeError, ValueError) as error:
+        raise BadRecord(f"{name}: not valid base64 ({error})") from None
+    dtype = np.dtype(dtype)
+    if len(raw) % dtype.itemsize:
+        raise BadRecord(f"{name}: {len(raw)} bytes are not whole {dtype.name} values (a cut field?)")
+    try:
+        return np.frombuffer(raw, dtype).reshape(shape)
+    except ValueError:
+        raise BadRecord(f"{name}: {len(raw) // dtype.itemsize} {dtype.name} values do not make shape {shape} "
+                        "(num_boxes does not match the data, or the field was cut)") from None
+
+
+# ----- checks and the shard members ---------------------------------------------------------------
+def _ids(values, n: int, limit: int, name: str, hint: str = "") -> np.ndarray:
+    ids = np.asarray(values)
+    if ids.shape != (n,) or not np.issubdtype(ids.dtype, np.integer):
+        raise BadRecord(f"{name} of shape {ids.shape} ({ids.dtype}), expected ({n},) integers")
+    bad = (ids < 0) | (ids >= limit)
+    if bad.any():
+        raise BadRecord(f"{name} {int(ids[bad][0])} is outside 0..{limit - 1}{hint}")
+    return ids.astype(np.int64)
+
+
+def one_hot(ids: np.ndarray, columns: int) -> np.ndarray:
+    """(N,) 0-based ids -> (N, columns + 1) float16 with 1 at column id + 1 (column 0: background / none)."""
+    out = np.zeros((len(ids), columns + 1), np.float16)
+    out[np.arange(len(ids)), ids + 1] = 1
+    return out
+
+
+def _distribution(values, n: int, columns: int, name: str) -> np.ndarray:
+    """(N, columns + 1) with column 0 first, or (N, columns) whose column 0 (the softmax's background)
+    the producer dropped: it is what the other columns leave of 1."""
+    prob = np.asarray(values, dtype=np.float32)
+    if prob.ndim != 2 or len(prob) != n or prob.shape[1] not in (columns, columns + 1):
+        raise BadRecord(f"{name} of shape {prob.shape}, expected ({n}, {columns + 1}) or ({n}, {columns})")
+    if not np.isfinite(prob).all() or (prob < 0).any():
+        raise BadRecord(f"{name} holds NaN, infinite or negative values")
+    if prob.shape[1] == columns:
+        prob = np.concatenate([np.clip(1 - prob.sum(1, keepdims=True), 0, 1), prob], axis=1)
+    return prob
+
+
+def check(record: Record, carries: Carries, id_hint: str = "") -> Dict[str, np.ndarray]:
+    """The record's arrays as the shards store them, or BadRecord with the first problem found."""
+    features = np.asarray(record.features)
+    if features.ndim != 2 or len(features) == 0:
+        raise BadRecord(f"features of shape {features.shape}, expected (N, F) with N > 0")
+    n = len(features)
+    if features.shape[1] != carries.feature_dim:
+        raise BadRecord(f"features {features.shape[1]} wide, the source's first record {carries.feature_dim}")
+    features = features.astype(np.float32, copy=False)
+    if not np.isfinite(features).all():
+        raise BadRecord("NaN or infinite features")
+    if np.abs(features).max() > FLOAT16_MAX:
+        raise BadRecord(f"features beyond float16's range ({FLOAT16_MAX:.0f}), the shards' dtype")
+    boxes = np.asarray(record.boxes, dtype=np.float32)
+    if boxes.shape != (n, 4):
+        raise BadRecord(f"boxes of shape {boxes.shape}, expected ({n}, 4) for {n} feature rows")
+    if not np.isfinite(boxes).all():
+        raise BadRecord("NaN or infinite boxes")
+    width, height = as_int(record.width, "image width"), as_int(record.height, "image height")
+    if width <= 0 or height <= 0:
+        raise BadRecord(f"image size {width}x{height} is not positive")
+    inverted = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
+    if inverted.any():
+        raise BadRecord(f"box {boxes[inverted][0].tolist()} has x2 < x1 or y2 < y1 (expected x1, y1, x2, y2)")
+    slack = 1 + 0.01 * max(width, height)
+    outside = (boxes[:, :2] < -slack).any(1) | (boxes[:, 2] > width + slack) | (boxes[:, 3] > height + slack)
+    if outside.any():
+        raise BadRecord(f"box {np.round(boxes[outside][0], 1).tolist()} lies outside the {width}x{height} image "
+                        "(image width and height swapped?)")
+    arrays = {"width": width, "height": height, "features": features, "boxes": boxes}
+    for kind, prob, ids, columns in (("cls_prob", record.cls_prob, record.objects_id, VG_CLASSES),
+                                     ("attr_prob", record.attr_prob, record.attrs_id, VG_ATTRIBUTES)):
+        mode = getattr(carries, kind)
+        if mode == "source":
+            if prob is None:
+                raise BadRecord(f"no {kind}, which the source's first record has (recipe: {kind} source)")
+            arrays[kind] = _distribution(prob, n, columns, kind)
+        elif mode == "one-hot":
+            name = "objects_id" if kind == "cls_prob" else "attrs_id"
+            if ids is None:
+                raise BadRecord(f"no {name}, which the source's first record has (recipe: {kind} one-hot)")
+            arrays[kind] = one_hot(_ids(ids, n, columns, name, id_hint), columns)
+    return arrays
+
+
+def encode(image_id: str, where: str, arrays: Dict, header: Dict, caption: Optional[str]) -> Dict[str, bytes]:
+    """Shard members of one sample, as vilbert-extract writes them (docs/shard-format.md)."""
+    info = dict(image_id=image_id, width=arrays["width"], height=arrays["height"],
+                num_boxes=int(len(arrays["boxes"])), source=where,
+                **{k: v for k, v in header.items() if k != "source_path"})
+    members = {"json": json.dumps(info).encode("utf-8")}
+    if caption:
+        members["txt"] = caption.encode("utf-8")
+    members["features.npy"] = npy_bytes(arrays["features"].astype(np.float16))
+    members["boxes.npy"] = npy_bytes(arrays["boxes"].astype(np.float32))
+    for kind in ("cls_prob", "attr_prob"):
+        if kind in arrays:
+            members[f"{kind}.npy"] = npy_bytes(arrays[kind].astype(np.float16))
+    return members
+
+
+def recipe_header(fmt: str, source, carries: Carries) -> Dict:
+    """recipe.json of an import (docs/shard-format.md); its first three fields are the ones training compares."""
+    return {"detector": f"imported-{fmt}", "weights_hash": "unknown", "mode": "imported",
+            "source_format": fmt, "source_path": str(Path(source).resolve()), "feature_dim": carries.feature_dim,
+            "cls_prob": carries.cls_prob, "attr_prob": carries.attr_prob}
+
+
+# ----- captions -----------------------------------------------------------------------------------
+class Captions:
+    """{name: caption} from a `caption<TAB>image-id-or-file-name` TSV, looked up by image id: the exact
+    name, the file name without its extension, or (ids that are numbers, as BUTD's COCO ids) the
+    number a file name ends in ('COCO_val2014_000000000042.jpg' for 42)."""
+
+    def __init__(self, captions: Dict[str, str]):
+        self.by_name: Dict[str, str] = {}
+        by_number: Dict[int, Optional[str]] = {}
+        for name, caption in captions.items():
+            stem = Path(name).name.rsplit(".", 1)[0] if "." in Path(name).name else Path(name).name
+            for alias in (name, Path(name).name, stem):
+                self.by_name.setdefault(alias, caption)
+            digits = stem[len(stem.rstrip("0123456789")):]
+            if digits:
+                number = int(digits)
+                by_number[number] = caption if number not in by_number else None  # ambiguous: no caption
+        self.by_number = {k: v for k, v in by_number.items() if v is not None}
+
+    def get(self, image_id: str) -> Optional[str]:
+        if image_id in self.by_name:
+            return self.by_name[image_id]
+        return self.by_number.get(int(image_id)) if image_id.isdigit() else None
+
+
+# ----- the loop -----------------------------------------------------------------------------------
+@dataclass
+class ImportSettings:
+    fmt: str
+    source: str
+    captions: Optional[Captions] = None
+    progress: bool = True
+    total: Optional[int] = None  # records in the source, for the progress bar (None: unknown)
+    id_hint: str = ""  # appended to an out-of-range objects_id error (the format's id convention)
+    notes: Dict[str, int] = field(default_factory=dict)
+
+
+def probe(entries: Iterable[Entry], id_hint: str = "") -> Optional[Carries]:
+    """What the source carries, from its first record that decodes and checks; None if none does."""
+    iterator = iter(entries)
+    try:
+        for entry in iterator:
+            try:
+                record = entry.decode()
+                carries = carries_of(record)
+                check(record, carries, id_hint)
+                return carries
+            except (ValueError, KeyError, TypeError, OSError):
+                continue
+        return None
+    finally:
+        getattr(iterator, "close", lambda: None)()  # its file or LMDB closes before the import opens it again
+
+
+def _reason(error: Exception) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return text if isinstance(error, BadRecord) else f"{type(error).__name__}: {text}"[:500]
+
+
+def run_import(entries: Callable[[], Iterator[Entry]], writer: ShardWriter, settings: ImportSettings,
+               check_recipe: Callable[[Path, Dict], None]) -> Dict:
+    """Import every record not already in OUT's complete shards (nor in errors.jsonl); the summary counts.
+    `check_recipe(out_dir, header)` records the recipe or refuses OUT (vilbert-extract's rule, given by the CLI)."""
+    carries = probe(entries(), settings.id_hint)
+    header = None
+    if carries is not None:
+        header = recipe_header(settings.fmt, settings.source, carries)
+        check_recipe(writer.out_dir, header)  # RecipeMismatch when OUT was made from another source
+    done = skipped = failed = captioned = 0
+    written: set = set()
+    started = time.time()
+    bar = tqdm(entries(), total=settings.total, unit="rec", disable=not settings.progress,
+               desc=f"import {settings.fmt}")
+    for entry in bar:
+        key = safe_name(entry.image_id)
+        if entry.where in writer.error_sources or (key in writer.done_keys and key not in written):
+            skipped += 1
+            continue
+        if key in written:
+            writer.log_error(key, entry.where, f"duplicate image id {entry.image_id!r}: its first record is imported")
+            failed += 1
+            continue
+        try:
+            record = entry.decode()
+            arrays = check(record, carries or carries_of(record), settings.id_hint)
+        except (ValueError, KeyError, TypeError, OSError) as error:  # OSError: a damaged HDF5 chunk, a lost file
+            writer.log_error(key, entry.where, _reason(error))
+            failed += 1
+            continue
+        for note in record.notes:
+            settings.notes[note] = settings.notes.get(note, 0) + 1
+        if header is None:  # the probe read no record (a read error that passed): this first good one decides
+            carries = carries_of(record)
+            header = recipe_header(settings.fmt, settings.source, carries)
+            check_recipe(writer.out_dir, header)
+        caption = settings.captions.get(entry.image_id) if settings.captions else None
+        writer.write(key, encode(entry.image_id, entry.where, arrays, header, caption))
+        written.add(key)
+        done += 1
+        captioned += bool(caption)
+    bar.close()
+    writer.close()
+    elapsed = time.time() - started
+    return dict(format=settings.fmt, done=done, skipped=skipped, failed=failed, captioned=captioned,
+                shards_written=writer.shards_written, seconds=round(elapsed, 3),
+                records_per_second=round(done / elapsed, 1) if elapsed else 0.0,
+                cls_prob=carries.cls_prob if carries else None, attr_prob=carries.attr_prob if carries else None,
+                feature_dim=carries.feature_dim if carries else None, notes=dict(settings.notes))
