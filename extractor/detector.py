@@ -77,9 +77,11 @@ class BottomUpDetector(nn.Module):
                     draw(name, weight, 0.1 if isinstance(module, nn.Embedding) else math.sqrt(2.0 / fan_in))
                     if getattr(module, "bias", None) is not None:
                         module.bias.zero_()
-                    if name.endswith("conv3") and hasattr(module, "norm"):
-                        module.norm.weight.fill_(0.2)  # keep the residual stacks' activations O(1)
-            self.backbone.stem.conv1.weight.mul_(0.01)  # pixels are ~100 after mean subtraction
+            # keep activations O(1): pixels are ~100 after mean subtraction, residual stacks grow
+            self.backbone.stem.conv1.weight.mul_(0.01)
+            for name, module in self.named_modules():  # after the norms above (a conv3's norm is its child)
+                if name.endswith("conv3") and hasattr(module, "norm"):
+                    module.norm.weight.fill_(0.2)
             # detectron2's own head initialisation
             rpn = self.proposal_generator.rpn_head
             for name in ("conv", "objectness_logits", "anchor_deltas"):
