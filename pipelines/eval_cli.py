@@ -85,25 +85,28 @@ def check_fit(config, vocabulary: int, opts, source: str) -> None:
 @click.option("--train-steps", type=click.IntRange(0), default=0,
               help="Fine-tuning steps; 0 = evaluate only (zero-shot).")
 @click.option("--batch-size", type=click.IntRange(1), default=32,
-              help="Fine-tuning batch (retrieval: positives, x4 pairs).")
-@click.option("--eval-batch-size", type=click.IntRange(1), default=128, help="Evaluation batch size.")
+              help="Fine-tuning batch (retrieval: positives, x4 pairs; vcr: questions per sub-task, x4 choices, "
+                   "Q->A and QA->R each).")
+@click.option("--eval-batch-size", type=click.IntRange(1), default=128,
+              help="Evaluation batch size (vcr: input rows, 8 per question).")
 @click.option("--lr", type=click.FloatRange(0, min_open=True),
               help="Peak learning rate (AdamW). Default: the official per-task value "
               f"({_per_task(lambda t: f'{t.default_lr:g}')}).")
 @click.option("--warmup", type=click.FloatRange(0, 1), default=0.1, help="Warmup fraction of --train-steps.")
 @click.option("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases/LayerNorm).")
 @click.option("--max-seq-length", type=click.IntRange(3), help="Max tokens incl. [CLS]/[SEP]. Default: the official "
-              f"per-task value ({_per_task(lambda t: str(t.default_max_seq_length))}).")
+              f"per-task value ({_per_task(lambda t: getattr(t, 'shown_max_seq_length', t.default_max_seq_length))}).")
 @click.option("--max-regions", type=click.IntRange(2), default=101, help="Max visual positions incl. [IMG].")
 @click.option("--split", "splits", multiple=True, help="Evaluation split (repeatable). Default: "
               f"{_per_task(lambda t: '/'.join(t.default_splits))}.")
 @click.option("--task-token", type=int, help="Task token id for multi-task checkpoints (default: the "
-              f"official id of the task: {_per_task(lambda t: str(t.official_task_id))}).")
+              f"official id of the task: {_per_task(lambda t: getattr(t, 'shown_task_id', t.official_task_id))}).")
 @click.option("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available).")
 @click.option("--seed", type=int, default=0, help="Random seed.")
 @click.option("--bf16", is_flag=True, help="bfloat16 autocast (CUDA only; ignored on CPU).")
 @click.option("--gt-boxes", "gt_features", type=click.Path(exists=True, file_okay=False),
-              help="refcoco/+/g: shards of ground-truth-box regions (vilbert-extract --gt-boxes), mixed into training.")
+              help="refcoco/+/g: shards of ground-truth-box regions (vilbert-extract --gt-boxes), mixed into training; "
+                   "vcr: the regions of the annotated objects, added to the detections (training and evaluation).")
 @click.option("--refs-file", help="refcoco, refcoco+, refcocog: the refs pickle in --data "
                                   "(default refs(unc).p; refcocog: refs(umd).p).")
 @click.option("--eval-on-gt-boxes", "eval_on_gt", is_flag=True, help="refcoco/+/g: evaluate on the --gt-boxes regions.")

@@ -23,15 +23,15 @@ SIZE = 100  # image width and height in pixels
 CELLS = [(0, 0), (50, 0), (0, 50), (50, 50)]
 
 
-def write_vocab(folder: Path) -> Path:
+def write_vocab(folder: Path, extra: list[str] = ()) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "vocab.txt"
-    path.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
+    path.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + list(extra)) + "\n")
     return path
 
 
-def vocab_size() -> int:
-    return 5 + len(WORDS)
+def vocab_size(extra: list[str] = ()) -> int:
+    return 5 + len(WORDS) + len(extra)
 
 
 def npy(a: np.ndarray) -> bytes:
@@ -235,11 +235,89 @@ def make_gqa(root: Path, n_images=(400, 40, 40), feature_size: int = 32, seed: i
     return data
 
 
+# VCR: the words of its synthetic questions beyond WORDS, and the people's names of its names table
+VCR_WORDS = ["?", ".", "it", "looks", "at", "person", "casey", "riley", "jessie", "##s"]
+VCR_NAMES = ["Casey", "Riley", "Jessie"]
+
+
+def write_names_table(data: Path, names: list[str]) -> Path:
+    """unisex_names_table.csv as vilbert-multi-task ships it (fivethirtyeight's columns)."""
+    rows = [",name,total,male_share,female_share,gap"]
+    rows += [f"{k + 1},{name},{1000.0 - k},0.5,0.5,0.0" for k, name in enumerate(names)]
+    (data / "unisex_names_table.csv").write_text("\n".join(rows) + "\n")
+    return data / "unisex_names_table.csv"
+
+
+def vcr_key(img_fn: str) -> str:
+    """The key vilbert-extract gives an image at img_fn under its IMAGES folder."""
+    from extractor.sources import safe_key
+
+    return safe_key(str(Path(img_fn).with_suffix("")))
+
+
+def make_vcr(root: Path, n_questions=(500, 80), feature_size: int = 32, seed: int = 6, name: str = "vcr",
+             splits=("train", "val")):
+    """NAME/{train,val}.jsonl in VCR's release format, NAME/unisex_names_table.csv, each image's
+    metadata NAME/vcr1images/MOVIE/IMAGE.json (boxes with scores, names) and detected + gt-box shards
+    keyed as vilbert-extract keys img_fn. An image holds two shapes and a person (objects: the
+    shape names and "person", shuffled, in the order of the metadata boxes). The question asks the
+    colour of one shape ("What colour is the [k] ?"), the answers are the four colours ("It is red
+    ."), the rationales give the other shape each colour ("[j] is blue ."): the words alone never
+    tell (colours are uniform); the answer needs the referenced object's region, the rationale the
+    colours among the regions."""
+    task, rng, data = task_folder(root, name, 3, feature_size, seed)  # 3 cells: two shapes and the person
+    write_names_table(data, VCR_NAMES)
+    person = np.random.default_rng(seed + 1).normal(size=feature_size).astype(np.float32)
+    det, gt = {}, {}
+    for split, count in zip(splits, n_questions):
+        lines = []
+        for q in range(count):
+            shapes, boxes = scene(task, rng, 3)
+            shapes = shapes[:2]
+            feats = np.concatenate([region_features(task, shapes, rng), person[None] + 0.3 * rng.normal(
+                size=(1, feature_size)).astype(np.float32)])
+            order = rng.permutation(3)  # the objects (and their boxes) in a random order
+            names = ([SHAPES[s] for _, s in shapes] + ["person"])
+            objects, boxes, feats = [names[i] for i in order], boxes[order], feats[order]
+            p = objects.index("person")
+            k, j = rng.permutation([i for i in range(3) if i != p])
+            colour = {i: int(shapes[order[i]][0]) for i in range(3) if i != p}
+            answers, rationales = rng.permutation(4), rng.permutation(4)
+            movie = f"lsmdc_{3001 + q % 7}_SYNTH_{split.upper()}"
+            stem = f"{movie[6:]}_00.{q // 60:02d}.{q % 60:02d}.164-00.{q // 60:02d}.{q % 60:02d}.667@{q % 3}"
+            img_fn, metadata_fn = f"{movie}/{stem}.jpg", f"{movie}/{stem}.json"
+            meta = {"boxes": [[*map(float, b), 0.99] for b in boxes], "segms": [], "names": objects,
+                    "width": SIZE, "height": SIZE}
+            (data / "vcr1images" / movie).mkdir(parents=True, exist_ok=True)
+            (data / "vcr1images" / metadata_fn).write_text(json.dumps(meta))
+            jitter = boxes + rng.uniform(-2, 2, size=boxes.shape).astype(np.float32)
+            background = rng.normal(size=(1, feature_size)).astype(np.float32)
+            det[vcr_key(img_fn)] = (np.concatenate([feats, background]), np.concatenate([jitter, [[0, 0, SIZE, SIZE]]]))
+            gt[vcr_key(img_fn)] = (feats, boxes)
+            row = {"movie": movie, "objects": objects, "interesting_scores": [0], "answer_likelihood": "likely",
+                   "img_fn": img_fn, "metadata_fn": metadata_fn,
+                   "answer_orig": "", "question_orig": "", "rationale_orig": "",
+                   "question": ["What", "colour", "is", "the", [int(k)], "?"],
+                   "answer_match_iter": [0, 1, 2], "answer_sources": [0, 1, 2, 3],
+                   "answer_choices": [["It", "is", COLOURS[c], "."] for c in answers],
+                   "answer_label": int(np.flatnonzero(answers == colour[k])[0]),
+                   "rationale_choices": [[[int(j)], "is", COLOURS[c], "."] for c in rationales],
+                   "rationale_sources": [0, 1, 2, 3], "rationale_match_iter": [0, 1, 2],
+                   "rationale_label": int(np.flatnonzero(rationales == colour[j])[0]),
+                   "img_id": f"{split}-{q}", "question_number": 0, "annot_id": f"{split}-{q}",
+                   "match_fold": f"{split}-0", "match_index": q}
+            lines.append(json.dumps(row))
+        (data / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    write_shards(root / "features", det)
+    write_shards(root / "gt_features", gt, mode="gt-boxes")
+    return data
+
+
 def tiny_config(feature_size: int = 32, **overrides):
-    no_dropout = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                      v_hidden_dropout_prob=0.0, v_attention_probs_dropout_prob=0.0)
-    return load_preset("vilbert-tiny", vocab_size=vocab_size(), v_feature_size=feature_size, v_target_size=5,
-                       max_position_embeddings=32, **{**no_dropout, **overrides})
+    settings = dict(vocab_size=vocab_size(), v_feature_size=feature_size, v_target_size=5, max_position_embeddings=32,
+                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                    v_hidden_dropout_prob=0.0, v_attention_probs_dropout_prob=0.0)
+    return load_preset("vilbert-tiny", **{**settings, **overrides})
 
 
 def tiny_checkpoint(folder: Path, feature_size: int = 32, seed: int = 0, **overrides) -> Path:

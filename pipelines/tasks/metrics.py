@@ -112,3 +112,24 @@ def recall_at_k(scores, caption_image, ks=(1, 5, 10), caption_names=None, image_
         out[f"{kind}_medr"] = float(np.floor(np.median(rank.numpy()) + 1))
         out[f"{kind}_meanr"] = float(rank.double().mean() + 1)
     return out
+
+
+def vcr_accuracies(answer_scores, answer_labels, rationale_scores, rationale_labels, ids=None) -> dict[str, float]:
+    """VCR's three accuracies, as vilbert-multi-task's `script/VCR_Q_AR_evaluation.py` computes them.
+    answer_scores, rationale_scores: (N, 4) scores of the four choices of each question (the rationale
+    ones given the right answer); labels: (N,) indices. A question's pick is its first highest-scoring
+    choice (the official np.argmax). q2a: the answer is right; qa2r: the rationale is right; q2ar:
+    both are right for the same question. A non-finite score is a ValueError naming the questions."""
+    a = np.asarray(answer_scores, np.float64)
+    r = np.asarray(rationale_scores, np.float64)
+    if a.ndim != 2 or a.shape != r.shape or len(a) == 0:
+        raise ValueError(f"VCR scores must be two (N, choices) arrays with N > 0, got {a.shape} and {r.shape}")
+    bad = np.flatnonzero(~(np.isfinite(a).all(1) & np.isfinite(r).all(1)))
+    if len(bad):
+        shown = ", ".join(repr(ids[k]) if ids is not None else f"#{k}" for k in bad[:5])
+        raise ValueError(f"{len(bad)} of {len(a)} VCR questions have a score that is not finite, e.g. {shown}: "
+                         "check the features of their images (NaN or infinite values) and the model")
+    answer_right = a.argmax(1) == np.asarray(answer_labels)
+    rationale_right = r.argmax(1) == np.asarray(rationale_labels)
+    return {"q2a": float(answer_right.mean()), "qa2r": float(rationale_right.mean()),
+            "q2ar": float((answer_right & rationale_right).mean())}

@@ -211,7 +211,7 @@ def test_feature_store_refuses_pickled_arrays(tmp_path):
 
 
 def test_task_registry_is_a_plain_dict_of_task_classes():
-    assert set(TASKS) == {"refcoco", "refcoco+", "refcocog", "retrieval", "nlvr2", "snli-ve", "vqa", "gqa"}
+    assert set(TASKS) == {"refcoco", "refcoco+", "refcocog", "retrieval", "nlvr2", "snli-ve", "vqa", "gqa", "vcr"}
     assert all(issubclass(cls, Task) for cls in TASKS.values())
 
 
@@ -222,7 +222,7 @@ def test_cli_help_shows_defaults_and_model_choice_is_checked(tmp_path, capsys):
     assert status == 0
     text = capsys.readouterr().out
     listed = "".join(text.split())  # the choices of --task, however the help wraps them
-    assert "[gqa|nlvr2|refcoco|refcoco+|refcocog|retrieval|snli-ve|vqa]" in listed
+    assert "[gqa|nlvr2|refcoco|refcoco+|refcocog|retrieval|snli-ve|vcr|vqa]" in listed
     assert "3129 for vqa" in text and "--official-checkpoint" in text
     (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b"]))
     write_shards(tmp_path / "f", {"1": (np.zeros((2, 4), np.float32), np.zeros((2, 4), np.float32))})

@@ -1,0 +1,430 @@
+"""Visual Commonsense Reasoning in its released files, as vilbert-multi-task fine-tunes it (TASK5
+VCR_Q-A and TASK6 VCR_QA-R, `vcr_dataset.py`).
+
+    DATA/{train,val,test}.jsonl     one JSON object a line: "annot_id" ("val-0"), "img_fn"
+                                    ("lsmdc_.../....jpg"), "metadata_fn", "objects" (class names,
+                                    "person" for people), "question", "answer_choices" (4),
+                                    "rationale_choices" (4), "answer_label", "rationale_label"
+                                    (0-3; test.jsonl has no labels)
+    DATA/unisex_names_table.csv     the names given to people (vilbert-multi-task's datasets/VCR copy
+                                    of fivethirtyeight's table: the `name` column)
+    DATA/vcr1images/METADATA_FN     each image's boxes and names; read only by `gt_boxes_json`
+
+A question or choice is a list of tokens: a word, or a list of indices into `objects`. As the
+official loader: each "person" object gets a name drawn from the names table, any other keeps its
+class name; an index list becomes those words, one per index ([0, 2] -> "Casey Riley"). The names
+are drawn once per question and sub-task (here from a generator seeded by `--seed` and the
+annot_id, so a question gets the same names in every epoch and run, as the official cached entries
+do). The words are joined by spaces and tokenized; the official code then joins the word pieces
+with spaces and tokenizes that again (a word split into pieces reaches the model as "star # # s"),
+and so does this module, so that released checkpoints see the text they were trained on.
+
+Each question gives 4 inputs per sub-task: Q->A reads `[CLS] question [SEP] answer_i [SEP]`, QA->R
+`[CLS] question [SEP] right answer [SEP] rationale_i [SEP]` (segment 0 up to the first [SEP], 1
+after it); the choice is cut to fit (60 tokens for Q->A, 80 for QA->R unless `--max-seq-length`);
+a first part of max - 3 tokens or more is cut to max - 4, leaving the choice one token (the
+official loader gives the choice none at max - 3 and stops beyond it). One score per input from
+the official `vil_logit` (a linear layer on h_IMG * h_CLS, which vilbert-multi-task shares with
+retrieval: our head "retrieval"), softmax over the 4, cross-entropy. Each fine-tuning step takes
+`--batch-size` questions for each sub-task and adds the two losses (official: one batch per task,
+gradients summed); task tokens 5 and 6.
+
+Regions: the detected regions of the image (`--features`, looked up by the exact key
+vilbert-extract gives `img_fn`: its path without the extension, other characters as "_"), and with
+`--gt-boxes` the regions of the annotated boxes (shards from `vilbert-extract --gt-boxes` on
+`gt_boxes_json`'s file), combined as the official code does: [IMG] = the mean of the two [IMG]
+features weighted by their counts (N_det + 1 and N_gt + 1), then the detected regions, then the
+ground-truth ones; within `--max-regions` the ground-truth regions are kept first.
+
+Metrics (val): q2a, qa2r (the rationale given the right answer) and q2ar (both right), as
+`script/VCR_Q_AR_evaluation.py`; a question's pick is its first highest-scoring choice. A split
+without labels (test) is answered, not scored: each question's answer probabilities and its
+rationale probabilities given each of the 4 answers (the leaderboard's 5 x 4 groups).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import re
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .base import Task, log
+from .features import FeatureStore, locations, pad_regions, with_img_token
+from .metrics import vcr_accuracies
+from .snli_ve import field, read_jsonl
+
+CHOICES = 4
+NAMES_TABLE = "unisex_names_table.csv"
+SUBTASKS = ("q2a", "qa2r")
+
+
+def image_key(img_fn: str) -> str:
+    """The shard key vilbert-extract gives an image at `img_fn` under its IMAGES folder: the path
+    without its extension, every character outside [A-Za-z0-9_-] as "_"."""
+    stem = img_fn.rsplit(".", 1)[0] if "." in img_fn.rsplit("/", 1)[-1] else img_fn
+    return re.sub(r"[^A-Za-z0-9_-]", "_", stem)
+
+
+def read_names_table(path: Path) -> list[str]:
+    """The second column of every row but the header (the official reader keeps row[1] != "name")."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: names table not found (VCR's people are named from it: "
+                                f"vilbert-multi-task's datasets/VCR/{NAMES_TABLE})")
+    names = []
+    with open(path, newline="", encoding="utf-8") as handle:
+        for n, row in enumerate(csv.reader(handle), 1):
+            if not row:
+                continue
+            if len(row) < 2 or not row[1].strip():
+                raise ValueError(f"{path}:{n}: expected a name in the second column, got {row!r}")
+            if row[1] != "name":
+                names.append(row[1])
+    if not names:
+        raise ValueError(f"{path}: no names")
+    return names
+
+
+def object_names(objects: list[str], table: list[str], rng: np.random.Generator) -> list[str]:
+    """The word of each object: a name from `table` for a "person", else its class name."""
+    return [table[int(rng.integers(len(table)))] if name == "person" else name for name in objects]
+
+
+def object_words(tokens: list, names: list[str]) -> list[str]:
+    """VCR tokens -> words: a word stays, an index list becomes the words of those objects."""
+    words = []
+    for token in tokens:
+        if isinstance(token, str):
+            words.append(token)
+        else:
+            words.extend(names[i] for i in token)
+    return words
+
+
+def _tokens(path: Path, n: int, value, what: str, n_objects: int) -> list:
+    """A checked token list: words and lists of object indices below n_objects."""
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"{path}:{n}: {what} must be a non-empty list of tokens, got {value!r}"[:300])
+    for token in value:
+        if isinstance(token, str):
+            continue
+        if not isinstance(token, list) or not token or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in token):
+            raise ValueError(f"{path}:{n}: {what} holds {token!r}, neither a word nor a list of object indices")
+        for i in token:
+            if not 0 <= i < n_objects:
+                raise ValueError(f"{path}:{n}: {what} refers to object {i}, the line has {n_objects} objects")
+    return value
+
+
+def _label(path: Path, n: int, row: dict, name: str):
+    value = row.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < CHOICES:
+        raise ValueError(f"{path}:{n}: {name} {value!r} is not an index of the {CHOICES} choices")
+    return value
+
+
+def load_vcr_split(data: Path, split: str) -> list[dict]:
+    """DATA/SPLIT.jsonl -> items {id, img_fn, key, metadata_fn, objects, question, answers,
+    rationales, answer_label, rationale_label} (labels None on an unlabelled line)."""
+    path = Path(data) / f"{split}.jsonl"
+    items = []
+    for n, row in enumerate(read_jsonl(path, f"VCR {split} split"), 1):
+        objects = row.get("objects")
+        if not isinstance(objects, list) or not all(isinstance(o, str) for o in objects):
+            raise ValueError(f"{path}:{n}: 'objects' must be a list of class names, got {objects!r}"[:300])
+        question = _tokens(path, n, row.get("question"), "question", len(objects))
+        choices = {}
+        for name in ("answer_choices", "rationale_choices"):
+            value = row.get(name)
+            if not isinstance(value, list) or len(value) != CHOICES:
+                got = f"{len(value)}" if isinstance(value, list) else repr(value)[:80]
+                raise ValueError(f"{path}:{n}: {name} must be a list of {CHOICES} token lists, got {got}")
+            choices[name] = [_tokens(path, n, c, f"{name}[{k}]", len(objects)) for k, c in enumerate(value)]
+        answer, rationale = _label(path, n, row, "answer_label"), _label(path, n, row, "rationale_label")
+        if (answer is None) != (rationale is None):
+            raise ValueError(f"{path}:{n}: has {'answer' if rationale is None else 'rationale'}_label but not "
+                             f"{'rationale' if rationale is None else 'answer'}_label")
+        img_fn = field(path, n, row, "img_fn")
+        items.append({"id": str(row.get("annot_id", f"{split}-{n - 1}")), "img_fn": img_fn, "key": image_key(img_fn),
+                      "metadata_fn": row.get("metadata_fn"), "objects": objects, "question": question,
+                      "answers": choices["answer_choices"], "rationales": choices["rationale_choices"],
+                      "answer_label": answer, "rationale_label": rationale})
+    if not items:
+        raise ValueError(f"{path}: no questions")
+    return items
+
+
+def gt_boxes_json(data: Path, splits=("train", "val", "test")) -> dict[str, list]:
+    """{img_fn: [[x1, y1, x2, y2], ...]} from each image's metadata (DATA/vcr1images/METADATA_FN,
+    "boxes" of x1, y1, x2, y2, score), in the order of its objects: the `--gt-boxes` file of
+    `vilbert-extract vcr1images OUT --gt-boxes FILE` (a split whose jsonl is absent is skipped)."""
+    data = Path(data)
+    boxes: dict[str, list] = {}
+    for split in splits:
+        if not (data / f"{split}.jsonl").is_file():
+            continue
+        for item in load_vcr_split(data, split):
+            if item["img_fn"] in boxes:
+                continue
+            if not isinstance(item["metadata_fn"], str):
+                raise ValueError(f"{data / f'{split}.jsonl'}: question {item['id']} has no 'metadata_fn'")
+            path = data / "vcr1images" / item["metadata_fn"]
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: metadata of {item['img_fn']} not found")
+            try:
+                meta = json.loads(path.read_text())
+                found = [[float(v) for v in b[:4]] for b in meta["boxes"]]
+            except (ValueError, KeyError, TypeError, IndexError) as e:
+                raise ValueError(f"{path}: expected JSON with 'boxes' of [x1, y1, x2, y2, score] ({e})") from None
+            if len(found) != len(item["objects"]) or any(len(b) != 4 for b in found):
+                raise ValueError(f"{path}: {len(found)} boxes for the {len(item['objects'])} objects of question "
+                                 f"{item['id']}")
+            boxes[item["img_fn"]] = found
+    if not boxes:
+        raise FileNotFoundError(f"{data}: no {', '.join(f'{s}.jsonl' for s in splits)}")
+    return boxes
+
+
+class VCRTask(Task):
+    name = "vcr"
+    default_splits = ("val",)
+    official_task_id = 5  # TASK5 VCR_Q-A; QA->R is TASK6
+    qa2r_task_id = 6
+    default_lr = 2e-5
+    default_max_seq_length = 80  # VCR_QA-R; VCR_Q-A reads 60
+    q2a_max_seq_length = 60
+    head_name = "retrieval"  # the official vil_logit, shared by retrieval and VCR
+    shown_max_seq_length, shown_task_id = "60/80", "5/6"  # Q->A / QA->R, in --help
+
+    def __init__(self, opts):
+        self.length_given = opts.max_seq_length is not None
+        super().__init__(opts)
+        self.load_common()
+        self.names_table = read_names_table(self.data / NAMES_TABLE)
+        gt = opts.extra.get("gt_features")
+        self.gt_store = FeatureStore(gt) if gt else None
+        if self.gt_store is None:
+            log.warning("vcr without --gt-boxes: the regions are the detections only (vilbert-multi-task "
+                        "adds the annotated boxes of the objects the text refers to)")
+        self._train = None
+
+    def head(self):
+        return (self.head_name, "pooled_linear", 1)
+
+    def max_length(self, subtask: str) -> int:
+        if subtask == "q2a" and not self.length_given:
+            return min(self.q2a_max_seq_length, self.opts.max_seq_length)
+        return self.opts.max_seq_length
+
+    # -- text ------------------------------------------------------------------------------
+    def names(self, item: dict, subtask: str) -> list[str]:
+        """The words of the item's objects for one sub-task: the same in every epoch and run (seed)."""
+        rng = np.random.default_rng([self.opts.seed, zlib.crc32(item["id"].encode()), SUBTASKS.index(subtask)])
+        return object_names(item["objects"], self.names_table, rng)
+
+    def token_ids(self, words: list[str]) -> list[int]:
+        """Words -> ids as the official loader: tokenized, word pieces joined by spaces, tokenized again."""
+        pieces = self.tokenizer.tokenize(" ".join(words))
+        return self.tokenizer(" ".join(pieces), add_special_tokens=False)["input_ids"] if pieces else []
+
+    def pair(self, first: list[int], second: list[int], max_length: int) -> tuple[list[int], list[int]]:
+        """[CLS] first [SEP] second [SEP] -> (ids, segment ids); the second part is cut to fit."""
+        first = first[:max(0, max_length - 4)]
+        second = second[:max(0, max_length - 3 - len(first))]
+        ids = [self.tokenizer.cls_token_id, *first, self.tokenizer.sep_token_id, *second, self.tokenizer.sep_token_id]
+        return ids, [0] * (len(first) + 2) + [1] * (len(second) + 1)
+
+    def inputs(self, item: dict, subtask: str, answer: int | None = None) -> list[tuple[list[int], list[int]]]:
+        """The 4 (ids, segments) of a question: its answers (q2a), or its rationales after the
+        answer `answer` (qa2r; default its right answer)."""
+        names = self.names(item, subtask)
+        first = object_words(item["question"], names)
+        if subtask == "q2a":
+            choices = item["answers"]
+        else:
+            first = first + ["[SEP]"] + object_words(item["answers"][item["answer_label"] if answer is None
+                                                                     else answer], names)
+            choices = item["rationales"]
+        a = self.token_ids(first)
+        return [self.pair(a, self.token_ids(object_words(c, names)), self.max_length(subtask)) for c in choices]
+
+    # -- regions ---------------------------------------------------------------------------
+    def regions(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        """-> features (R, F), locations (R, 5): [IMG], detected, ground-truth (see the module doc)."""
+        r = self.store.get(key)
+        if self.gt_store is None:
+            n = self.opts.max_regions - 1
+            return with_img_token(r.features[:n], r.boxes[:n], r.width, r.height)
+        g = self.gt_store.get(key)
+        n_det, n_gt = len(r.features), len(g.features)
+        img = (r.features.mean(0) * (n_det + 1) + g.features.mean(0) * (n_gt + 1)) / (n_det + n_gt + 2)
+        keep_gt = min(self.opts.max_regions - 1, n_gt)
+        keep_det = min(self.opts.max_regions - keep_gt, n_det + 1) - 1  # ([IMG] counts)
+        feats = np.concatenate([img[None], r.features[:keep_det], g.features[:keep_gt]]).astype(np.float32)
+        loc = np.concatenate([np.array([[0, 0, 1, 1, 1]], np.float32),
+                              locations(r.boxes[:keep_det], r.width, r.height),
+                              locations(g.boxes[:keep_gt], g.width, g.height)])
+        return feats, loc
+
+    # -- batches ---------------------------------------------------------------------------
+    def make_batch(self, entries: list[tuple[dict, str, int | None]]) -> dict:
+        """entries: (item, subtask, answer or None) -> 4 rows each, an entry's rows consecutive:
+        input_ids / token_type_ids / attention_mask (4E, T), image tensors (4E, R, ...),
+        qa2r (4E,) bool, labels (E,) (-1 when unlabelled)."""
+        rows = [row for item, subtask, answer in entries for row in self.inputs(item, subtask, answer)]
+        T = max(len(ids) for ids, _ in rows)
+        pad = self.tokenizer.pad_token_id or 0
+        input_ids = torch.full((len(rows), T), pad, dtype=torch.long)
+        segments = torch.zeros(len(rows), T, dtype=torch.long)
+        mask = torch.zeros(len(rows), T, dtype=torch.long)
+        for k, (ids, seg) in enumerate(rows):
+            input_ids[k, :len(ids)] = torch.tensor(ids)
+            segments[k, :len(seg)] = torch.tensor(seg)
+            mask[k, :len(ids)] = 1
+        keys = [item["key"] for item, _, _ in entries]
+        unique = sorted(set(keys))
+        feat, loc, image_mask = pad_regions([self.regions(k) for k in unique])  # (U, R, F), (U, R, 5), (U, R)
+        index = torch.tensor([unique.index(k) for k in keys]).repeat_interleave(CHOICES)  # (4E,)
+        labels = []
+        for item, subtask, _ in entries:
+            label = item["answer_label" if subtask == "q2a" else "rationale_label"]
+            labels.append(-1 if label is None else label)
+        qa2r = torch.tensor([subtask == "qa2r" for _, subtask, _ in entries]).repeat_interleave(CHOICES)
+        return {"input_ids": input_ids, "token_type_ids": segments, "attention_mask": mask,
+                "image_feat": feat[index], "image_loc": loc[index], "image_mask": image_mask[index],
+                "qa2r": qa2r, "labels": torch.tensor(labels)}
+
+    def backbone(self, model, batch):
+        ids = batch["input_ids"]
+        task_ids = None
+        if model.config.task_specific_tokens:  # 5 for Q->A rows, 6 for QA->R rows (or --task-token)
+            if self.opts.task_token is not None:
+                task_ids = torch.full((ids.shape[0], 1), self.opts.task_token, dtype=torch.long, device=ids.device)
+            else:
+                task_ids = torch.where(batch["qa2r"], self.qa2r_task_id, self.official_task_id)[:, None].long()
+        return model.backbone(ids, batch["image_feat"], batch["image_loc"], batch["token_type_ids"],
+                              batch["attention_mask"], batch["image_mask"], task_ids)
+
+    def scores(self, model, batch) -> torch.Tensor:
+        """(E, 4) one score per choice."""
+        return model.task_logits(self.head_name, self.backbone(model, batch))[:, 0].view(-1, CHOICES)
+
+    # -- training --------------------------------------------------------------------------
+    def train_items(self) -> list[dict]:
+        if self._train is None:
+            items = [it for it in load_vcr_split(self.data, "train") if it["answer_label"] is not None]
+            if not items:
+                raise ValueError(f"{self.data / 'train.jsonl'}: no labelled question")
+            self.check_regions(items, "train")
+            self._train = items
+            log.info("vcr train: %d questions", len(items))
+        return self._train
+
+    def train_batch(self, rng):
+        items = self.train_items()
+        picks = [rng.integers(0, len(items), size=self.opts.batch_size) for _ in SUBTASKS]  # one batch per sub-task
+        return self.make_batch([(items[i], subtask, None) for subtask, idx in zip(SUBTASKS, picks) for i in idx])
+
+    def loss(self, model, batch):
+        scores = self.scores(model, batch)  # (E, 4)
+        qa2r = batch["qa2r"][::CHOICES]  # (E,)
+        ce = F.cross_entropy(scores.float(), batch["labels"], reduction="none")  # (E,)
+        return sum(ce[qa2r == flag].mean() for flag in (False, True) if (qa2r == flag).any())
+
+    # -- evaluation ------------------------------------------------------------------------
+    def check_regions(self, items: list[dict], split: str) -> None:
+        keys = sorted({it["key"] for it in items})
+        for store in [self.store] + ([self.gt_store] if self.gt_store is not None else []):
+            missing = [k for k in keys if k not in store.members]  # exact keys: no trailing-number guess
+            if missing:
+                broken = f" (unreadable shards: {'; '.join(store.unreadable)})" if store.unreadable else ""
+                raise KeyError(f"{store.folder}: no features for {len(missing)} {split} images, e.g. "
+                               f"{missing[:5]} (keys of img_fn){broken}")
+
+    def eval_inputs(self, split: str) -> list[dict]:
+        items = load_vcr_split(self.data, split)
+        self.check_regions(items, split)
+        return items
+
+    def eval_chunks(self, items: list[dict]):
+        """Consecutive questions, at most --eval-batch-size input rows together (8 per labelled
+        question, 20 per unlabelled one; at least one question)."""
+        chunk, rows = [], 0
+        for it in items:
+            n = CHOICES * (2 if it["answer_label"] is not None else 1 + CHOICES)
+            if chunk and rows + n > self.opts.eval_batch_size:
+                yield chunk
+                chunk, rows = [], 0
+            chunk.append(it)
+            rows += n
+        if chunk:
+            yield chunk
+
+    @torch.no_grad()
+    def evaluate(self, model, split):
+        items = self.eval_inputs(split)
+        model.eval()
+        answer_probs, rationale_probs = [], []  # (N, 4); (N, 4) given the right answer, or (N, 4, 4) given each
+        for chunk in self.eval_chunks(items):
+            entries = []
+            for it in chunk:
+                entries.append((it, "q2a", None))
+                given = [None] if it["answer_label"] is not None else range(CHOICES)
+                entries += [(it, "qa2r", a) for a in given]
+            scores = self.scores(model, self.to_device(self.make_batch(entries))).float().cpu()  # (E, 4)
+            k = 0
+            for it in chunk:
+                n = 1 if it["answer_label"] is not None else CHOICES
+                answer_probs.append(scores[k])
+                rationale_probs.append(scores[k + 1] if n == 1 else scores[k + 1:k + 1 + n])
+                k += 1 + n
+        labelled = [k for k, it in enumerate(items) if it["answer_label"] is not None]
+        metrics = {"count": len(items), "scored": len(labelled)}
+        if labelled:
+            metrics.update(vcr_accuracies(torch.stack([answer_probs[k] for k in labelled]),
+                                          [items[k]["answer_label"] for k in labelled],
+                                          torch.stack([rationale_probs[k] for k in labelled]),
+                                          [items[k]["rationale_label"] for k in labelled],
+                                          ids=[items[k]["id"] for k in labelled]))
+        preds = []
+        for it, a, r in zip(items, answer_probs, rationale_probs):
+            p = {"annot_id": it["id"], "answer_probs": [round(v, 6) for v in a.softmax(-1).tolist()]}
+            if it["answer_label"] is None:  # the leaderboard's rationale_conditioned_on_a0..a3
+                p["rationale_probs"] = [[round(v, 6) for v in row] for row in r.softmax(-1).tolist()]
+            else:
+                p.update({"answer": int(np.argmax(a.numpy())), "answer_label": it["answer_label"],
+                          "rationale_probs": [round(v, 6) for v in r.softmax(-1).tolist()],
+                          "rationale": int(np.argmax(r.numpy())), "rationale_label": it["rationale_label"]})
+                p["q2ar"] = p["answer"] == p["answer_label"] and p["rationale"] == p["rationale_label"]
+            preds.append(p)
+        return metrics, preds
+
+
+def main(argv=None):
+    """python -m pipelines.tasks.vcr DATA BOXES.json: the --gt-boxes file of vilbert-extract for VCR."""
+    import click
+
+    @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+    @click.argument("data", type=click.Path(exists=True, file_okay=False))
+    @click.argument("out", type=click.Path(dir_okay=False))
+    def write(data, out):
+        """Write {img_fn: [[x1, y1, x2, y2], ...]} from the VCR metadata of DATA's jsonl files."""
+        try:
+            boxes = gt_boxes_json(Path(data))
+        except (FileNotFoundError, ValueError) as e:
+            raise click.ClickException(str(e)) from e
+        Path(out).write_text(json.dumps(boxes))
+        click.echo(f"{out}: boxes of {len(boxes)} images")
+
+    return write.main(args=argv, prog_name="python -m pipelines.tasks.vcr", standalone_mode=argv is None)
+
+
+if __name__ == "__main__":
+    main()
