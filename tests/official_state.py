@@ -1,5 +1,6 @@
-"""Random tensors with the names and shapes of vilbert-multi-task's `VILBertForVLTasks` state dict,
-written out by hand: the official-checkpoint fixtures of the converter and task tests."""
+"""Random tensors with the names and shapes of official state dicts, written out by hand: the
+official-checkpoint fixtures of the converter and task tests. vilbert-multi-task's `VILBertForVLTasks`
+(`official_state`) and VL-BERT's models on precomputed features (`official_vlbert_state`)."""
 import torch
 
 from vilbert import load_preset
@@ -86,4 +87,51 @@ def official_state(c=CFG, task_heads=True, task_tokens=False, answers=11):
     return s
 
 
-# hand-written expectations, independent of the converter's rules
+# ---- VL-BERT (jackroos/VL-BERT) ---------------------------------------------------------------
+
+VLBERT_CFG = load_preset("vlbert-tiny", vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=24, max_position_embeddings=20, v_feature_size=12, v_target_size=7,
+                         v_hidden_size=16, v_num_attention_heads=2, bi_hidden_size=16, bi_num_attention_heads=2,
+                         v_geometry_dim=256)  # the official geometry embedding: 4 x 2 x 256
+
+
+def official_vlbert_state(c=VLBERT_CFG, kind="pretrain", pooler=False, relationship=False, seed=0):
+    """The state dict of VL-BERT on precomputed features, keys without `module.`:
+    kind "pretrain" = ResNetVLBERTForPretrainingMultitask (pretrain/modules/resnet_vlbert_for_pretraining_multitask.py:
+    FastRCNN's obj_downsample, the [IMG] / mask / text-only embeddings, VisualLinguisticBertForPretraining with its
+    MLM and MVRC heads; `pooler` / `relationship` as with_pooler / WITH_REL_LOSS), "vqa" = ResNetVLBERT
+    (vqa/modules/resnet_vlbert_for_vqa.py: VisualLinguisticBert with its pooler, final_mlp of CLASSIFIER_TYPE mlm)."""
+    torch.manual_seed(seed)
+    H, I, F = c.hidden_size, c.intermediate_size, c.v_feature_size
+    s = {}
+    linear(s, "image_feature_extractor.obj_downsample.1", H, 2048 + F)  # [4 x 2 x 256 geometry ; feature]
+    s["object_linguistic_embeddings.weight"] = torch.randn(1, H)
+    if kind == "pretrain":
+        s["object_mask_visual_embedding.weight"] = torch.randn(1, F)
+        s["object_mask_word_embedding.weight"] = torch.randn(1, H)
+        s["aux_text_visual_embedding.weight"] = torch.randn(1, H)
+    s["vlbert.word_embeddings.weight"] = torch.randn(c.vocab_size, H)
+    s["vlbert.end_embedding.weight"] = torch.randn(1, H)
+    s["vlbert.position_embeddings.weight"] = torch.randn(c.max_position_embeddings, H)
+    s["vlbert.token_type_embeddings.weight"] = torch.randn(c.type_vocab_size + 1, H)  # A, B, visual
+    norm(s, "vlbert.embedding_LayerNorm", H)
+    norm(s, "vlbert.visual_ln_text", H)
+    norm(s, "vlbert.visual_ln_object", H)
+    for i in range(c.num_hidden_layers):
+        bert_layer(s, f"vlbert.encoder.layer.{i}", H, I)
+    if pooler or kind == "vqa":
+        linear(s, "vlbert.pooler.dense", H, H)
+    if kind == "pretrain":
+        if relationship:
+            linear(s, "vlbert.relationsip_head.caption_image_relationship", 2, H)  # sic
+        s["vlbert.mlm_head.predictions.bias"] = torch.randn(c.vocab_size)
+        linear(s, "vlbert.mlm_head.predictions.transform.dense", H, H)
+        norm(s, "vlbert.mlm_head.predictions.transform.LayerNorm", H)
+        s["vlbert.mlm_head.predictions.decoder.weight"] = s["vlbert.word_embeddings.weight"]  # tied
+        linear(s, "vlbert.mvrc_head.transform.dense", H, H)
+        linear(s, "vlbert.mvrc_head.region_cls_pred", c.v_target_size, H)
+    else:
+        linear(s, "final_mlp.0.dense", H, H)
+        norm(s, "final_mlp.0.LayerNorm", H)
+        linear(s, "final_mlp.2", 11, H)
+    return s

@@ -3,7 +3,7 @@
 * the project's own format: a directory with `model.safetensors` + `config.json`;
 * a Hugging Face BERT directory (config.json + weights, any format transformers reads), to
   initialise the text stream and the masked-language head.
-Official ViLBERT checkpoints are converted by `vilbert.official`.
+Official ViLBERT checkpoints are converted by `vilbert.official`, VL-BERT's by `vilbert.official_vlbert`.
 """
 from __future__ import annotations
 
@@ -143,11 +143,14 @@ def map_bert_key(key: str, config: ViLBertConfig) -> str | None:
         return f"{text_layer_prefix(config)}.{m.group(1)}.{sub}" if sub else None
     if key.startswith("cls."):
         return apply_rules(key[len("cls."):], MLM_HEAD_RULES)
+    if config.arch == "vlbert" and re.fullmatch(r"pooler\.dense\.(weight|bias)", key):
+        return f"backbone.{key}"  # VL-BERT's pooler is BERT's (the official code loads it too)
     return None
 
 
 def load_bert_weights(model: ViLBert, bert_dir: str | Path) -> LoadReport:
-    """Initialise the text stream (embeddings, text layers) and the MLM head from a local BERT.
+    """Initialise the text stream (embeddings, text layers) and the MLM head from a local BERT (and,
+    for VL-BERT, its pooler; BERT's two token types fill VL-BERT's text segments).
 
     Uses `transformers` to read the directory (safetensors or .bin, with its safe loader).
     Returns a report of what landed; raises if a BERT tensor has the wrong shape or if BERT has
@@ -169,10 +172,13 @@ def load_bert_weights(model: ViLBert, bert_dir: str | Path) -> LoadReport:
                 continue
             if name not in ours:
                 raise ValueError(f"{bert_dir}: BERT tensor {key} maps to {name}, which this model lacks")
-            if ours[name].shape != tensor.shape:
+            target = ours[name]
+            if name == "backbone.embeddings.token_type_embeddings.weight" and model.config.arch == "vlbert":
+                target = target[: model.config.type_vocab_size]  # the text segments; the visual row stays new
+            if target.shape != tensor.shape:
                 raise ValueError(f"{bert_dir}: {key} has shape {tuple(tensor.shape)}, "
                                  f"model expects {tuple(ours[name].shape)}")
-            ours[name].copy_(tensor)
+            target.copy_(tensor)
             report.loaded.append(name)
     loaded = set(report.loaded)
     report.missing = sorted(k for k in ours if k not in loaded)

@@ -53,10 +53,14 @@ class ViLBertConfig:
     with_coattention: bool = True  # False: the co-attention layers are skipped (ablation)
 
     # VL-BERT only: initial gains of the LayerNorms on the visual feature embedding of words and of
-    # regions (VL-BERT's visual_ln_text / visual_ln_object). Words start without the image (as in
-    # VL-BERT's pretraining configs), regions with their features (its code default).
+    # visual elements (VL-BERT's visual_ln_text / visual_ln_object). 0 for both, as in every official
+    # VL-BERT config: the model starts as plain BERT and learns how much of the image to take in.
+    # (VL-BERT's token types: `type_vocab_size` text segments, then one visual segment after them.)
     visual_scale_text_init: float = 0.0
-    visual_scale_object_init: float = 1.0
+    visual_scale_object_init: float = 0.0
+    # VL-BERT only: sin and cos features per box coordinate in the geometry embedding (official: 256,
+    # i.e. 4 x 2 x 256 = 2048 geometry features beside the 2048-d appearance feature).
+    v_geometry_dim: int = 256
 
     fusion_method: str = "mul"  # how h_IMG and h_CLS are combined for alignment
     task_specific_tokens: bool = False  # vilbert-multi-task: a task token after [CLS]
@@ -78,6 +82,11 @@ class ViLBertConfig:
                 raise ValueError(f"{name} width {width} is not divisible by {heads} heads")
         if self.arch == "vilbert":
             self._check_schedule()
+        elif self.bi_hidden_size != self.hidden_size:
+            raise ValueError(f"VL-BERT has one width: bi_hidden_size ({self.bi_hidden_size}) must equal "
+                             f"hidden_size ({self.hidden_size})")
+        elif self.task_specific_tokens:
+            raise ValueError("VL-BERT has no task-specific tokens (task_specific_tokens is for arch vilbert)")
 
     def _check_schedule(self):
         v_ids, t_ids = list(self.v_biattention_id), list(self.t_biattention_id)

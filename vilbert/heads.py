@@ -1,4 +1,5 @@
-"""Pretraining heads (masked language, masked region, alignment) and their losses."""
+"""Pretraining heads (masked language, masked region, alignment; VL-BERT's region classifier and
+relationship head) and their losses."""
 from __future__ import annotations
 
 import torch
@@ -46,6 +47,18 @@ class MaskedRegionHead(nn.Module):
         return self.decoder(self.transform(x))  # (..., C)
 
 
+class RegionClassHead(nn.Module):
+    """VL-BERT's masked-RoI classifier: dense -> GELU -> logits over v_target_size classes (no LayerNorm)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.decoder = nn.Linear(config.hidden_size, config.v_target_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(F.gelu(self.dense(x)))  # (..., C)
+
+
 def fuse(pooled_text: torch.Tensor, pooled_image: torch.Tensor, method: str) -> torch.Tensor:
     """h_CLS and h_IMG -> one vector: elementwise product ("mul") or sum ("sum")."""
     return pooled_text * pooled_image if method == "mul" else pooled_text + pooled_image
@@ -62,6 +75,19 @@ class AlignmentHead(nn.Module):
 
     def forward(self, pooled_text: torch.Tensor, pooled_image: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dropout(fuse(pooled_text, pooled_image, self.fusion_method)))  # (B, 2)
+
+
+class RelationshipHead(nn.Module):
+    """VL-BERT's sentence-image relationship head: Linear(2) on the pooled [CLS]; the image's own
+    pooled vector is not read. Class 0 = aligned, as AlignmentHead (the official head's rows are
+    swapped on conversion: there 1 = the image's own caption)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.classifier = nn.Linear(config.hidden_size, 2)
+
+    def forward(self, pooled_text: torch.Tensor, pooled_image: torch.Tensor | None = None) -> torch.Tensor:
+        return self.classifier(pooled_text)  # (B, 2)
 
 
 # ---- losses -------------------------------------------------------------------------------
@@ -85,6 +111,18 @@ def masked_region_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.
     if valid is None:
         return kl.sum() / max(1, kl.shape[0])
     return (kl * valid).sum() / valid.sum().clamp(min=1)
+
+
+def soft_cross_entropy_loss(logits: torch.Tensor, target: torch.Tensor,
+                            valid: torch.Tensor | None = None) -> torch.Tensor:
+    """VL-BERT's masked-RoI classification loss: -sum_c target_c log softmax(logits)_c, averaged over the
+    given regions (the official `soft_cross_entropy`; it differs from the KL by the targets' entropy, a
+    constant). logits (N, C), target (N, C) a distribution per row, valid (N,) bool (None: all); 0 when
+    no row counts."""
+    ce = -(target.float() * F.log_softmax(logits.float(), dim=-1)).sum(-1)  # (N,)
+    if valid is None:
+        return ce.sum() / max(1, ce.shape[0])
+    return (ce * valid).sum() / valid.sum().clamp(min=1)
 
 
 def alignment_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

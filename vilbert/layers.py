@@ -117,14 +117,15 @@ class CoAttentionLayer(nn.Module):
 
 
 class Pooler(nn.Module):
-    """First position -> Linear -> ReLU (the official ViLBERT poolers)."""
+    """First position -> Linear -> ReLU (the official ViLBERT poolers) or tanh (BERT's, VL-BERT's)."""
 
-    def __init__(self, in_dim: int, out_dim: int):
+    def __init__(self, in_dim: int, out_dim: int, activation: str = "relu"):
         super().__init__()
         self.dense = nn.Linear(in_dim, out_dim)
+        self.activation = {"relu": F.relu, "tanh": torch.tanh}[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.dense(x[:, 0]))  # (B, out_dim)
+        return self.activation(self.dense(x[:, 0]))  # (B, out_dim)
 
 
 def key_padding_mask(mask: torch.Tensor | None) -> torch.Tensor | None:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .config import ViLBertConfig
-from .embeddings import ImageEmbeddings, TextEmbeddings
+from .embeddings import ImageEmbeddings, TextEmbeddings, VLBertEmbeddings
 from .layers import CoAttentionLayer, Pooler, TransformerLayer, key_padding_mask
 
 
@@ -21,6 +21,7 @@ class BackboneOutput:
     image: torch.Tensor  # (B, R, Dv) final visual hidden states, position 0 = [IMG]
     pooled_text: torch.Tensor  # (B, Dbi) h_CLS after the pooler
     pooled_image: torch.Tensor  # (B, Dbi) h_IMG after the pooler
+    end: torch.Tensor | None = None  # (B, D) VL-BERT's END element; None for ViLBERT
 
 
 def _text_layer(c: ViLBertConfig) -> TransformerLayer:
@@ -141,55 +142,54 @@ class ViLBertModel(nn.Module):
 
 
 class VLBertModel(nn.Module):
-    """VL-BERT-style single stream: [CLS] text [SEP] followed by the visual elements.
+    """VL-BERT (Su et al., ICLR 2020): one BERT stream over [CLS] text [SEP], the visual elements
+    (element 0 = the whole image) and an END token; embeddings in `VLBertEmbeddings`.
 
-    Every element's input is token + segment + position + visual feature embedding (seed notes on
-    VL-BERT): words get the whole-image ([IMG]) feature embedding, visual elements a learned [IMG]
-    token embedding, a visual segment embedding and their own region feature embedding (regions
-    have no sequence position). As in VL-BERT, each visual feature embedding passes a LayerNorm
-    whose gain starts at `visual_scale_*_init` (0: words start as plain BERT and do not drown in
-    the image feature; the gains are learned).
+    Outputs: text and visual hidden states, `pooled_text` = VL-BERT's pooler (BERT's, tanh) on [CLS],
+    `pooled_image` = the same pooler on the whole-image element (for the fused task heads; VL-BERT
+    itself pools only [CLS]), `end` = the END element's hidden state.
     """
 
     def __init__(self, config: ViLBertConfig):
         super().__init__()
         self.config = config
-        D, eps = config.hidden_size, config.layer_norm_eps
-        self.embeddings = TextEmbeddings(config)
-        self.image_embeddings = ImageEmbeddings(config, D, with_norm=False)
-        self.text_visual_norm = nn.LayerNorm(D, eps=eps)
-        self.region_visual_norm = nn.LayerNorm(D, eps=eps)
-        self.img_token = nn.Parameter(torch.zeros(D))
-        self.visual_segment = nn.Parameter(torch.zeros(D))
+        D = config.hidden_size
+        self.embeddings = VLBertEmbeddings(config)
         self.layers = nn.ModuleList(_text_layer(config) for _ in range(config.num_hidden_layers))
-        self.text_pooler = Pooler(D, config.bi_hidden_size)
-        self.image_pooler = Pooler(D, config.bi_hidden_size)
+        self.pooler = Pooler(D, D, activation="tanh")
 
     def post_init(self) -> None:
         """Called after the generic weight initialisation."""
-        nn.init.normal_(self.img_token, std=self.config.initializer_range)
-        nn.init.normal_(self.visual_segment, std=self.config.initializer_range)
-        nn.init.constant_(self.text_visual_norm.weight, self.config.visual_scale_text_init)
-        nn.init.constant_(self.region_visual_norm.weight, self.config.visual_scale_object_init)
+        self.embeddings.post_init()
 
-    def forward(self, input_ids, image_feat, image_loc, token_type_ids=None, attention_mask=None,
-                image_mask=None, task_ids=None) -> BackboneOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T) [CLS] text [SEP], padding at the end
+        image_feat: torch.Tensor,  # (B, R, F), element 0 = the whole image
+        image_loc: torch.Tensor,  # (B, R, 5)
+        token_type_ids: torch.Tensor | None = None,  # (B, T) text segments (0 = A, 1 = B)
+        attention_mask: torch.Tensor | None = None,  # (B, T)
+        image_mask: torch.Tensor | None = None,  # (B, R)
+        task_ids: torch.Tensor | None = None,  # VL-BERT has no task tokens: must be None
+        masked_regions: torch.Tensor | None = None,  # (B, R) bool, regions whose appearance is masked
+        text_only: torch.Tensor | None = None,  # (B,) bool, rows without an image
+    ) -> BackboneOutput:
+        if task_ids is not None:
+            raise ValueError("VL-BERT has no task-specific tokens: task_ids must be None")
         token_type_ids, attention_mask, image_mask = _default_inputs(
             input_ids, image_feat, token_type_ids, attention_mask, image_mask
         )
-        visual = self.image_embeddings.project(image_feat, image_loc)  # (B, R, D)
-        text = self.embeddings(input_ids, token_type_ids, task_ids, extra=self.text_visual_norm(visual[:, :1]))
-        if self.embeddings.task_embeddings is not None:
-            attention_mask = torch.cat([attention_mask[:, :1], attention_mask], dim=1)
-        image = self.region_visual_norm(visual) + self.img_token + self.visual_segment  # (B, R, D)
-        image = self.image_embeddings.dropout(self.embeddings.norm(image))
-        T = text.shape[1]
-        x = torch.cat([text, image], dim=1)  # (B, T+R, D)
-        mask = key_padding_mask(torch.cat([attention_mask.bool(), image_mask.bool()], dim=1))
+        text_mask, image_mask = attention_mask.bool(), image_mask.bool()
+        if text_only is not None:
+            image_mask = image_mask & ~text_only[:, None]
+        x, mask = self.embeddings(input_ids, token_type_ids, text_mask, image_feat, image_loc, image_mask,
+                                  masked_regions, text_only)  # (B, T+R+1, D)
+        mask = key_padding_mask(mask)
         for layer in self.layers:
             x = layer(x, mask)
-        text, image = x[:, :T], x[:, T:]
-        return BackboneOutput(text, image, self.text_pooler(text), self.image_pooler(image))
+        T, R = input_ids.shape[1], image_feat.shape[1]
+        text, image = x[:, :T], x[:, T:T + R]  # (B, T, D), (B, R, D)
+        return BackboneOutput(text, image, self.pooler(text), self.pooler(image), end=x[:, -1])
 
 
 def build_backbone(config: ViLBertConfig) -> nn.Module:

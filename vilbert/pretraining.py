@@ -12,9 +12,12 @@ from .heads import (
     AlignmentHead,
     MaskedLanguageHead,
     MaskedRegionHead,
+    RegionClassHead,
+    RelationshipHead,
     alignment_loss,
     masked_lm_loss,
     masked_region_loss,
+    soft_cross_entropy_loss,
 )
 from .model import BackboneOutput, build_backbone
 from .task_heads import TaskHeads
@@ -84,6 +87,33 @@ def default_capacity(positions: int, prob: float = 0.15) -> int:
     return min(positions, int(-(-k // 8) * 8))
 
 
+@dataclass
+class VLBertLosses:
+    loss: torch.Tensor  # () the sum of the three, VL-BERT's pretraining loss
+    mlm_captions: torch.Tensor  # () MLM with visual clues, over the caption rows' masked words
+    mlm_text_only: torch.Tensor  # () MLM over the text-only corpus rows' masked words
+    mrc: torch.Tensor  # () masked RoI classification with linguistic clues
+
+
+def vlbert_pretraining_losses(mlm_logits: torch.Tensor, mlm_labels: torch.Tensor, text_only: torch.Tensor,
+                              region_logits: torch.Tensor, region_targets: torch.Tensor,
+                              region_valid: torch.Tensor | None = None) -> VLBertLosses:
+    """VL-BERT's pretraining losses, as pretrain/modules/resnet_vlbert_for_pretraining_multitask.py
+    computes them with MLM_LOSS_NORM_IN_BATCH_FIRST and MVRC_LOSS_NORM_IN_BATCH_FIRST false (every
+    released config) and no sentence-image relationship loss: the mean cross-entropy over the masked
+    words of the caption rows and, separately, of the text-only rows, plus the soft cross-entropy to
+    the detector's class distribution averaged over the masked regions. The official code gives NaN
+    for a part with nothing masked; here it is 0.
+
+    mlm_logits (N, V) and mlm_labels (N,) at the predicted words (IGNORE_INDEX rows do not count),
+    text_only (N,) bool: whether each word's row is a text-only one; region_logits / region_targets
+    (M, C) at the masked regions, region_valid (M,) bool (None: all)."""
+    captions = masked_lm_loss(mlm_logits, mlm_labels.masked_fill(text_only, IGNORE_INDEX))
+    corpus = masked_lm_loss(mlm_logits, mlm_labels.masked_fill(~text_only, IGNORE_INDEX))
+    mrc = soft_cross_entropy_loss(region_logits, region_targets, region_valid)
+    return VLBertLosses(captions + corpus + mrc, captions, corpus, mrc)
+
+
 def init_weights(module: nn.Module, std: float) -> None:
     """BERT initialisation: N(0, std) for Linear/Embedding weights, zero biases, unit LayerNorm."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -105,13 +135,15 @@ class ViLBert(nn.Module):
         super().__init__()
         self.config = config
         self.backbone = build_backbone(config)
-        visual_dim = config.v_hidden_size if config.arch == "vilbert" else config.hidden_size
         self.mlm_head = MaskedLanguageHead(config, self.backbone.embeddings.word_embeddings)
-        self.region_head = MaskedRegionHead(config, visual_dim)
-        self.alignment_head = AlignmentHead(config)
+        if config.arch == "vlbert":  # VL-BERT's own heads
+            self.region_head, self.alignment_head = RegionClassHead(config), RelationshipHead(config)
+        else:
+            self.region_head = MaskedRegionHead(config, config.v_hidden_size)
+            self.alignment_head = AlignmentHead(config)
         self.task_heads = TaskHeads(config, task_heads)
         self.apply(lambda m: init_weights(m, config.initializer_range))
-        if hasattr(self.backbone, "post_init"):
+        if hasattr(self.backbone, "post_init"):  # VL-BERT's own initial values
             self.backbone.post_init()
 
     def num_parameters(self) -> int:
@@ -133,15 +165,21 @@ class ViLBert(nn.Module):
         task_ids: torch.Tensor | None = None,
         mask_loss_on_mismatch: bool = False,  # True = official "objective 0", False = "objective 1"
         masked_capacity: tuple[int, int] | None = None,  # fixed head rows (tokens, regions); see masked_index
+        masked_regions: torch.Tensor | None = None,  # VL-BERT: (B, R) bool, appearance replaced in the model
+        text_only: torch.Tensor | None = None,  # VL-BERT: (B,) bool, rows of a text-only corpus
         **_unused,
     ) -> PretrainingOutput:
-        out = self.backbone(input_ids, image_feat, image_loc, token_type_ids, attention_mask, image_mask, task_ids)
+        vlbert = {k: v for k, v in (("masked_regions", masked_regions), ("text_only", text_only)) if v is not None}
+        if vlbert and self.config.arch != "vlbert":
+            raise ValueError(f"{sorted(vlbert)} are VL-BERT inputs; this model is {self.config.arch!r}")
+        out = self.backbone(input_ids, image_feat, image_loc, token_type_ids, attention_mask, image_mask, task_ids,
+                            **vlbert)
         align_logits = self.alignment_head(out.pooled_text, out.pooled_image)  # (B, 2)
         if lm_labels is None or region_labels is None or region_targets is None or align_labels is None:
             return PretrainingOutput(out, align_logits, self.mlm_head(out.text), self.region_head(out.image))
 
         text = out.text
-        if self.backbone.embeddings.task_embeddings is not None:  # drop the task token
+        if getattr(self.backbone.embeddings, "task_embeddings", None) is not None:  # drop the task token
             text = torch.cat([text[:, :1], text[:, 2:]], dim=1)
         token_sel, region_sel = predicted_positions(lm_labels, region_labels, align_labels,
                                                     mask_loss_on_mismatch)  # (B, T), (B, R)

@@ -83,9 +83,17 @@ def test_bert_weights_land_and_text_stream_equals_bert(tmp_path, safe):
 
 def test_bert_weights_into_vlbert(tmp_path):
     model = ViLBert(text_config("vlbert", hidden_size=32, v_hidden_size=32, bi_hidden_size=32, intermediate_size=64))
-    report = load_bert_weights(model, tiny_bert_dir(tmp_path))
+    visual_row = model.backbone.embeddings.token_type_embeddings.weight[2].clone()
+    bert_dir = tiny_bert_dir(tmp_path)
+    report = load_bert_weights(model, bert_dir)
     assert any(k.startswith("backbone.layers.3.") for k in report.loaded)
-    assert "backbone.img_token" in report.missing
+    assert "backbone.embeddings.img_token" in report.missing and "backbone.embeddings.end_token" in report.missing
+    bert = BertForPreTraining.from_pretrained(str(bert_dir)).state_dict()
+    types = model.backbone.embeddings.token_type_embeddings.weight
+    assert torch.equal(types[:2], bert["bert.embeddings.token_type_embeddings.weight"])  # the text segments A, B
+    assert torch.equal(types[2], visual_row)  # VL-BERT's visual segment is its own
+    assert torch.equal(model.backbone.pooler.dense.weight, bert["bert.pooler.dense.weight"])  # the pooler is BERT's
+    assert "backbone.pooler.dense.bias" in report.loaded and "alignment_head.classifier.weight" in report.missing
 
 
 def test_bert_with_more_layers_than_the_text_stream_fails(tmp_path):

@@ -175,3 +175,34 @@ def test_compact_region_targets_equal_full_targets():
         none = model(**{**b, "region_labels": torch.zeros_like(b["region_labels"]),
                         "region_targets": compact[:0]}, masked_capacity=(8, 8))
     assert none.mrm_loss.item() == 0.0
+
+
+def test_vlbert_losses_equal_hand_computation():
+    """VL-BERT: word cross-entropy averaged over the masked words of caption rows and, apart, of
+    text-only rows; soft cross-entropy to the class distribution averaged over the masked regions."""
+    from vilbert.heads import soft_cross_entropy_loss
+    from vilbert.pretraining import vlbert_pretraining_losses
+
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0], [1.0, 1.0, 3.0], [0.5, 0.0, 0.0]])
+    labels = torch.tensor([0, 1, 2, IGNORE_INDEX])
+    text_only = torch.tensor([False, True, True, False])
+    region_logits = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, -1.0]])
+    targets = torch.tensor([[0.5, 0.5, 0.0], [0.1, 0.8, 0.1]])
+
+    def log_p(row, c):
+        return row[c].item() - math.log(sum(math.exp(v) for v in row.tolist()))
+
+    captions = -log_p(logits[0], 0)  # the only counted caption word
+    corpus = -(log_p(logits[1], 1) + log_p(logits[2], 2)) / 2
+    mrc = -sum(t * log_p(r, c) for r, row in zip(region_logits, targets) for c, t in enumerate(row.tolist())) / 2
+    got = vlbert_pretraining_losses(logits, labels, text_only, region_logits, targets)
+    for value, expected in [(got.mlm_captions, captions), (got.mlm_text_only, corpus), (got.mrc, mrc),
+                            (got.loss, captions + corpus + mrc)]:
+        assert abs(value.item() - expected) < 1e-6
+    # soft cross-entropy = KL + the targets' entropy; nothing counted gives 0, not NaN
+    entropy = -sum(t * math.log(t) for row in targets.tolist() for t in row if t > 0) / 2
+    assert abs(soft_cross_entropy_loss(region_logits, targets).item()
+               - masked_region_loss(region_logits, targets).item() - entropy) < 1e-6
+    assert soft_cross_entropy_loss(region_logits, targets, torch.tensor([False, False])).item() == 0.0
+    none = vlbert_pretraining_losses(logits, torch.full((4,), IGNORE_INDEX), text_only, region_logits[:0], targets[:0])
+    assert none.loss.item() == 0.0

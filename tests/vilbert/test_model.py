@@ -76,7 +76,11 @@ def test_output_shapes(arch):
     assert out.backbone.pooled_text.shape == out.backbone.pooled_image.shape == (3, cfg.bi_hidden_size)
     assert out.align_logits.shape == (3, 2)
     assert out.mlm_logits.shape == (3, 6, 50) and out.region_logits.shape == (3, 5, 7)
-    assert (out.backbone.pooled_text >= 0).all()  # ReLU poolers
+    if arch == "vilbert":
+        assert (out.backbone.pooled_text >= 0).all() and (out.backbone.pooled_image >= 0).all()  # ReLU poolers
+    else:  # VL-BERT's pooler is BERT's (tanh); its END element is an output too
+        assert out.backbone.pooled_text.abs().max() < 1 and (out.backbone.pooled_text < 0).any()
+        assert out.backbone.end.shape == (3, cfg.hidden_size)
 
 
 @pytest.mark.parametrize("arch", ["vilbert", "vlbert"])
