@@ -13,7 +13,8 @@ ERRORS_FILE = "errors.jsonl"  # one line per input the extractor rejected
 PRETRAINING_MEMBERS = ("json", "features.npy", "boxes.npy", "cls_prob.npy")  # a sample pretraining reads
 FINETUNING_MEMBERS = ("json", "features.npy", "boxes.npy")  # a sample the downstream tasks read
 # the sample-JSON fields that make up the feature recipe (two samples of different recipes never mix)
-RECIPE_FIELDS = ("detector", "weights_hash", "recipe", "mode", "min_boxes", "max_boxes", "conf_threshold", "proposals")
+RECIPE_FIELDS = ("detector", "weights_hash", "seed", "recipe", "precision", "mode", "min_boxes", "max_boxes",
+                 "conf_threshold", "proposals")
 
 
 def npy_bytes(array: np.ndarray) -> bytes:

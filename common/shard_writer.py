@@ -26,6 +26,8 @@ from typing import Dict, Optional, Set
 
 from .shard_format import ERRORS_FILE, SIZES_FILE
 
+SHARD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*-\d{6}\.tar$")  # a complete shard of any prefix
+
 
 @contextmanager
 def _locked(out_dir: Path):
@@ -117,6 +119,11 @@ class ShardWriter:
             self.done_keys |= keys
             sizes[name] = len(keys)
         self._update_sizes(sizes)
+        for path in self._other_prefixes_shards():  # a re-run under another --prefix: no duplicates
+            try:
+                self.done_keys |= shard_keys(path)
+            except (tarfile.TarError, OSError, EOFError):
+                pass  # its own writer sets it aside
         self.error_sources = read_error_sources(self.errors_path)
         own = [int(self.pattern.match(n).group(1)) for n in complete]
         own = [i for i in own if i % world_size == rank]
@@ -125,6 +132,11 @@ class ShardWriter:
     # ----- discovery -----------------------------------------------------------------------
     def _complete_shards(self) -> Dict[str, Path]:
         return {p.name: p for p in sorted(self.out_dir.iterdir()) if self.pattern.match(p.name)}
+
+    def _other_prefixes_shards(self) -> list:
+        """Complete shards of other prefixes in the folder (PREFIX-NNNNNN.tar): their samples are done too."""
+        return [p for p in sorted(self.out_dir.iterdir())
+                if SHARD_NAME.match(p.name) and not self.pattern.match(p.name) and p.is_file()]
 
     def _set_aside(self, path: Path, error: Exception) -> None:
         """A complete shard that cannot be read (damaged on disk, cut by a full disk elsewhere) is

@@ -42,6 +42,7 @@ class BottomUpDetector(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(config.pixel_mean_bgr).view(3, 1, 1),
                              persistent=False)
         self.weights_hash = "random-init"
+        self.random_seed = RANDOM_INIT_SEED
         self.channels_last = False
 
     def use_channels_last(self, enabled: bool = True) -> "BottomUpDetector":
@@ -90,6 +91,7 @@ class BottomUpDetector(nn.Module):
             draw("roi_heads.box_predictor.cls_score", predictor.cls_score.weight, 0.01)
             draw("roi_heads.box_predictor.bbox_pred", predictor.bbox_pred.weight, 0.001)
         self.weights_hash = "random-init"
+        self.random_seed = seed
 
     # ----- preprocessing -------------------------------------------------------------------
     def prepare(self, image: np.ndarray | torch.Tensor) -> Tuple[torch.Tensor, float]:

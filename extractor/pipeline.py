@@ -146,6 +146,12 @@ def _detect(detector: BottomUpDetector, pixels: List[np.ndarray], given):
     return results
 
 
+def precision_name(detector: BottomUpDetector) -> str:
+    """The autocast dtype the network runs in (--precision), as the recipe records it."""
+    dtype = getattr(detector, "autocast_dtype", None)
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+
+
 class RecipeMismatch(ValueError):
     """OUT already holds shards made with another detector, weights or selection settings."""
 
@@ -185,7 +191,10 @@ def run_extraction(detector: BottomUpDetector, records: List[InputRecord], write
                          "build it with RegionSelector.for_recipe(detector.config.recipe, ...)")
     todo, skipped, failed = _plan(records, writer)
     header = dict(detector=detector.config.name, weights_hash=detector.weights_hash,
-                  recipe=detector.config.recipe_name, mode="gt-boxes" if gt_boxes else "detected")
+                  recipe=detector.config.recipe_name, mode="gt-boxes" if gt_boxes else "detected",
+                  attributes=detector.config.use_attributes, precision=precision_name(detector))
+    if detector.weights_hash == "random-init":
+        header["seed"] = detector.random_seed
     if gt_boxes is None:
         header.update(min_boxes=selector.min_boxes, max_boxes=selector.max_boxes,
                       conf_threshold=selector.conf_threshold,

@@ -55,8 +55,10 @@ def read_caption_tsv(path: str) -> Dict[str, str]:
             caption, target = parts[0].strip(), parts[1].strip()
             if line_number == 1 and target.lower() in ("url", "filename", "file", "image"):
                 continue
-            target = target.split("?")[0]
-            name = os.path.basename(target) if "://" in target else Path(os.path.normpath(target)).as_posix()
+            if "://" in target:  # a URL's query is not part of its file name; a local 'what?.jpg' keeps its '?'
+                name = os.path.basename(target.split("?")[0])
+            else:
+                name = Path(os.path.normpath(target)).as_posix()
             captions[name] = caption
     return captions
 

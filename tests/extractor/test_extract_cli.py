@@ -548,3 +548,30 @@ def test_img2dataset_runs_in_subfolders_keep_apart_and_keep_their_fields(tmp_pat
     assert len(warning) == 1 and warning[0].startswith("warning: 2 of 4 img2dataset images")
     assert "256x256, originally 640x480" in warning[0] and "about 25 %" in warning[0]
     assert "--resize_mode no" in warning[0]
+
+
+def test_recipe_records_attributes_precision_and_seed_and_another_prefix_adds_no_duplicates(tmp_path):
+    images = write_images(tmp_path / "images", 3)
+    out = tmp_path / "out"
+    main([str(images), str(out), *TINY, "--seed", "7"])
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert (recipe["attributes"], recipe["precision"], recipe["seed"]) == (False, "fp32", 7)
+    from click import ClickException
+
+    for change, field in ((["--seed", "8"], "seed"), (["--precision", "bf16"], "precision"),
+                          (["--attributes"], "attributes")):
+        with pytest.raises(ClickException, match=f"{field}: "):
+            main([str(images), str(out), *TINY, "--seed", "7", *change])
+    again = main([str(images), str(out), *TINY, "--seed", "7", "--prefix", "more"])
+    assert (again["done"], again["skipped"]) == (0, 3) and sorted(read_shards(out)) == ["img000", "img001", "img002"]
+
+
+def test_a_local_file_name_with_a_question_mark_keeps_its_caption(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    make_image(64, 48).save(images / "what?.jpg")
+    make_image(64, 48, seed=1).save(images / "photo.jpg")
+    (tmp_path / "captions.tsv").write_text("what is it\twhat?.jpg\na photo\thttp://x.org/photo.jpg?size=large\n")
+    main([str(images), str(tmp_path / "out"), *TINY, "--captions", str(tmp_path / "captions.tsv")])
+    samples = read_shards(tmp_path / "out")
+    assert samples["what_"]["txt"] == "what is it" and samples["photo"]["txt"] == "a photo"
