@@ -348,16 +348,16 @@ def print_summary(s: dict) -> None:
               help="detector architecture (r101 is ~0.2 images/s on a 2-core CPU: use a GPU)")
 @click.option("--weights", type=click.Path(path_type=Path, exists=True), default=None,
               help="detector weights (.pkl / .bin, r101 config); default: random init")
-@click.option("--train-scenes", type=int, default=None, help="use the first N training scenes (default all)")
-@click.option("--test-scenes", type=int, default=None, help="use the first N held-out scenes (default all)")
-@click.option("--steps", type=int, default=2000, help="pretraining steps")
-@click.option("--batch-size", type=int, default=64, help="pretraining batch")
-@click.option("--lr", type=float, default=2e-3, help="pretraining peak learning rate")
-@click.option("--refer-steps", type=int, default=300, help="fine-tuning steps of the referring task")
+@click.option("--train-scenes", type=click.IntRange(min=1), default=None, help="use the first N training scenes (default all)")
+@click.option("--test-scenes", type=click.IntRange(min=1), default=None, help="use the first N held-out scenes (default all)")
+@click.option("--steps", type=click.IntRange(min=1), default=2000, help="pretraining steps")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, help="pretraining batch")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-3, help="pretraining peak learning rate")
+@click.option("--refer-steps", type=click.IntRange(min=0), default=300, help="fine-tuning steps of the referring task")
 @click.option("--device", default="auto", help="auto (cuda when available), cpu, cuda")
-@click.option("--threads", type=int, default=1,
+@click.option("--threads", type=click.IntRange(min=0), default=1,
               help="CPU threads per stage (1 is fastest for the tiny model); 0 = torch default")
-@click.option("--visualize", type=int, default=8, help="box previews and grounding pictures to draw")
+@click.option("--visualize", type=click.IntRange(min=0), default=8, help="box previews and grounding pictures to draw")
 @click.option("--control/--no-control", default=True,
               help="also evaluate an untrained model of the same shape (what pretraining adds)")
 @click.option("--seed", type=int, default=0)

@@ -182,3 +182,16 @@ def test_demo_never_deletes_what_it_did_not_make(tmp_path):
     with pytest.raises(click.ClickException, match="lies inside --out"):
         main(["--out", str(demo), "--data", str(demo / "data")])
     assert (demo / "data" / "annotations.json").exists()
+
+
+@pytest.mark.parametrize("option,value", [("--steps", "0"), ("--batch-size", "-4"), ("--train-scenes", "0"),
+                                          ("--lr", "0"), ("--visualize", "-1"), ("--threads", "-2")])
+def test_demo_refuses_sizes_out_of_range_before_doing_anything(tmp_path, option, value):
+    import click
+
+    from pipelines.demo import main
+
+    with pytest.raises(click.BadParameter) as refused:
+        main(["--out", str(tmp_path / "o"), option, value])
+    assert option in refused.value.format_message() and "range" in refused.value.format_message()
+    assert not (tmp_path / "o").exists()
