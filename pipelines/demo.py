@@ -348,8 +348,10 @@ def print_summary(s: dict) -> None:
               help="detector architecture (r101 is ~0.2 images/s on a 2-core CPU: use a GPU)")
 @click.option("--weights", type=click.Path(path_type=Path, exists=True), default=None,
               help="detector weights (.pkl / .bin, r101 config); default: random init")
-@click.option("--train-scenes", type=click.IntRange(min=1), default=None, help="use the first N training scenes (default all)")
-@click.option("--test-scenes", type=click.IntRange(min=1), default=None, help="use the first N held-out scenes (default all)")
+@click.option("--train-scenes", type=click.IntRange(min=1), default=None,
+              help="use the first N training scenes (default all)")
+@click.option("--test-scenes", type=click.IntRange(min=1), default=None,
+              help="use the first N held-out scenes (default all)")
 @click.option("--steps", type=click.IntRange(min=1), default=2000, help="pretraining steps")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, help="pretraining batch")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-3, help="pretraining peak learning rate")
