@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_suite.sh step            # training step side by side, big batch, CUDA graphs (estimated ~7 min)
 #   bash benchmarks/gpu_suite.sh extract loader demo  # extraction speed and bf16/fp16 drift, loader, and
 #                                                # the whole demo on the GPU: CLIs end to end, learning (estimated ~6 min)
+#   bash benchmarks/gpu_suite.sh downstream      # retrieval scoring (Flickr30k 1k x 5k projected), VQA fine-tuning step
 #   bash benchmarks/gpu_suite.sh                 # all parts (longer than one call allows)
 #
 # Writes into $OUT/gpu_suite-<parts>/ as it goes (so a call cut at its limit still returns what
@@ -17,7 +18,7 @@
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
-PARTS=${*:-step extract loader demo}
+PARTS=${*:-step extract loader demo downstream}
 LIMIT=${BENCH_TIMEOUT:-400}
 PYTHON=${PYTHON:-python3}
 WORK="$OUT/gpu_suite-$(echo "$PARTS" | tr ' ' '-')"
@@ -52,6 +53,11 @@ for part in $PARTS; do
       run extract-profile $PYTHON benchmarks/extract_benchmark.py --configs r101 --device cuda --batch-sizes 8 --precisions bf16 --images 16 --size 1000x600 --profile 30 --out "$WORK"
       run extract-precision $PYTHON benchmarks/extract_benchmark.py --configs r101 --device cuda --compare-precision bf16,fp16 --images 16 --size 1000x600 --out "$WORK"
       ;;
+    downstream)  # retrieval scoring (Flickr30k 1k x 5k projection) and the VQA fine-tuning step
+      run retrieval-eval $PYTHON benchmarks/retrieval_eval_benchmark.py --out "$WORK/retrieval_eval.json"
+      run retrieval-eval-b128 $PYTHON benchmarks/retrieval_eval_benchmark.py --batch-size 128 --captions 20 \
+        --images 1000 --full-captions 2 --out "$WORK/retrieval_eval_b128.json"
+      ;;
     loader)
       run loader $PYTHON benchmarks/loader_benchmark.py --workers 1 4 8 12 --batches 100 --out "$WORK"
       ;;
@@ -61,7 +67,7 @@ for part in $PARTS; do
       cp /tmp/gpu_suite_demo/summary.json /tmp/gpu_suite_demo/demo.log /tmp/gpu_suite_demo/train/metrics.csv "$WORK/" 2>/dev/null
       ;;
     *)
-      echo "unknown part: $part (step, extract, loader, demo)" >&2
+      echo "unknown part: $part (step, extract, loader, demo, downstream)" >&2
       exit 2
       ;;
   esac

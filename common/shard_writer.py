@@ -88,6 +88,22 @@ def _claim(path: Path):
     return handle
 
 
+def close_inherited_lock(identity: Optional[tuple]) -> None:
+    """In a process forked from a ShardWriter's (a DataLoader worker): close the inherited descriptor
+    of its lock, so that the lock goes with the writing process (a kill -9 of it frees OUT at once),
+    not with an orphaned child. Closing, unlike unlocking, leaves the parent's lock in place; a
+    descriptor that is not that same file (a spawned child) is left alone."""
+    if identity is None:
+        return
+    fd, device, inode = identity
+    try:
+        info = os.fstat(fd)
+    except OSError:
+        return
+    if (info.st_dev, info.st_ino) == (device, inode):
+        os.close(fd)
+
+
 class ShardWriter:
     def __init__(self, out_dir: str, prefix: str = "shard", shard_size: int = 1000,
                  rank: int = 0, world_size: int = 1):
@@ -128,6 +144,13 @@ class ShardWriter:
         own = [int(self.pattern.match(n).group(1)) for n in complete]
         own = [i for i in own if i % world_size == rank]
         self._next_index = max(own) + world_size if own else rank
+
+    def lock_identity(self) -> Optional[tuple]:
+        """(fd, device, inode) of this rank's lock file, for close_inherited_lock in a forked child."""
+        if self._claim is None or self._claim.closed:
+            return None
+        info = os.fstat(self._claim.fileno())
+        return self._claim.fileno(), info.st_dev, info.st_ino
 
     # ----- discovery -----------------------------------------------------------------------
     def _complete_shards(self) -> Dict[str, Path]:

@@ -32,6 +32,8 @@ def _check_prefix(prefix: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", prefix or ""):
         raise click.BadParameter(f"{prefix!r}: letters, digits, '_' and '-' only, not starting with '-' "
                                  "(it names the shard files inside OUT)")
+    if len(prefix) > 100:
+        raise click.BadParameter(f"{len(prefix)} characters: at most 100 (it names the shard files inside OUT)")
     return prefix
 
 
@@ -199,6 +201,7 @@ def extract(images, out, weights, config_name, attributes, recipe, backend, devi
     except (WeightsError, ImportError) as error:
         raise click.ClickException(str(error)) from error
     detector.autocast_dtype = PRECISIONS[precision]
+    detector.backend_name = backend
     records = split_for_rank(inputs, rank, world)
     before = folder_entries(out)
     try:

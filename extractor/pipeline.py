@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from common.names import safe_name
 from common.shard_format import RECIPE_FILE, npy_bytes
-from common.shard_writer import ShardWriter
+from common.shard_writer import ShardWriter, close_inherited_lock
 from extractor.detector import BottomUpDetector
 from extractor.gt_boxes import GroundTruthBoxes
 from extractor.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_image, pixel_tensor
@@ -152,6 +152,17 @@ def precision_name(detector: BottomUpDetector) -> str:
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
 
 
+class _WorkerInit:
+    """A decoding worker forked from the extraction lets go of OUT's lock (ShardWriter.lock_identity):
+    otherwise an orphaned worker of a killed run keeps it for seconds and the re-run is refused."""
+
+    def __init__(self, writer: ShardWriter):
+        self.lock = writer.lock_identity()  # (fd, device, inode), picklable for any start method
+
+    def __call__(self, worker_id: int) -> None:
+        close_inherited_lock(self.lock)
+
+
 class RecipeMismatch(ValueError):
     """OUT already holds shards made with another detector, weights or selection settings."""
 
@@ -192,7 +203,8 @@ def run_extraction(detector: BottomUpDetector, records: List[InputRecord], write
     todo, skipped, failed = _plan(records, writer)
     header = dict(detector=detector.config.name, weights_hash=detector.weights_hash,
                   recipe=detector.config.recipe_name, mode="gt-boxes" if gt_boxes else "detected",
-                  attributes=detector.config.use_attributes, precision=precision_name(detector))
+                  attributes=detector.config.use_attributes, precision=precision_name(detector),
+                  backend=getattr(detector, "backend_name", "torch"))
     if detector.weights_hash == "random-init":
         header["seed"] = detector.random_seed
     if gt_boxes is None:
@@ -203,6 +215,7 @@ def run_extraction(detector: BottomUpDetector, records: List[InputRecord], write
     names = load_class_names(settings.class_names, detector.config.num_classes) \
         if settings.preview else []
     loader = DataLoader(DecodingDataset(todo, settings.max_pixels), batch_size=settings.batch_size,
+                        worker_init_fn=_WorkerInit(writer),
                         num_workers=settings.workers, collate_fn=list)
     done, previews, started = 0, 0, time.time()
     bar = tqdm(total=len(todo), unit="img", disable=not settings.progress, desc="extract")
@@ -232,6 +245,12 @@ def run_extraction(detector: BottomUpDetector, records: List[InputRecord], write
                 result[0], result[1], width, height, None if gt_boxes is not None else selector)
             if len(boxes) == 0:
                 writer.log_error(record.key, record.source, "the detector proposed no regions")
+                failed += 1
+                continue
+            if not (np.isfinite(features).all() and np.isfinite(cls_prob).all()
+                    and (attr is None or np.isfinite(attr).all())):
+                writer.log_error(record.key, record.source, "the detector gave non-finite (NaN or inf) features or "
+                                 "class scores: broken weights, or an fp16 overflow (try --precision bf16 or fp32)")
                 failed += 1
                 continue
             writer.write(record.key, encode_sample(record, width, height, boxes, features,

@@ -128,9 +128,10 @@ def _tar_records(tar_path: Path, problems: Optional[List[Tuple[str, str]]] = Non
                     texts[stem] = archive.extractfile(member).read().decode("utf-8", "replace").strip()
                 elif extension == ".json":
                     try:
-                        metas[stem] = json.loads(archive.extractfile(member).read())
+                        meta = json.loads(archive.extractfile(member).read())
                     except ValueError:
-                        metas[stem] = {}
+                        meta = {}
+                    metas[stem] = meta if isinstance(meta, dict) else {}  # img2dataset writes an object
     except (tarfile.TarError, OSError, EOFError) as error:
         reason = (f"not a readable tar shard ({type(error).__name__}: {error}); "
                   f"the {len(order)} image(s) listed before the damage are still tried")
@@ -174,7 +175,10 @@ def img2dataset_fields(meta: Dict) -> Dict:
     kept = {}
     for name in IMG2DATASET_FIELDS:
         value = meta.get(name)
-        if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        if name.startswith("original_"):  # a size: a positive integer of a real image, nothing else
+            if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 1_000_000:
+                kept[name] = value
+        elif isinstance(value, str):
             kept["img2dataset_key" if name == "key" else name] = value
     return kept
 

@@ -1,12 +1,16 @@
 """`vilbert-eval`: fine-tune (optionally) and evaluate a ViLBERT model on a downstream task.
 
 Writes OUT/results.json (metrics per split + the run's settings), OUT/predictions_SPLIT.json,
-OUT/finetuned/ (our checkpoint format, when --train-steps > 0) and, for refcoco+ with
---visualize N, OUT/visualize/SPLIT/*.png.
+OUT/finetuned/ (the last fine-tuned weights, our checkpoint format), OUT/best/ (the weights of the
+best validated epoch), OUT/checkpoints/ (to resume: re-run the same command) and, for refcoco+ with
+--visualize N, OUT/visualize/SPLIT/*.png. Under torchrun (`torchrun --nproc_per_node 8 -m
+pipelines.eval_cli ...`) it fine-tunes with DDP and evaluates each split in shares; rank 0 writes.
 """
 from __future__ import annotations
 
 import logging
+import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -16,7 +20,9 @@ import torch
 from common.devices import check_device
 from common.outputs import writable_folder
 from pipelines.tasks import TASKS
-from pipelines.tasks.base import TaskOptions, autocast, finetune, log, write_json
+from pipelines.tasks.base import TaskOptions, autocast, log, write_json
+from pipelines.tasks.distributed import barrier
+from pipelines.train.trainer import resolve_device, setup_distributed
 
 # task-specific options, passed to the task in TaskOptions.extra
 TASK_OPTIONS = ("gt_features", "refs_file", "eval_on_gt", "hard_targets", "iou_rule", "visualize", "images",
@@ -53,6 +59,22 @@ def load_model(checkpoint, official_checkpoint, official_config, preset, device)
     return model.to(device), source
 
 
+class Epochs(click.ParamType):
+    """A positive number of epochs, or "official" (the task's vilbert_tasks.yml num_epoch)."""
+    name = "EPOCHS|official"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float) or value == "official":
+            return value
+        try:
+            epochs = float(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither a number nor 'official'", param, ctx)
+        if not epochs > 0 or epochs == float("inf"):
+            self.fail(f"{value} is not a positive number of epochs", param, ctx)
+        return epochs
+
+
 def check_fit(config, vocabulary: int, opts, source: str) -> None:
     """ValueError before any work if the tokenizer does not fit the model; a --max-seq-length beyond
     the model's positions is cut to them (texts are padded to the longest, so short ones never
@@ -72,7 +94,8 @@ def check_fit(config, vocabulary: int, opts, source: str) -> None:
               help="Annotation folder of the task (see docs/tasks.md for each layout).")
 @click.option("--features", type=click.Path(exists=True, file_okay=False), required=True,
               help="Region-feature shards from vilbert-extract, looked up by image id.")
-@click.option("--out", type=click.Path(file_okay=False), required=True, help="Output folder.")
+@click.option("--out", type=click.Path(file_okay=False), required=True,
+              help="Output folder; re-running the same command in it resumes the fine-tuning.")
 @click.option("--checkpoint", type=click.Path(exists=True, file_okay=False), help="Our checkpoint directory.")
 @click.option("--official-checkpoint", type=click.Path(exists=True, dir_okay=False),
               help="vilbert-multi-task / vilbert_beta pytorch_model.bin.")
@@ -82,18 +105,40 @@ def check_fit(config, vocabulary: int, opts, source: str) -> None:
               help="Start from a randomly initialised preset name or config JSON (smoke tests, baselines).")
 @click.option("--tokenizer", type=click.Path(exists=True), required=True,
               help="BERT tokenizer directory or vocab.txt (bert-base-uncased for the released models).")
+@click.option("--epochs", type=Epochs(), help="Fine-tune for this many passes over the training items; 'official' "
+              f"= the task's official count ({_per_task(lambda t: t.default_epochs)}). Default: evaluate only.")
 @click.option("--train-steps", type=click.IntRange(0), default=0,
-              help="Fine-tuning steps; 0 = evaluate only (zero-shot).")
-@click.option("--batch-size", type=click.IntRange(1), default=32,
-              help="Fine-tuning batch (retrieval: positives, x4 pairs; vcr: questions per sub-task, x4 choices, "
-                   "Q->A and QA->R each).")
+              help="Fine-tune for this many optimizer steps instead of --epochs; 0 = evaluate only (zero-shot).")
+@click.option("--batch-size", type=click.IntRange(1), show_default=False,
+              help="Items per optimizer step, all processes (retrieval: positives, x4 pairs; vcr: questions per "
+                   "sub-task, x4 choices, Q->A and QA->R each). Default: the official per-task value "
+                   f"({_per_task(lambda t: t.default_batch_size)}).")
+@click.option("--micro-batch-size", type=click.IntRange(1), show_default=False,
+              help="Items per forward pass and process; gradients are accumulated up to --batch-size "
+                   "(default: --batch-size / processes).")
 @click.option("--eval-batch-size", type=click.IntRange(1), default=128,
               help="Evaluation batch size (vcr: input rows, 8 per question).")
 @click.option("--lr", type=click.FloatRange(0, min_open=True),
               help="Peak learning rate (AdamW). Default: the official per-task value "
               f"({_per_task(lambda t: f'{t.default_lr:g}')}).")
-@click.option("--warmup", type=click.FloatRange(0, 1), default=0.1, help="Warmup fraction of --train-steps.")
+@click.option("--warmup", type=click.FloatRange(0, 1), default=0.1,
+              help="Linear warmup over this fraction of the steps, then linear decay to 0 (official 0.1).")
 @click.option("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases/LayerNorm).")
+@click.option("--val-split", show_default=False,
+              help="Validated after each epoch; the best epoch by the task's metric is kept in OUT/best and "
+                   "evaluated. 'none' = no validation. Default with --epochs: "
+              f"{_per_task(lambda t: t.val_split)}; with --train-steps: none.")
+@click.option("--save-every", type=click.IntRange(0), default=1000,
+              help="Save a resumable checkpoint every N steps (0: never), and after each epoch of --epochs and at "
+                   "the end.")
+@click.option("--keep-last", type=click.IntRange(1), default=2, help="Resumable checkpoints kept in OUT/checkpoints.")
+@click.option("--workers", type=click.IntRange(0), default=2,
+              help="DataLoader processes building batches, per process (0: a background thread).")
+@click.option("--compile/--no-compile", "compile_model", default=False,
+              help="torch.compile the fine-tuning step (first steps compile).")
+@click.option("--compile-mode",
+              type=click.Choice(["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]),
+              default="default", help="torch.compile mode; reduce-overhead = CUDA graphs.")
 @click.option("--max-seq-length", type=click.IntRange(3), help="Max tokens incl. [CLS]/[SEP]. Default: the official "
               f"per-task value ({_per_task(lambda t: getattr(t, 'shown_max_seq_length', t.default_max_seq_length))}).")
 @click.option("--max-regions", type=click.IntRange(2), default=101, help="Max visual positions incl. [IMG].")
@@ -101,7 +146,8 @@ def check_fit(config, vocabulary: int, opts, source: str) -> None:
               f"{_per_task(lambda t: '/'.join(t.default_splits))}.")
 @click.option("--task-token", type=int, help="Task token id for multi-task checkpoints (default: the "
               f"official id of the task: {_per_task(lambda t: getattr(t, 'shown_task_id', t.official_task_id))}).")
-@click.option("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available).")
+@click.option("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available; under torchrun "
+                                               "cuda is each process's LOCAL_RANK GPU).")
 @click.option("--seed", type=int, default=0, help="Random seed.")
 @click.option("--bf16", is_flag=True, help="bfloat16 autocast (CUDA only; ignored on CPU).")
 @click.option("--gt-boxes", "gt_features", type=click.Path(exists=True, file_okay=False),
@@ -135,29 +181,41 @@ def check_fit(config, vocabulary: int, opts, source: str) -> None:
 @click.option("--min-answer-count", type=click.IntRange(1), default=9,
               help="vqa: a built vocabulary keeps answers given by at least this many training questions.")
 @click.option("--train-split", default="train", help="vqa, gqa: split(s) used for fine-tuning, e.g. train,val.")
-@click.option("--save/--no-save", default=True, help="Save the fine-tuned model to OUT/finetuned.")
-def cli(task_name, checkpoint, official_checkpoint, official_config, init_preset, save, **kw):
+@click.option("--save/--no-save", default=True,
+              help="Save the last fine-tuned weights to OUT/finetuned; --no-save keeps no weights (OUT/checkpoints "
+                   "and OUT/best are removed when the run is done).")
+def cli(task_name, checkpoint, official_checkpoint, official_config, init_preset, save, compile_model, **kw):
     """Fine-tune and evaluate a model on a downstream task (--task; docs/tasks.md gives each
     task's data layout, metric and official numbers)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    try:
+        kw["device"] = check_device(kw["device"])
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    info = setup_distributed(kw["device"])
+    logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING, format="%(asctime)s %(message)s")
+    kw["device"] = str(resolve_device(kw["device"], info.local_rank))
     torch.manual_seed(kw["seed"])
     extra = {k: kw.pop(k) for k in TASK_OPTIONS}
     extra["soft_targets"] = not extra.pop("hard_targets")
     out = Path(kw.pop("out"))
+    if kw["epochs"] and kw["train_steps"]:
+        raise click.UsageError("give --epochs or --train-steps, not both")
+    if kw["val_split"] in ("none", ""):
+        kw["val_split"] = ""
     try:
-        kw["device"] = check_device(kw["device"])
         writable_folder(out, "--out")  # before any fine-tuning, not after it
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
-    opts = TaskOptions(data=Path(kw.pop("data")), features=Path(kw.pop("features")), out=out,
+    opts = TaskOptions(data=Path(kw.pop("data")), features=Path(kw.pop("features")), out=out, compile=compile_model,
                        tokenizer=Path(kw.pop("tokenizer")), splits=tuple(kw.pop("splits")), extra=extra, **kw)
-    train_steps, device = opts.train_steps, opts.device
     try:
         task = TASKS[task_name](opts)
-        if train_steps > 0:  # evaluation inputs checked before the fine-tuning, not after it
-            for split in opts.splits or task.default_splits:
+        fine_tune = bool(opts.train_steps or opts.epochs)
+        if fine_tune:  # evaluation inputs checked before the fine-tuning, not after it
+            checked = [*(opts.splits or task.default_splits), *([opts.val_split] if opts.val_split else [])]
+            for split in dict.fromkeys(checked):
                 task.eval_inputs(split)
-        model, source = load_model(checkpoint, official_checkpoint, official_config, init_preset, device)
+        model, source = load_model(checkpoint, official_checkpoint, official_config, init_preset, opts.device)
         check_fit(model.config, len(task.tokenizer), task.opts, source)
         width = task.store.feature_size()
         if width != model.config.v_feature_size:
@@ -165,32 +223,69 @@ def cli(task_name, checkpoint, official_checkpoint, official_config, init_preset
                              f"{model.config.v_feature_size} (v_feature_size of {source}); extract them with "
                              "the detector the model was pretrained on")
         task.prepare(model)
-        model.to(device)
+        model.to(opts.device)
         t0 = time.time()
-        losses = finetune(model, task, opts)
-        k = max(1, len(losses) // 10)
-        results = {"task": task_name, "model": source, "train_steps": train_steps, "splits": {},
-                   "train_loss_first": sum(losses[:k]) / k if losses else None,  # mean of the first 10% of steps
-                   "train_loss_last": sum(losses[-k:]) / k if losses else None}  # and of the last 10%
-        if losses and save:
-            from vilbert import save_pretrained
-
-            save_pretrained(model, out / "finetuned", {"task": task_name, "train_steps": train_steps, "from": source})
+        results = {"task": task_name, "model": source, "train_steps": 0, "splits": {}, "train_loss_first": None,
+                   "train_loss_last": None}
+        if fine_tune:
+            results.update(fine_tune_model(model, task, opts, info, source, save))
         for split in opts.splits or task.default_splits:
             with autocast(opts):
                 metrics, preds = task.evaluate(model, split)
             results["splits"][split] = metrics
-            write_json(out / f"predictions_{split}.json", preds)
-            click.echo(f"{task_name} {split}: " + ", ".join(
-                f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+            if info.is_main:
+                write_json(out / f"predictions_{split}.json", preds)
+                click.echo(f"{task_name} {split}: " + ", ".join(
+                    f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
         results["seconds"] = round(time.time() - t0, 1)
-        write_json(out / "results.json", results)
-    except (FileNotFoundError, ValueError, KeyError) as e:
+        if info.is_main:
+            write_json(out / "results.json", results)
+            if fine_tune and not save:  # --no-save keeps no weights: the run's are dropped once it is done
+                for folder in ("checkpoints", "best"):
+                    shutil.rmtree(out / folder, ignore_errors=True)
+    except (FileNotFoundError, ValueError, KeyError, FloatingPointError) as e:
         raise click.ClickException(str(e.args[0] if isinstance(e, KeyError) and e.args else e)) from e
+    return results
+
+
+def fine_tune_model(model, task, opts, info, source: str, save: bool) -> dict:
+    """Fine-tune (resuming from OUT/checkpoints), save OUT/finetuned, and leave the model holding
+    the weights that are evaluated: the best validated epoch's (OUT/best), else the last ones."""
+    from pipelines.tasks.finetune import FineTuner
+    from pipelines.train.checkpoints import save_model_dir
+    from vilbert import load_pretrained
+
+    tuner = FineTuner(model, task, opts, info, torch.device(opts.device))
+    tuner.resume()
+    run = tuner.run()
+    losses, plan = run["losses"], run["plan"]
+    k = max(1, len(losses) // 10)
+    results = {"train_steps": plan["total_steps"], "epochs": round(plan["total_steps"] / plan["steps_per_epoch"], 4),
+               "batch_size": plan["batch"], "processes": plan["world"],
+               "train_loss_first": sum(losses[:k]) / k,  # mean of the first 10% of steps
+               "train_loss_last": sum(losses[-k:]) / k,  # and of the last 10%
+               "history": run["history"], "best": run["best"], "evaluated": "last"}
+    if save and info.is_main:
+        save_model_dir(model, Path(opts.out) / "finetuned",
+                       {"task": task.name, "train_steps": plan["total_steps"], "from": source})
+    if run["best"] is not None:
+        barrier()  # OUT/best is written by rank 0
+        model.load_state_dict(load_pretrained(Path(opts.out) / "best", map_location=opts.device).state_dict())
+        results["evaluated"] = f"best: epoch {run['best']['epoch']:g}, {run['best']['split']} " \
+                               f"{run['best']['metric']} {run['best']['value']:.4f}"
+    model.eval()
     return results
 
 
 def main(argv=None):
     """As every CLI's: with argv, returns the results (a mistake raises click's exception); without,
     reads sys.argv and exits with the status."""
-    return cli.main(args=argv, prog_name="vilbert-eval", standalone_mode=argv is None)
+    try:
+        return cli.main(args=argv, prog_name="vilbert-eval", standalone_mode=argv is None)
+    finally:  # under torchrun: a process group left to the interpreter's exit can abort the process
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

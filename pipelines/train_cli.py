@@ -19,7 +19,8 @@ from common.devices import check_device
 from common.outputs import disk_full, is_disk_full, writable_folder
 
 from .data.loader import DataConfig, NoUsableSamples, PretrainingData, PretrainingLoader, make_loader
-from .data.shards import RecipeMismatch, expand_shards, refuse_without_class_targets
+from .data.shards import ErrorCounter, RecipeMismatch, expand_shards, refuse_without_class_targets
+from .data.text_corpus import SEQ_LEN, TEXT_RATIO, TextCorpus, TextMixer, TextStream, expand_text_corpus
 from .train.checkpoints import list_checkpoints
 from .train.trainer import TrainConfig, Trainer
 
@@ -71,8 +72,17 @@ OPTS = dict(show_default=True)
               help="local BERT directory initialising the text stream (random init if absent)")
 @click.option("--tokenizer", type=click.Path(path_type=Path, exists=True), default=None,
               help="tokenizer directory or vocab.txt (default: --bert)")
-@click.option("--objective", type=click.IntRange(0, 2), default=1,
-              help="0: masked losses on mismatched pairs too; 1: not (official pretraining); 2: no negatives", **OPTS)
+@click.option("--objective", type=click.Choice(["0", "1", "2", "vlbert"]), default=None,
+              help="ViLBERT's (arch vilbert; default 1): 0: masked losses on mismatched pairs too; 1: not (official "
+                   "pretraining); 2: no negatives. vlbert: VL-BERT's (arch vlbert; its default): MLM, masked-RoI "
+                   "classification, no relationship loss")
+@click.option("--text-corpus", default=None, metavar="PATTERN",
+              help="objective vlbert: UTF-8 text files ('corpus/*.txt', a directory) trained with MLM in the same "
+                   "run, as VL-BERT's general_corpus")
+@click.option("--text-ratio", type=click.FloatRange(0, min_open=True), default=TEXT_RATIO,
+              help="text-only rows per caption row (official: 1, a batch of each per step)", **OPTS)
+@click.option("--text-seq-len", type=click.IntRange(1), default=SEQ_LEN,
+              help="WordPiece tokens per text-only row (official 64)", **OPTS)
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-4, **OPTS)
 @click.option("--bert-lr-scale", type=float, default=0.1,
               help="learning-rate factor for BERT-initialised weights", **OPTS)
@@ -117,12 +127,14 @@ OPTS = dict(show_default=True)
 @click.option("--eval-shards", default=None,
               help="shards for a held-out pass at the end (losses and accuracies -> OUT/eval.json)")
 @click.option("--seed", type=int, default=0, **OPTS)
-def cli(shards, out, preset, arch, overrides, bert, tokenizer, objective, lr, bert_lr_scale, weight_decay, warmup,
-        batch_size, micro_batch_size, epochs, samples_per_epoch, max_steps, clip_grad, precision, compile_model,
+def cli(shards, out, preset, arch, overrides, bert, tokenizer, objective, text_corpus, text_ratio, text_seq_len, lr,
+        bert_lr_scale, weight_decay, warmup, batch_size, micro_batch_size, epochs, samples_per_epoch, max_steps,
+        clip_grad, precision, compile_model,
         compile_mode, profile_steps, device, workers, shuffle_buffer, max_seq_len, max_regions, allow_mixed_recipes,
         save_every, keep_last, log_every, nan_policy, resume_from, eval_shards, seed):
     """Pretrain on SHARDS (a directory, a brace pattern such as 'cc-{000000..000331}.tar', or a
-    pipe: URL) with masked language modelling, masked region modelling and image-caption alignment."""
+    pipe: URL): ViLBERT's masked language modelling, masked region modelling and image-caption alignment,
+    or VL-BERT's masked language modelling (captions and --text-corpus) and masked RoI classification."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     tokenizer = tokenizer or bert
     if tokenizer is None:
@@ -138,8 +150,10 @@ def cli(shards, out, preset, arch, overrides, bert, tokenizer, objective, lr, be
     model_overrides = _parse_overrides(overrides)
     if arch:
         model_overrides["arch"] = arch
+    objective = None if objective is None else (objective if objective == "vlbert" else int(objective))
     data_cfg = DataConfig(shards=shards, tokenizer=str(tokenizer), batch_size=micro_batch_size, max_seq_len=max_seq_len,
-                          max_regions=max_regions, objective=objective, samples_per_epoch=samples_per_epoch,
+                          max_regions=max_regions, objective=1 if objective is None else objective,  # set below
+                          samples_per_epoch=samples_per_epoch,
                           shuffle_buffer=shuffle_buffer, num_workers=workers, allow_mixed_recipes=allow_mixed_recipes,
                           # on a GPU, features travel as float16 (half the bytes) and are cast there
                           half_features=device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()))
@@ -157,13 +171,25 @@ def cli(shards, out, preset, arch, overrides, bert, tokenizer, objective, lr, be
         out=out, preset=preset, model_overrides=model_overrides, bert=bert, objective=objective, lr=lr,
         bert_lr_scale=bert_lr_scale, weight_decay=weight_decay, warmup=warmup, batch_size=batch_size,
         micro_batch_size=micro_batch_size, epochs=epochs, samples_per_epoch=samples_per_epoch, max_steps=max_steps,
-        clip_grad=clip_grad, precision=precision, compile=compile_model,
+        clip_grad=clip_grad, precision=precision, compile=compile_model, text_corpus=text_corpus,
+        text_ratio=text_ratio if text_corpus else None, text_seq_len=text_seq_len if text_corpus else None,
         compile_mode=compile_mode, profile_steps=profile_steps, save_every=save_every, keep_last=keep_last,
         log_every=log_every, nan_policy=nan_policy, seed=seed, device=device,
     )
     with user_errors():
         trainer = Trainer(train_cfg, recipe=data.recipe)
     config = trainer.model.config
+    data_cfg.objective = trainer.cfg.objective  # resolved for the architecture
+    corpus_errors, corpus = ErrorCounter(), None
+    if text_corpus:
+        if trainer.cfg.objective != "vlbert":
+            raise click.ClickException(f"--text-corpus is VL-BERT's (objective vlbert); this run's objective is "
+                                       f"{trainer.cfg.objective}")
+        if text_seq_len + 2 > config.max_position_embeddings:
+            raise click.ClickException(f"--text-seq-len {text_seq_len} + 2 is longer than the model's "
+                                       f"max_position_embeddings {config.max_position_embeddings}")
+        with user_errors():
+            corpus = TextCorpus(expand_text_corpus(text_corpus), corpus_errors)
     if data.tokenizer.vocab_size > config.vocab_size:
         raise click.ClickException(f"--tokenizer has {data.tokenizer.vocab_size} tokens, the model reads "
                                    f"{config.vocab_size} (--set vocab_size or --bert)")
@@ -187,9 +213,14 @@ def cli(shards, out, preset, arch, overrides, bert, tokenizer, objective, lr, be
                                        f"{data.recipe}; pass --allow-mixed-recipes to continue anyway")
     data_cfg.seed = _stream_seed(seed, trainer.step)  # read when the pipeline is built, below
     loader = PretrainingLoader(data)  # the shards, recipe and tokenizer checked above, not read again
+    batches = loader.forever()
+    if corpus is not None:  # every text row a function of (seed, row): resumes at the row the step reached
+        stream = TextStream(corpus, data.tokenizer, text_seq_len, seed=seed, rank=trainer.dist.rank,
+                            world_size=trainer.dist.world_size)
+        batches = TextMixer(stream, text_ratio, start=trainer.step * trainer.accumulation)(batches)
     first_step, skipped_before = trainer.step, trainer.skipped
     try:
-        last = trainer.fit(loader.forever(), samples_per_epoch=loader.samples_per_epoch)
+        last = trainer.fit(batches, samples_per_epoch=loader.samples_per_epoch)
     except OSError as error:
         if not is_disk_full(error):
             raise
@@ -200,6 +231,7 @@ def cli(shards, out, preset, arch, overrides, bert, tokenizer, objective, lr, be
         reason = reason.rsplit(f"{name}: ", 1)[-1].strip() if "Traceback" in reason else reason
         raise click.ClickException(f"{shards}: {reason}") from error
     errors = loader.error_counts()
+    errors["unreadable_text_files"] = corpus_errors.counts()["unreadable_text_files"]
     steps, skipped = trainer.step - first_step, trainer.skipped - skipped_before
     if trainer.dist.is_main:
         if any(errors.values()):
@@ -210,7 +242,10 @@ def cli(shards, out, preset, arch, overrides, bert, tokenizer, objective, lr, be
         if last:
             click.echo(f"step {trainer.step}: loss {last['loss']:.4f}, "
                        f"alignment accuracy {last['align_accuracy']:.3f}, "
-                       f"MLM accuracy {last['mlm_accuracy']:.3f}")
+                       f"MLM accuracy {last['mlm_accuracy']:.3f}"
+                       + "".join(f", {name} {last[key]:.3f}" for key, name in (
+                           ("mlm_text_accuracy", "text-only MLM accuracy"), ("mrc_accuracy", "masked-RoI accuracy"))
+                           if key in last))
     if steps and skipped * 2 > steps:  # the checkpoint is saved, but this run did not train
         raise click.ClickException(f"{skipped} of {steps} updates were skipped (non-finite loss or gradient): "
                                    "check the data (NaN or infinite features) and the learning rate")

@@ -339,9 +339,11 @@ def exit_status(main, argv: list) -> int:
 
 
 def run_cli(task: str, d: dict, out: Path, *extra) -> int:
-    """vilbert-eval on a dataset dict (root, data, vocab) -> exit status."""
+    """vilbert-eval on a dataset dict (root, data, vocab) -> exit status. Batches are built in a
+    thread (--workers 0: on a small CPU, worker processes cost more than these tiny batches), unless
+    `extra` says otherwise (the last --workers counts)."""
     from pipelines.eval_cli import main
 
     args = ["--task", task, "--data", str(d["data"]), "--features", str(d["root"] / "features"),
-            "--out", str(out), "--tokenizer", str(d["vocab"]), "--device", "cpu", *extra]
+            "--out", str(out), "--tokenizer", str(d["vocab"]), "--device", "cpu", "--workers", "0", *extra]
     return exit_status(main, args)

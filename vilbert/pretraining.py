@@ -1,7 +1,7 @@
 """`ViLBert`: a backbone with the three pretraining heads, optional task heads, and the losses."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -35,6 +35,12 @@ class PretrainingOutput:
     mlm_loss: torch.Tensor | None = None
     mrm_loss: torch.Tensor | None = None
     align_loss: torch.Tensor | None = None
+    # objective "vlbert" only: the text-only rows' MLM loss, whether each predicted word is in a
+    # text-only row (N,), and the masked regions' targets (M, C) and validity (M,) for accuracies
+    mlm_text_loss: torch.Tensor | None = None
+    mlm_text_only: torch.Tensor | None = None
+    region_targets: torch.Tensor | None = None
+    region_valid: torch.Tensor | None = None
 
 
 def predicted_positions(lm_labels: torch.Tensor, region_labels: torch.Tensor, align_labels: torch.Tensor,
@@ -167,11 +173,16 @@ class ViLBert(nn.Module):
         masked_capacity: tuple[int, int] | None = None,  # fixed head rows (tokens, regions); see masked_index
         masked_regions: torch.Tensor | None = None,  # VL-BERT: (B, R) bool, appearance replaced in the model
         text_only: torch.Tensor | None = None,  # VL-BERT: (B,) bool, rows of a text-only corpus
+        objective: str = "vilbert",  # "vlbert": VL-BERT's losses (vlbert_pretraining_losses), no alignment loss
         **_unused,
     ) -> PretrainingOutput:
         vlbert = {k: v for k, v in (("masked_regions", masked_regions), ("text_only", text_only)) if v is not None}
         if vlbert and self.config.arch != "vlbert":
             raise ValueError(f"{sorted(vlbert)} are VL-BERT inputs; this model is {self.config.arch!r}")
+        if objective == "vlbert" and self.config.arch != "vlbert":
+            raise ValueError(f"objective 'vlbert' is VL-BERT's; this model is {self.config.arch!r}")
+        if objective not in ("vilbert", "vlbert"):
+            raise ValueError(f"objective must be 'vilbert' or 'vlbert', got {objective!r}")
         out = self.backbone(input_ids, image_feat, image_loc, token_type_ids, attention_mask, image_mask, task_ids,
                             **vlbert)
         align_logits = self.alignment_head(out.pooled_text, out.pooled_image)  # (B, 2)
@@ -194,6 +205,22 @@ class ViLBert(nn.Module):
         mlm_logits = self.mlm_head(gather_rows(text, token_idx))  # (N, V)
         region_logits = self.region_head(gather_rows(out.image, region_idx))  # (M, C)
 
+        if objective == "vlbert":
+            rows = token_idx // lm_labels.shape[1]  # (N,) the row of each predicted word
+            words_text_only = (text_only[rows] if text_only is not None
+                               else torch.zeros_like(rows, dtype=torch.bool))
+            targets = masked_targets(region_targets, region_labels, region_idx)  # (M, C)
+            parts = vlbert_pretraining_losses(mlm_logits, mlm_labels, words_text_only, region_logits, targets,
+                                              region_ok)
+            # no relationship loss, so the pooler and relationship head are not trained: their outputs are
+            # returned detached (DDP then counts those parameters unused instead of waiting for their gradients)
+            out = replace(out, pooled_text=out.pooled_text.detach(), pooled_image=out.pooled_image.detach())
+            return PretrainingOutput(
+                out, align_logits.detach(), mlm_logits, region_logits, mlm_labels, loss=parts.loss,
+                mlm_loss=parts.mlm_captions, mrm_loss=parts.mrc, align_loss=torch.zeros_like(parts.loss),
+                overflow=token_over + region_over, mlm_text_loss=parts.mlm_text_only, mlm_text_only=words_text_only,
+                region_targets=targets, region_valid=region_ok,
+            )
         mlm = masked_lm_loss(mlm_logits, mlm_labels)
         mrm = masked_region_loss(region_logits, masked_targets(region_targets, region_labels, region_idx), region_ok)
         align = alignment_loss(align_logits, align_labels)

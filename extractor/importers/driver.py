@@ -86,7 +86,7 @@ def optional(item: Dict, *names: str):
 def as_int(value, name: str) -> int:
     try:
         number = int(np.asarray(value).item()) if not isinstance(value, (str, bytes)) else int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an infinite float
         raise BadRecord(f"{name} {value!r:.40} is not an integer") from None
     return number
 
@@ -236,7 +236,7 @@ class Captions:
     def get(self, image_id: str) -> Optional[str]:
         if image_id in self.by_name:
             return self.by_name[image_id]
-        return self.by_number.get(int(image_id)) if image_id.isdigit() else None
+        return self.by_number.get(int(image_id)) if image_id.isascii() and image_id.isdigit() else None
 
 
 # ----- the loop -----------------------------------------------------------------------------------

@@ -15,6 +15,12 @@ Batch contract (a dict; B = batch, T = max_seq_len, R = max_regions, F = feature
                                loss reads, an eighth of the bytes of all (B, R+1, C)
   align_labels (B,) long       0 = the image's own caption, 1 = another sample's caption
   keys list[str]
+Objective "vlbert" (VL-BERT's pretraining) differs: no negatives (align_labels all 0), region
+features are not zeroed but
+  masked_regions (B, R+1) bool  masked regions whose feature the model replaces by its mask vector
+                               (90 % of region_labels == 1), and the [IMG] element is the mean of
+                               the real regions less these (masking.vlbert_image_weights)
+plus, with a text-only corpus mixed in (pipelines/data/text_corpus.py), text_only (B,) bool.
 """
 from __future__ import annotations
 
@@ -25,7 +31,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .masking import IGNORE_INDEX, image_token_weights, mask_regions, mask_text
+from .masking import (
+    IGNORE_INDEX,
+    image_token_weights,
+    mask_corpus_text,
+    mask_regions,
+    mask_text,
+    vlbert_image_weights,
+)
 from .samples import RegionSample
 from .tokenization import CaptionTokenizer
 
@@ -33,6 +46,7 @@ OBJECTIVES = {
     0: "negatives keep their masked-token and masked-region labels",
     1: "negatives are masked alike but carry no MLM/MRM labels (official pretraining setting)",
     2: "no negatives (every caption is the image's own)",
+    "vlbert": "VL-BERT's: no negatives, masked regions replaced in the model, [IMG] without the replaced ones",
 }
 NEGATIVE_PROB = 0.5
 
@@ -89,11 +103,11 @@ class BatchBuilder:
     worker: half the bytes to move between processes; PretrainingLoader casts them to float32
     in the main process unless DataConfig.half_features asks to keep them (cast on the GPU)."""
 
-    def __init__(self, tokenizer: CaptionTokenizer, max_regions: int = 36, objective: int = 1,
+    def __init__(self, tokenizer: CaptionTokenizer, max_regions: int = 36, objective: int | str = 1,
                  seed: int | None = None, deterministic: bool = False, pool_size: int = 1024,
                  half_output: bool = False):
         if objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {sorted(OBJECTIVES)}, got {objective}")
+            raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
         self.tokenizer, self.max_regions, self.objective = tokenizer, max_regions, objective
         self.seed, self.deterministic, self.half_output = seed, deterministic, half_output
         self.pool = CaptionPool(pool_size)
@@ -117,7 +131,7 @@ class BatchBuilder:
             self.pool.add(s.key, s.caption)
         captions = [s.caption for s in samples]
         align = np.zeros(len(samples), dtype=np.int64)
-        if self.objective == 2:
+        if self.objective in (2, "vlbert"):
             return captions, align
         for b in np.flatnonzero(rng.random(len(samples)) < NEGATIVE_PROB):
             other = self.pool.draw(rng, samples[b].key, samples[b].caption)
@@ -141,8 +155,12 @@ class BatchBuilder:
         return batch
 
     def text_arrays(self, captions: list[str], rng: np.random.Generator) -> dict:
-        ids, lengths = self.tokenizer(captions)  # (B, T), (B,)
-        masked, lm_labels = mask_text(ids, lengths, rng, self.tokenizer.mask_id, self.tokenizer.vocab_size)
+        if self.objective == "vlbert":  # whole words, as conceptual_captions.py's random_word_wwm
+            ids, lengths, words = self.tokenizer(captions, words=True)  # (B, T), (B,), (B, T)
+            masked, lm_labels = mask_corpus_text(ids, words, rng, self.tokenizer.mask_id, self.tokenizer.vocab_size)
+        else:
+            ids, lengths = self.tokenizer(captions)  # (B, T), (B,)
+            masked, lm_labels = mask_text(ids, lengths, rng, self.tokenizer.mask_id, self.tokenizer.vocab_size)
         return {"input_ids": masked, "token_type_ids": np.zeros_like(ids),
                 "attention_mask": (np.arange(ids.shape[1])[None] < lengths[:, None]).astype(np.int64),
                 "lm_labels": lm_labels}
@@ -207,8 +225,11 @@ class BatchBuilder:
         loc[:, 0] = (0, 0, 1, 1, 1)
         loc[:, 1:] = region_locations(boxes, np.array([s.size for s in samples])) * real[..., None]
         masked, zeroed = mask_regions(counts, R, rng)  # (B, R) each
-        weights = torch.from_numpy(image_token_weights(masked, real, boxes).astype(np.float32))[:, None]  # (B, 1, R)
-        feat[:, 1:][zeroed] = 0
+        vlbert = self.objective == "vlbert"  # the model replaces the features; the mean leaves them out
+        weights = vlbert_image_weights(zeroed, real) if vlbert else image_token_weights(masked, real, boxes)
+        weights = torch.from_numpy(weights.astype(np.float32))[:, None]  # (B, 1, R)
+        if not vlbert:
+            feat[:, 1:][zeroed] = 0
         if half:
             regions = self._float_regions(B, F).copy_(feat_out[:, 1:])
         else:
@@ -217,5 +238,8 @@ class BatchBuilder:
         feat_out[:, 0] = torch.bmm(weights, regions)[:, 0]  # [IMG] (B, F), the mean in float32
         image_mask = np.concatenate([np.ones((B, 1), bool), real], axis=1)
         region_labels = np.concatenate([np.zeros((B, 1), bool), masked], axis=1)
-        return {"image_feat": feat_out, "image_loc": loc, "image_mask": image_mask.astype(np.int64),
-                "region_labels": region_labels.astype(np.int64)}
+        out = {"image_feat": feat_out, "image_loc": loc, "image_mask": image_mask.astype(np.int64),
+               "region_labels": region_labels.astype(np.int64)}
+        if vlbert:
+            out["masked_regions"] = np.concatenate([np.zeros((B, 1), bool), zeroed], axis=1)
+        return out

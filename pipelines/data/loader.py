@@ -40,7 +40,7 @@ class DataConfig:
     batch_size: int = 64  # samples per batch and process
     max_seq_len: int = 36
     max_regions: int = 36
-    objective: int = 1  # 0, 1 or 2, see batching.OBJECTIVES
+    objective: int | str = 1  # 0, 1, 2 or "vlbert", see batching.OBJECTIVES
     samples_per_epoch: int = 0  # training; 0: the sum of sizes.json
     shuffle_buffer: int = 1000  # samples per worker (about 0.27 MB each with 36 regions)
     caption_pool: int = 1024  # recent captions per worker to draw negatives from

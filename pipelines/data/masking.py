@@ -1,7 +1,9 @@
 """Vectorised pretraining masks for a whole batch, as the official ViLBERT Conceptual Captions
 loader draws them per sample: text 15% (80% [MASK], 10% random token, 10% kept), regions 15%
 (90% zeroed, 10% kept), and the [IMG] token as the mean of the regions that are neither masked
-nor overlapping a masked region (IoU > 0.4)."""
+nor overlapping a masked region (IoU > 0.4). VL-BERT's (`--objective vlbert`): the same draws, the
+whole-image element averaged over the regions whose feature is kept (`vlbert_image_weights`), and
+whole-word masking of captions and text-only corpus rows (`mask_corpus_text`)."""
 from __future__ import annotations
 
 import numpy as np
@@ -68,3 +70,32 @@ def image_token_weights(masked: np.ndarray, real: np.ndarray, boxes: np.ndarray,
     kept = real & ~masked & ~near_masked
     count = kept.sum(axis=1, keepdims=True)  # (B, 1)
     return kept / np.maximum(count, 1)
+
+
+def vlbert_image_weights(replaced: np.ndarray, real: np.ndarray, eps: float = 1e-5) -> np.ndarray:
+    """VL-BERT's whole-image element (pretrain/data/datasets/conceptual_captions.py, precomputed
+    features, ADD_IMAGE_AS_A_BOX): the sum of the real regions' features less the replaced ones
+    (mvrc_ops == 1), divided by (real - replaced + 1e-5). Masked regions whose feature is kept (the
+    10 %) stay in; no IoU rule. replaced, real (B, R) bool -> weights (B, R)."""
+    kept = real & ~replaced
+    return kept / (kept.sum(axis=1, keepdims=True) + eps)
+
+
+def mask_corpus_text(input_ids: np.ndarray, words: np.ndarray, rng: np.random.Generator, mask_id: int,
+                     vocab_size: int, prob: float = TEXT_MASK_PROB) -> tuple[np.ndarray, np.ndarray]:
+    """Whole-word masking (objective vlbert), as VL-BERT's random_word_wwm of general_corpus.py and
+    conceptual_captions.py (captions: [CLS], [SEP] have word -1, never picked): one draw per
+    word; a picked word's WordPieces all become [MASK] (80 %), random ids (10 %) or stay (10 %),
+    and all are predicted. input_ids (B, T) 0-padded without [CLS]/[SEP], words (B, T) the word
+    index of each token (-1 at padding) -> (masked input_ids, lm_labels)."""
+    B, T = input_ids.shape
+    draw_word = rng.random((B, T))  # one uniform per word (word index < T)
+    draw = np.take_along_axis(draw_word, np.clip(words, 0, None), axis=1)  # (B, T): the token's word's draw
+    picked = (words >= 0) & (draw < prob)
+    lm_labels = np.where(picked, input_ids, IGNORE_INDEX)
+    masked = input_ids.copy()
+    scaled = draw / prob
+    masked[picked & (scaled < 0.8)] = mask_id
+    to_random = picked & (scaled >= 0.8) & (scaled < 0.9)
+    masked[to_random] = rng.integers(0, vocab_size, size=int(to_random.sum()))
+    return masked, lm_labels

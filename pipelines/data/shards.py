@@ -13,7 +13,7 @@ from common.shard_format import RECIPE_FIELDS, RECIPE_FILE, SIZES_FILE
 
 from .tario import iter_tar, load_npy, open_shard
 
-ERROR_KINDS = ("corrupt_shards", "bad_samples", "uncaptioned")
+ERROR_KINDS = ("corrupt_shards", "bad_samples", "uncaptioned", "unreadable_text_files")
 
 
 class RecipeMismatch(ValueError):

@@ -79,11 +79,17 @@ class CaptionTokenizer:
         self.mask_id = tok.mask_token_id
         self.vocab_size = len(tok)
 
-    def __call__(self, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """-> (input_ids (B, T) int64 [CLS] ... [SEP] then 0s, lengths (B,) incl. [CLS]/[SEP])."""
+    def __call__(self, captions: list[str], words: bool = False):
+        """-> (input_ids (B, T) int64 [CLS] ... [SEP] then 0s, lengths (B,) incl. [CLS]/[SEP]); with
+        words, also the word index of each token (B, T) (-1 at [CLS], [SEP] and padding), for
+        whole-word masking."""
         encoded = self.tokenizer(captions, add_special_tokens=True, truncation=True,
                                  max_length=self.max_seq_len, padding="max_length",
                                  return_attention_mask=True, return_token_type_ids=False)
         ids = np.asarray(encoded["input_ids"], dtype=np.int64)  # (B, T)
         real = np.asarray(encoded["attention_mask"], dtype=np.int64)  # (B, T)
-        return ids * real, real.sum(axis=1)
+        if not words:
+            return ids * real, real.sum(axis=1)
+        index = np.array([[-1 if w is None else w for w in encoded.word_ids(b)] for b in range(len(captions))],
+                         dtype=np.int64).reshape(ids.shape)
+        return ids * real, real.sum(axis=1), np.where(real.astype(bool), index, -1)

@@ -19,6 +19,8 @@ import torch
 
 from vilbert import IGNORE_INDEX
 
+from ..data.masking import vlbert_image_weights
+
 COLOURS = ["red", "green", "blue", "yellow"]
 SHAPES = ["circle", "square", "triangle", "star"]
 SPECIALS = ["[PAD]", "[CLS]", "[SEP]", "[MASK]", "a", "and"]
@@ -74,11 +76,18 @@ class SyntheticTask:
 
     # ---- batches -------------------------------------------------------------------------
     def batch(self, batch_size: int, rng: np.random.Generator, mask_prob: float = 0.3,
-              mask_regions: float = 0.15) -> dict[str, torch.Tensor]:
+              mask_regions: float = 0.15, vlbert: bool = False, one_region: bool = False,
+              no_image: bool = False) -> dict[str, torch.Tensor]:
         """A batch in the trainer's contract. Half the captions are mismatched (align label 1): one
         named object gets a wrong colour. Independently of that, with probability `mask_prob` one
         colour word is replaced by [MASK] and becomes the MLM label (a masked caption may hide the
-        evidence of a mismatch, as in real pretraining; evaluate alignment with mask_prob=0)."""
+        evidence of a mismatch, as in real pretraining; evaluate alignment with mask_prob=0).
+
+        vlbert: VL-BERT's objective as pipelines/data/batching.py builds it: no mismatched captions;
+        a region is masked with `mask_regions`, 90 % of those replaced by the model's mask vector
+        (`masked_regions`, the feature left in place), and the whole-image element is the mean
+        without the replaced ones. one_region: exactly one region per scene masked and replaced
+        (evaluation). no_image: every region feature zero (the image removed; boxes kept)."""
         T, R = 1 + 3 * self.num_named + 1, self.num_objects + 1
         out = {
             "input_ids": np.zeros((batch_size, T), np.int64),
@@ -92,7 +101,7 @@ class SyntheticTask:
         for b in range(batch_size):
             objects = self.scene(rng)
             named = objects[rng.permutation(self.num_objects)[: self.num_named]].copy()  # (K, 2)
-            mismatch = rng.random() < 0.5
+            mismatch = not vlbert and rng.random() < 0.5
             if mismatch:
                 k = rng.integers(0, self.num_named)
                 named[k, 0] = (named[k, 0] + rng.integers(1, len(COLOURS))) % len(COLOURS)
@@ -105,12 +114,24 @@ class SyntheticTask:
             out["align_labels"][b] = int(mismatch)
 
             feats, boxes, probs = self.regions(objects, rng)
-            masked = rng.random(self.num_objects) < mask_regions
+            if no_image:
+                feats = np.zeros_like(feats)
+            draw = rng.random(self.num_objects)
+            if one_region:
+                draw = np.where(np.arange(self.num_objects) == rng.integers(self.num_objects), 0.0, 1.0)
+            masked = draw < mask_regions
             out["region_labels"][b, 1:] = masked
             out["region_targets"][b, 1:] = probs
-            feats = np.where(masked[:, None], 0.0, feats)
-            out["image_feat"][b, 1:] = feats
-            out["image_feat"][b, 0] = feats[~masked].mean(0) if (~masked).any() else 0.0
+            if vlbert:
+                replaced = masked & (draw < 0.9 * mask_regions)  # draw / p < 0.9, as mask_regions()
+                out.setdefault("masked_regions", np.zeros((batch_size, R), bool))[b, 1:] = replaced
+                out["image_feat"][b, 1:] = feats
+                weights = vlbert_image_weights(replaced[None], np.ones((1, len(feats)), bool))[0]  # (n,)
+                out["image_feat"][b, 0] = weights @ feats
+            else:
+                feats = np.where(masked[:, None], 0.0, feats)
+                out["image_feat"][b, 1:] = feats
+                out["image_feat"][b, 0] = feats[~masked].mean(0) if (~masked).any() else 0.0
             area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
             out["image_loc"][b, 1:] = np.concatenate([boxes, area[:, None]], axis=1)
             out["image_loc"][b, 0] = [0, 0, 1, 1, 1]

@@ -1,23 +1,20 @@
-"""What every downstream task shares: options, the task interface, the fine-tuning loop, model
-loading (ours or an official checkpoint) and result writing.
+"""What every downstream task shares: options, the task interface, distributed evaluation over
+chunks and result writing (the fine-tuning loop is `finetune`).
 
-A task class implements `head` (the task head it needs, or None), `train_batch`, `loss` and
-`evaluate`; `pipelines.tasks.TASKS` maps the CLI name to the class. Adding a task (VCR, NLVR2,
-SNLI-VE) means a new module and one dict entry; nothing else changes.
+A task class implements `head` (the task head it needs, or None), `train_items` and `collate`
+(one epoch is a pass over the items), `loss` and `evaluate`; `pipelines.tasks.TASKS` maps the CLI
+name to the class. Adding a task means a new module and one dict entry; nothing else changes.
 """
 from __future__ import annotations
 
 import json
 import logging
-import math
-import time
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-
-from pipelines.train.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger("vilbert.eval")
 
@@ -30,29 +27,45 @@ class TaskOptions:
     tokenizer: Path | None = None  # BERT tokenizer directory or vocab.txt
     max_seq_length: int | None = None  # None = the task's default
     max_regions: int = 101  # including [IMG]
-    batch_size: int = 32
+    batch_size: int | None = None  # items per optimizer step, all processes; None = the task's official value
+    micro_batch_size: int | None = None  # items per forward pass and process; None = batch_size / processes
     eval_batch_size: int = 128
-    train_steps: int = 0  # 0 = evaluate only
+    epochs: float | str | None = None  # passes over the training items; "official" = the task's; None: train_steps
+    train_steps: int = 0  # optimizer steps, instead of epochs; 0 and no epochs = evaluate only
     lr: float | None = None  # None = the task's default
     warmup: float = 0.1
     weight_decay: float = 0.01
+    clip_grad: float = 1.0
+    val_split: str | None = None  # validated after each epoch; None = the task's (with epochs), "" = none
+    save_every: int = 1000  # a resumable checkpoint every N steps (and after each epoch of `epochs`, at the end)
+    keep_last: int = 2
+    workers: int = 2  # DataLoader processes building batches (0: the main thread)
     seed: int = 0
     device: str = "cpu"
     splits: tuple[str, ...] = ()  # evaluation splits; () = the task's defaults
     task_token: int | None = None  # vilbert-multi-task task id, used only by models with task tokens
     log_every: int = 50
     bf16: bool = False  # bfloat16 autocast on CUDA
+    compile: bool = False  # torch.compile the training step
+    compile_mode: str = "default"
     extra: dict = field(default_factory=dict)  # task-specific options (see each task's docstring)
 
 
 class Task:
-    """Interface of a downstream task. Subclasses set `name`, `default_splits`, `official_task_id`."""
+    """Interface of a downstream task. Subclasses set `name`, `default_splits`, `official_task_id`
+    and, from vilbert-multi-task's vilbert_tasks.yml, the official schedule (`default_lr`,
+    `default_epochs`, `default_batch_size`, `default_max_seq_length`); `val_split` and `metric`
+    choose the checkpoint kept as best."""
 
     name = "task"
     default_splits: tuple[str, ...] = ()
     official_task_id = 0
     default_lr = 2e-5  # vilbert-multi-task's per-task settings (vilbert_tasks.yml)
     default_max_seq_length = 20
+    default_epochs = 20  # num_epoch
+    default_batch_size = 128  # batch_size: items per optimizer step, all GPUs together
+    val_split = "val"  # validated after each epoch
+    metric = "accuracy"  # of `evaluate`, higher is better: picks the best epoch
 
     def __init__(self, opts: TaskOptions):
         self.opts = opts
@@ -60,20 +73,31 @@ class Task:
             opts.lr = self.default_lr
         if opts.max_seq_length is None:
             opts.max_seq_length = self.default_max_seq_length
+        if opts.batch_size is None:
+            opts.batch_size = self.default_batch_size
+        if opts.epochs == "official":
+            opts.epochs = float(self.default_epochs)
+        if opts.val_split is None:  # validation is the default of epoch schedules
+            opts.val_split = self.val_split if opts.epochs else ""
 
     # -- to implement --------------------------------------------------------------------
     def head(self) -> tuple[str, str, int] | None:
         """(head name, kind, size) this task trains and reads, or None."""
         return None
 
-    def train_batch(self, rng: np.random.Generator) -> dict:
+    def train_items(self) -> list:
+        """The training items; one epoch is one pass over them."""
+        raise NotImplementedError
+
+    def collate(self, items: list, rng: np.random.Generator) -> dict:
+        """The training batch of `items` (rng: for what a batch draws, e.g. retrieval's negatives)."""
         raise NotImplementedError
 
     def loss(self, model, batch: dict) -> torch.Tensor:
         raise NotImplementedError
 
     def evaluate(self, model, split: str) -> tuple[dict, list]:
-        """-> (metrics, predictions)"""
+        """-> (metrics, predictions), the same in every process (see `map_chunks`)."""
         raise NotImplementedError
 
     def eval_inputs(self, split: str) -> list | None:
@@ -84,6 +108,11 @@ class Task:
         return None
 
     # -- shared ---------------------------------------------------------------------------
+    def train_batch(self, rng: np.random.Generator) -> dict:
+        """A batch of `batch_size` training items drawn with replacement."""
+        items = self.train_items()
+        return self.collate([items[i] for i in rng.integers(0, len(items), size=self.opts.batch_size)], rng)
+
     def load_common(self) -> None:
         """Tokenizer, feature shards and annotation folder, which every current task needs."""
         from .features import FeatureStore
@@ -122,7 +151,30 @@ class Task:
                               self.task_ids(model, ids.shape[0], ids.device))
 
     def to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.opts.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        """Tensors to the model's device (without waiting, from the pinned batches of the workers)."""
+        device = torch.device(self.opts.device)
+        return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) and v.device != device else v
+                for k, v in batch.items()}
+
+    def map_chunks(self, chunks: list[list], build, run) -> list:
+        """The outputs of `run(chunk, batch)` (one per item of the chunk; batch = build(chunk), made
+        in the DataLoader workers, on the device) over every chunk, in order, in every process.
+        Under torchrun each process runs a contiguous share of the chunks, so each batch is the one
+        a single process runs, and the gathered list holds exactly one output per item."""
+        from .distributed import gather_lists, rank_world, share
+        from .loading import ChunkBatches, batch_loader
+
+        rank, world = rank_world()
+        mine = chunks[share(len(chunks), rank, world)]
+        pin = str(self.opts.device).startswith("cuda")
+        loader = batch_loader(ChunkBatches(mine, build), self, self.opts.workers, pin)
+        outputs = []
+        for chunk, batch in zip(mine, loader):
+            got = run(chunk, self.to_device(batch))
+            if len(got) != len(chunk):
+                raise RuntimeError(f"{self.name}: {len(got)} outputs for a chunk of {len(chunk)} items")
+            outputs += got
+        return gather_lists(outputs, sum(len(c) for c in chunks))
 
 
 def autocast(opts: TaskOptions):
@@ -131,51 +183,15 @@ def autocast(opts: TaskOptions):
     return torch.autocast("cuda" if on_cuda else "cpu", dtype=torch.bfloat16, enabled=opts.bf16 and on_cuda)
 
 
-def finetune(model, task: Task, opts: TaskOptions) -> list[float]:
-    """AdamW (no decay on biases/LayerNorm) with linear warmup and decay, gradient clipping 1.0.
-    The next batch is built in a background thread while the model trains on the current one."""
-    if opts.train_steps <= 0:
-        return []
-    from concurrent.futures import ThreadPoolExecutor
-
-    rng = np.random.default_rng(opts.seed)  # used by the one worker thread only
-    torch.manual_seed(opts.seed)
-    opt = build_optimizer(model, opts.lr, opts.weight_decay)
-    sched = build_scheduler(opt, opts.train_steps, opts.warmup)
-    model.train()
-    losses, t0 = [], time.time()
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(task.train_batch, rng)
-        for step in range(opts.train_steps):
-            batch = pending.result()
-            if step + 1 < opts.train_steps:
-                pending = pool.submit(task.train_batch, rng)
-            with autocast(opts):
-                loss = task.loss(model, task.to_device(batch))
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"{task.name}: loss became {loss.item()} at step {step}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-            if opts.log_every and (step + 1) % opts.log_every == 0:
-                recent = losses[-opts.log_every:]
-                log.info("%s step %d/%d loss %.4f lr %.2e (%.1fs)", task.name, step + 1, opts.train_steps,
-                         sum(recent) / len(recent), sched.get_last_lr()[0], time.time() - t0)
-    model.eval()
-    return losses
-
-
 def batched(items: list, size: int):
     for i in range(0, len(items), size):
         yield items[i:i + size]
 
 
 def write_json(path: Path, obj) -> Path:
+    """Written whole or not at all (a temporary file of this process, renamed)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=1) + "\n")
     tmp.replace(path)
     return path

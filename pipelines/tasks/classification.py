@@ -56,9 +56,8 @@ class SentenceImagesTask(Task):
             self._train = items
         return self._train
 
-    def train_batch(self, rng):
-        items = self.train_items()
-        return self.make_batch([items[i] for i in rng.integers(0, len(items), size=self.opts.batch_size)])
+    def collate(self, items, rng):
+        return self.make_batch(items)
 
     def loss(self, model, batch):
         logits = self.logits(model, batch)
@@ -86,15 +85,14 @@ class SentenceImagesTask(Task):
     def evaluate(self, model, split):
         items = self.eval_inputs(split)
         model.eval()
+        tops = self.map_chunks(list(batched(items, self.opts.eval_batch_size)), self.make_batch,
+                               lambda chunk, batch: self.logits(model, batch).argmax(1).tolist())  # (N,)
         preds, correct, scored = [], 0, 0
-        for chunk in batched(items, self.opts.eval_batch_size):
-            batch = self.to_device(self.make_batch(chunk))
-            top = self.logits(model, batch).argmax(1).tolist()  # (B,)
-            for it, k in zip(chunk, top):
-                preds.append(self.prediction(it, k))
-                if self.scored(it):
-                    scored += 1
-                    correct += int(self.correct(it, k))
+        for it, k in zip(items, tops):
+            preds.append(self.prediction(it, k))
+            if self.scored(it):
+                scored += 1
+                correct += int(self.correct(it, k))
         metrics = {"count": len(items), "scored": scored}
         if scored:
             metrics["accuracy"] = correct / scored

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import tarfile
+import threading
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -110,6 +112,16 @@ class FeatureStore:
             del self.by_number[n]
         self.cache: OrderedDict[str, Regions] = OrderedDict()
         self.cache_size = cache_size
+        self._files: OrderedDict[Path, object] = OrderedDict()  # open shards of this process (at most 32)
+        self._pid, self._lock = os.getpid(), threading.RLock()  # the lock: the files and the region cache
+
+    def reopen(self, cache_size: int | None = None) -> None:
+        """In a new process (a DataLoader worker): its own file handles and an empty region cache
+        (of `cache_size`), nothing inherited from the process that forked it."""
+        self._files, self._pid, self._lock = OrderedDict(), os.getpid(), threading.RLock()
+        self.cache = OrderedDict()
+        if cache_size is not None:
+            self.cache_size = cache_size
 
     @staticmethod
     def _complete(found: dict, end: int) -> dict:
@@ -136,9 +148,23 @@ class FeatureStore:
 
     def _read(self, key: str, suffix: str) -> bytes:
         path, offset, size = self.members[key][suffix]
-        with open(path, "rb") as f:
-            f.seek(offset)
-            return f.read(size)
+        if self._pid != os.getpid():  # forked without reopen(): never share a file position
+            self.reopen()
+        with self._lock:
+            handle = self._files.get(path)
+            if handle is None:
+                handle = self._files[path] = open(path, "rb")  # kept open, closed when evicted
+                if len(self._files) > 32:
+                    self._files.popitem(last=False)[1].close()
+            else:
+                self._files.move_to_end(path)
+            return os.pread(handle.fileno(), size, offset)  # no shared file position
+
+    def __getstate__(self) -> dict:  # open files stay behind when the store is pickled (spawned workers)
+        return {**self.__dict__, "_files": OrderedDict(), "_pid": None, "_lock": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _lock=threading.RLock())
 
     def _npy(self, key: str, suffix: str) -> np.ndarray:
         path = self.members[key][suffix][0]
@@ -151,9 +177,10 @@ class FeatureStore:
         key = self.key_for(image_id)
         if key is None:
             raise KeyError(f"{self.folder}: no features for image id {image_id!r} in {len(self)} samples")
-        if key in self.cache:
-            self.cache.move_to_end(key)
-            return self.cache[key]
+        with self._lock:
+            if key in self.cache:
+                self.cache.move_to_end(key)
+                return self.cache[key]
         missing = [s for s in FINETUNING_MEMBERS if s not in self.members[key]]
         if missing:
             raise ValueError(f"{self.members[key][next(iter(self.members[key]))][0]}: sample {key} lacks {missing}")
@@ -164,9 +191,10 @@ class FeatureStore:
             raise ValueError(f"{self.members[key]['json'][0]}: sample {key} has features {feats.shape}, "
                              f"boxes {boxes.shape} (expected (N, F) and (N, 4), N > 0)")
         regions = Regions(feats, boxes, int(info["width"]), int(info["height"]), key, info.get("mode", "detected"))
-        self.cache[key] = regions
-        if len(self.cache) > self.cache_size:
-            self.cache.popitem(last=False)
+        with self._lock:
+            self.cache[key] = regions
+            if len(self.cache) > self.cache_size:
+                self.cache.popitem(last=False)
         return regions
 
     def feature_size(self) -> int:

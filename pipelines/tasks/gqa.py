@@ -52,6 +52,8 @@ class GQATask(SentenceImagesTask):
     official_task_id = 15  # TASK15
     default_lr = 4e-5
     default_max_seq_length = 26
+    default_batch_size = 128
+    val_split = "val"  # official: minval
     head_name = "gqa"  # vil_prediction_gqa
     head_kind = "answer"
 

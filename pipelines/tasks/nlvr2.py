@@ -20,6 +20,8 @@ class NLVR2Task(SentenceImagesTask):
     default_splits = ("dev", "test1")
     official_task_id = 12  # TASK12
     default_max_seq_length = 40
+    default_batch_size = 64
+    val_split = "dev"
     labels = ("False", "True")
     head_name = "nlvr2"  # vil_binary_prediction
     head_kind = "pair"

@@ -55,32 +55,45 @@ class PairScorer:
         return self.score_outputs(bb.pool(text, image), image_mask)
 
     # -- all pairs -----------------------------------------------------------------------------
+    @staticmethod
+    def captions_per_pass(images: int, pair_batch: int) -> int:
+        """Captions scored together against the images (the rows of one group of passes)."""
+        return max(1, pair_batch // max(1, images)) if images <= pair_batch else 1
+
     @torch.no_grad()
-    def score_matrix(self, text: dict, images: dict, pair_batch: int = 256) -> torch.Tensor:
+    def score_matrix(self, text: dict, images: dict, pair_batch: int = 256, rows: tuple[int, int] | None = None
+                     ) -> torch.Tensor:
         """text: input_ids/token_type_ids/attention_mask (C, T); images: image_feat (I, R, F),
-        image_loc (I, R, 5), image_mask (I, R) -> scores (C, I)."""
+        image_loc (I, R, 5), image_mask (I, R) -> scores (C, I), or of the captions rows = (lo, hi)
+        only, (hi - lo, I): with lo (and hi, unless it is C) a multiple of `captions_per_pass`, every
+        pass is the one of the whole matrix, so the rows are exactly its rows."""
         C, I = text["input_ids"].shape[0], images["image_feat"].shape[0]
-        scores = torch.empty(C, I)
+        lo, hi = rows or (0, C)
+        scores = torch.empty(hi - lo, I)
+        if hi <= lo:
+            return scores
         if self.cacheable:  # per caption and per image, in chunks of pair_batch
+            kept = [s for s in _chunks(C, pair_batch) if s.start < hi and s.stop > lo]  # those holding the rows
             parts = [self.text_prefix(text["input_ids"][s], text["token_type_ids"][s], text["attention_mask"][s])
-                     for s in _chunks(C, pair_batch)]
-            th, tmask = torch.cat([h for h, _ in parts]), torch.cat([m for _, m in parts])  # (C, T', D), (C, T')
+                     for s in kept]
+            first = kept[0].start
+            th, tmask = torch.cat([h for h, _ in parts]), torch.cat([m for _, m in parts])  # (C', T', D), (C', T')
             ih = torch.cat([self.image_prefix(images["image_feat"][s], images["image_loc"][s], images["image_mask"][s])
                             for s in _chunks(I, pair_batch)])  # (I, R, Dv)
-        per = max(1, pair_batch // max(1, I)) if I <= pair_batch else 1
-        for c0 in range(0, C, per):
-            cs = torch.arange(c0, min(C, c0 + per))
+        per = self.captions_per_pass(I, pair_batch)
+        for c0 in range(lo, hi, per):
+            cs = torch.arange(c0, min(hi, c0 + per))
             for i0 in range(0, I, pair_batch):
                 iis = torch.arange(i0, min(I, i0 + pair_batch))
                 ci = cs.repeat_interleave(len(iis))  # (P,) caption of each pair
                 ii = iis.repeat(len(cs))  # (P,) image of each pair
                 if self.cacheable:
-                    s = self.joint(th[ci], tmask[ci], ih[ii], images["image_mask"][ii])
+                    s = self.joint(th[ci - first], tmask[ci - first], ih[ii], images["image_mask"][ii])
                 else:
                     out = self.model.backbone(
                         text["input_ids"][ci], images["image_feat"][ii], images["image_loc"][ii],
                         text["token_type_ids"][ci], text["attention_mask"][ci], images["image_mask"][ii],
                         self.task_ids_fn(len(ci), text["input_ids"].device))
                     s = self.score_outputs(out, images["image_mask"][ii])
-                scores[ci, ii] = s.float().cpu()
+                scores[ci - lo, ii] = s.float().cpu()
         return scores

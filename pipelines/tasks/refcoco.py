@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import Task, batched, log, read_json
+from .distributed import is_main
 from .features import FeatureStore, check_features, pad_regions, with_img_token
 from .metrics import IOU_RULES, is_hit, rule_iou
 from .refer_pickle import load_refs
@@ -60,6 +61,7 @@ class RefCOCOTask(Task):
     default_splits = ("val", "testA", "testB")
     official_task_id = 10  # TASK10 in vilbert-multi-task
     default_refs_file = "refs(unc).p"
+    default_batch_size = 256
 
     def __init__(self, opts):
         super().__init__(opts)
@@ -77,7 +79,9 @@ class RefCOCOTask(Task):
             raise ValueError(f"unknown IoU rule {self.iou_rule!r} (one of {', '.join(IOU_RULES)})")
         for split, entries in self.splits.items():
             log.info("%s %s: %d expressions", self.name, split, len(entries))
-        used = list(opts.splits or self.default_splits) + (["train"] if opts.train_steps > 0 else [])
+        fine_tuned = opts.train_steps > 0 or bool(opts.epochs)
+        used = list(opts.splits or self.default_splits) + (["train"] if fine_tuned else []) + \
+            ([opts.val_split] if opts.val_split else [])
         unknown = [split for split in used if split not in self.splits]
         if unknown:  # now, not after fine-tuning
             raise ValueError(f"{Path(opts.data)}: no refs in split(s) {unknown} (have {sorted(self.splits)}); "
@@ -118,12 +122,14 @@ class RefCOCOTask(Task):
         return {**text, "image_feat": feat, "image_loc": loc, "image_mask": mask, "targets": targets,
                 "boxes": boxes, "gt_boxes": torch.tensor([e["box"] for e in entries], dtype=torch.float32)}
 
-    def train_batch(self, rng):
+    def train_items(self):
         train = self.splits.get("train")
         if not train:
             raise ValueError(f"{Path(self.opts.data) / self.refs_file}: no refs in split 'train'")
-        idx = rng.integers(0, len(train), size=self.opts.batch_size)
-        return self.make_batch([train[i] for i in idx], train=True)
+        return train
+
+    def collate(self, items, rng):
+        return self.make_batch(items, train=True)
 
     def region_logits(self, model, batch) -> torch.Tensor:
         """(B, R) scores; [IMG] and padding pushed to -10000 so they are never picked."""
@@ -146,25 +152,31 @@ class RefCOCOTask(Task):
         if not entries:
             raise ValueError(f"{Path(self.opts.data)}: no refs in split {split!r} (have {sorted(self.splits)})")
         model.eval()
-        preds, hits, reachable = [], 0, 0
-        for chunk in batched(entries, self.opts.eval_batch_size):
-            batch = self.to_device(self.make_batch(chunk, train=False))
-            logits = self.region_logits(model, batch).cpu()  # (B, R)
-            top = logits.argmax(1)  # (B,)
+
+        def run(chunk, batch):
+            top = self.region_logits(model, batch).argmax(1).cpu()  # (B,)
+            sizes, boxes = batch["image_mask"].sum(1).cpu() - 1, batch["boxes"].cpu()
+            out = []
             for i, e in enumerate(chunk):
-                n = int(batch["image_mask"][i].sum()) - 1
-                bx = batch["boxes"][i, 1:1 + n].cpu()
+                bx = boxes[i, 1:1 + int(sizes[i])]
                 ious = rule_iou(bx, [e["box"]], self.iou_rule)[:, 0]  # (N,)
-                iou = float(ious[top[i] - 1])
-                hit = bool(is_hit(ious[top[i] - 1], self.iou_rule))
-                hits += hit
-                reachable += bool(is_hit(ious, self.iou_rule).any())
-                preds.append({"sent_id": e["sent_id"], "ref_id": e["ref_id"], "image_id": e["image_id"],
-                              "expression": e["expression"], "pred_box": [round(float(v), 2) for v in bx[top[i] - 1]],
-                              "gt_box": [round(float(v), 2) for v in e["box"]], "iou": round(iou, 4), "hit": bool(hit)})
+                pick = ious[top[i] - 1]
+                out.append((bx[top[i] - 1].tolist(), float(pick), bool(is_hit(pick, self.iou_rule)),
+                            bool(is_hit(ious, self.iou_rule).any())))
+            return out
+
+        outputs = self.map_chunks(list(batched(entries, self.opts.eval_batch_size)),
+                                  lambda chunk: self.make_batch(chunk, train=False), run)
+        preds, hits, reachable = [], 0, 0
+        for e, (box, iou, hit, can_hit) in zip(entries, outputs):
+            hits += hit
+            reachable += can_hit
+            preds.append({"sent_id": e["sent_id"], "ref_id": e["ref_id"], "image_id": e["image_id"],
+                          "expression": e["expression"], "pred_box": [round(float(v), 2) for v in box],
+                          "gt_box": [round(float(v), 2) for v in e["box"]], "iou": round(iou, 4), "hit": hit})
         metrics = {"accuracy": hits / len(entries), "upper_bound": reachable / len(entries), "count": len(entries)}
         n_vis = int(self.opts.extra.get("visualize") or 0)
-        if n_vis:
+        if n_vis and is_main():  # one process draws
             from .visualize import draw_referring
 
             folder = Path(self.opts.out) / "visualize" / split

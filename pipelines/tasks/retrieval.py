@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import Task, log, read_json
+from .distributed import gather_lists, rank_world, share
 from .features import check_features, image_batch
 from .metrics import recall_at_k
 from .pair_scoring import PairScorer
@@ -88,6 +89,8 @@ class RetrievalTask(Task):
     default_splits = ("test",)
     official_task_id = 8  # TASK8 (RetrievalFlickr30k) in vilbert-multi-task
     default_max_seq_length = 30
+    default_batch_size = 128  # positives (x 4 pairs)
+    metric = "t2i_R@1"  # image retrieval R@1, the number the papers report first
 
     def __init__(self, opts):
         super().__init__(opts)
@@ -118,13 +121,16 @@ class RetrievalTask(Task):
         self._train = images
         log.info("retrieval train: %d images, %d captions", len(images), len(self.captions))
 
-    def train_batch(self, rng):
+    def train_items(self):
+        """One per training caption (as vilbert-multi-task's RetreivalDataset): (caption, image index)."""
         if self._train is None:
             self._load_train()
+        return self.captions
+
+    def collate(self, items, rng):
         images, N = self._train, len(self._train)
         texts, img_idx = [], []
-        for j in rng.integers(0, len(self.captions), size=self.opts.batch_size):
-            cap, k = self.captions[j]
+        for cap, k in items:
             other = (k + rng.integers(1, N)) % N
             rand_cap = images[other][1][rng.integers(0, len(images[other][1]))]
             rand_img = (k + rng.integers(1, N)) % N
@@ -164,11 +170,17 @@ class RetrievalTask(Task):
         scorer = self.scorer(model)
         text = self.to_device(encode(self.tokenizer, [c for c, _ in caps], self.opts.max_seq_length))
         scores = torch.empty(len(caps), len(images))  # (C, I)
-        chunk = 1000  # images held on the device at once
+        chunk, pair_batch = 1000, int(self.opts.extra.get("pair_batch") or 256)  # images on the device at once
+        rank, world = rank_world()
         t0 = time.perf_counter()
         for i0 in range(0, len(images), chunk):
             imgs = self.to_device(self._image_tensors([i for i, _ in images[i0:i0 + chunk]]))
-            scores[:, i0:i0 + chunk] = scorer.score_matrix(text, imgs, int(self.opts.extra.get("pair_batch") or 256))
+            # under torchrun each process scores a contiguous share of the caption groups of one pass
+            per = scorer.captions_per_pass(imgs["image_feat"].shape[0], pair_batch)
+            groups = share(-(-len(caps) // per), rank, world)
+            rows = (groups.start * per, min(len(caps), groups.stop * per))
+            parts = gather_lists([scorer.score_matrix(text, imgs, pair_batch, rows)])
+            scores[:, i0:i0 + chunk] = torch.cat(parts)
         gt = torch.tensor([k for _, k in caps])
         metrics = recall_at_k(scores, gt, caption_names=[f"{c[:40]} ({images[k][0]})" for c, k in caps],
                               image_names=[i for i, _ in images])

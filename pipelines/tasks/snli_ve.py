@@ -46,6 +46,8 @@ class SNLIVETask(SentenceImagesTask):
     default_splits = ("dev", "test")
     official_task_id = 13  # TASK13 (VisualEntailment)
     default_max_seq_length = 56
+    default_batch_size = 256
+    val_split = "dev"
     labels = ("contradiction", "neutral", "entailment")
     head_name = "entailment"  # vil_tri_prediction
     head_kind = "pooled_linear"

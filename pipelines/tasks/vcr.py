@@ -198,6 +198,9 @@ class VCRTask(Task):
     official_task_id = 5  # TASK5 VCR_Q-A; QA->R is TASK6
     qa2r_task_id = 6
     default_lr = 2e-5
+    default_epochs = 10
+    default_batch_size = 64  # questions, for each sub-task
+    metric = "q2ar"
     default_max_seq_length = 80  # VCR_QA-R; VCR_Q-A reads 60
     q2a_max_seq_length = 60
     head_name = "retrieval"  # the official vil_logit, shared by retrieval and VCR
@@ -327,10 +330,9 @@ class VCRTask(Task):
             log.info("vcr train: %d questions", len(items))
         return self._train
 
-    def train_batch(self, rng):
-        items = self.train_items()
-        picks = [rng.integers(0, len(items), size=self.opts.batch_size) for _ in SUBTASKS]  # one batch per sub-task
-        return self.make_batch([(items[i], subtask, None) for subtask, idx in zip(SUBTASKS, picks) for i in idx])
+    def collate(self, items, rng):
+        """The questions once for Q->A and once for QA->R (an epoch is one pass of each sub-task)."""
+        return self.make_batch([(item, subtask, None) for subtask in SUBTASKS for item in items])
 
     def loss(self, model, batch):
         scores = self.scores(model, batch)  # (E, 4)
@@ -371,20 +373,26 @@ class VCRTask(Task):
     def evaluate(self, model, split):
         items = self.eval_inputs(split)
         model.eval()
-        answer_probs, rationale_probs = [], []  # (N, 4); (N, 4) given the right answer, or (N, 4, 4) given each
-        for chunk in self.eval_chunks(items):
+
+        def build(chunk):
             entries = []
             for it in chunk:
                 entries.append((it, "q2a", None))
-                given = [None] if it["answer_label"] is not None else range(CHOICES)
-                entries += [(it, "qa2r", a) for a in given]
-            scores = self.scores(model, self.to_device(self.make_batch(entries))).float().cpu()  # (E, 4)
-            k = 0
+                entries += [(it, "qa2r", a) for a in ([None] if it["answer_label"] is not None else range(CHOICES))]
+            return self.make_batch(entries)
+
+        def run(chunk, batch):
+            scores = self.scores(model, batch).float().cpu()  # (E, 4)
+            out, k = [], 0
             for it in chunk:
                 n = 1 if it["answer_label"] is not None else CHOICES
-                answer_probs.append(scores[k])
-                rationale_probs.append(scores[k + 1] if n == 1 else scores[k + 1:k + 1 + n])
+                out.append((scores[k], scores[k + 1] if n == 1 else scores[k + 1:k + 1 + n]))
                 k += 1 + n
+            return out
+
+        # (N, 4) answer scores; (N, 4) rationale scores given the right answer, or (N, 4, 4) given each
+        outputs = self.map_chunks(list(self.eval_chunks(items)), build, run)
+        answer_probs, rationale_probs = [a for a, _ in outputs], [r for _, r in outputs]
         labelled = [k for k, it in enumerate(items) if it["answer_label"] is not None]
         metrics = {"count": len(items), "scored": len(labelled)}
         if labelled:

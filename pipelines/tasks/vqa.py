@@ -117,6 +117,8 @@ class VQATask(Task):
     official_task_id = 1  # TASK1 in vilbert-multi-task
     default_lr = 4e-5
     default_max_seq_length = 23
+    default_batch_size = 128
+    val_split = "val"  # official: minval, the val questions not in trainval
 
     def __init__(self, opts):
         super().__init__(opts)
@@ -156,11 +158,13 @@ class VQATask(Task):
         text = encode(self.tokenizer, [it["question"] for it in items], self.opts.max_seq_length)
         return {**text, **images, "targets": targets}
 
-    def train_batch(self, rng):
+    def train_items(self):
         if self._train is None:
             self._train = self.load_train()
-        idx = rng.integers(0, len(self._train), size=self.opts.batch_size)
-        return self.make_batch([self._train[i] for i in idx])
+        return self._train
+
+    def collate(self, items, rng):
+        return self.make_batch(items)
 
     def loss(self, model, batch):
         logits = model.task_logits("vqa", self.backbone(model, batch))  # (B, A)
@@ -175,15 +179,15 @@ class VQATask(Task):
     def evaluate(self, model, split):
         items = self.eval_inputs(split)
         model.eval()
+        tops = self.map_chunks(list(batched(items, self.opts.eval_batch_size)), self.make_batch,
+                               lambda chunk, batch: model.task_logits("vqa", self.backbone(model, batch)).argmax(1)
+                               .tolist())  # (N,)
         preds, scores, by_type = [], [], {}
-        for chunk in batched(items, self.opts.eval_batch_size):
-            batch = self.to_device(self.make_batch(chunk))
-            top = model.task_logits("vqa", self.backbone(model, batch)).argmax(1).tolist()  # (B,)
-            for it, k in zip(chunk, top):
-                preds.append({"question_id": it["question_id"], "answer": self.answers[k]})
-                if it["answers"]:
-                    scores.append(vqa_accuracy(self.answers[k], it["answers"]))
-                    by_type.setdefault(it.get("answer_type") or "unknown", []).append(scores[-1])
+        for it, k in zip(items, tops):
+            preds.append({"question_id": it["question_id"], "answer": self.answers[k]})
+            if it["answers"]:
+                scores.append(vqa_accuracy(self.answers[k], it["answers"]))
+                by_type.setdefault(it.get("answer_type") or "unknown", []).append(scores[-1])
         metrics = {"questions": len(items)}
         if scores:  # a split without annotations (test-dev, test): predictions only, for EvalAI
             metrics["accuracy"] = sum(scores) / len(scores)

@@ -50,6 +50,39 @@ def _tuples(x):
     return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
+def _fsync_files(folder: Path) -> None:
+    for f in folder.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def save_model_dir(model: ViLBert, folder: Path, metadata: dict) -> Path:
+    """`save_pretrained` into `folder` atomically: written beside it, then renamed over the old one
+    (a kill leaves the old folder or the new one, or the old one as .NAME.old-PID beside it)."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_pretrained(model, tmp, metadata=metadata)
+    _fsync_files(tmp)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def recover_model_dir(folder: Path) -> bool:
+    """After a kill between save_model_dir's two renames: the old folder back in place."""
+    folder = Path(folder)
+    if folder.exists():
+        return False
+    old = sorted(folder.parent.glob(f".{folder.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if old:
+        os.replace(old[-1], folder)
+    return bool(old)
+
+
 def list_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints under root, oldest first."""
     if not root.is_dir():
@@ -64,9 +97,7 @@ def save_checkpoint(root: Path, step: int, model: ViLBert, trainer_state: dict, 
     shutil.rmtree(tmp, ignore_errors=True)
     save_pretrained(model, tmp, metadata=metadata)
     torch.save(trainer_state, tmp / STATE_NAME)
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    _fsync_files(tmp)
     if final.exists():  # re-saving the same step (e.g. after a resume): replace it
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -76,6 +107,36 @@ def save_checkpoint(root: Path, step: int, model: ViLBert, trainer_state: dict, 
         if stale != tmp:
             shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def read_resumable(ckpt: Path, required: tuple[str, ...], map_location="cpu"):
+    """(ckpt, model, state), or the reason it cannot be resumed from (truncated weights, a state
+    file cut by a full disk, a state without one of `required`) as one line."""
+    try:
+        model, state = load_checkpoint(ckpt, map_location=map_location)
+    except Exception as error:  # safetensors, torch and JSON errors alike: the file is unusable
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return f"{ckpt}: not a usable checkpoint ({type(error).__name__}: {reason})"
+    missing = [k for k in required if not isinstance(state, dict) or k not in state]
+    if missing:
+        return f"{ckpt}: not a usable checkpoint ({STATE_NAME} lacks {', '.join(missing)})"
+    return ckpt, model, state
+
+
+def newest_resumable(root: Path, required: tuple[str, ...], map_location="cpu", log=None):
+    """The newest complete checkpoint under root that can be resumed from, as read_resumable's
+    (ckpt, model, state), or None. A damaged one is logged and set aside as NAME.damaged."""
+    for ckpt in reversed(list_checkpoints(root)):  # newest first
+        found = read_resumable(ckpt, required, map_location)
+        if not isinstance(found, str):
+            return found
+        if log is not None:
+            log.warning("%s; set aside as %s.damaged, resuming from the checkpoint before it", found, ckpt.name)
+        try:
+            os.replace(ckpt, ckpt.with_name(ckpt.name + ".damaged"))
+        except OSError:
+            pass  # another rank set it aside first
+    return None
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> tuple[ViLBert, dict]:

@@ -10,7 +10,10 @@ import torch
 from vilbert import IGNORE_INDEX
 
 FIELDS = ["step", "samples", "loss", "mlm_loss", "mrm_loss", "align_loss", "align_accuracy", "mlm_accuracy",
-          "lr", "samples_per_s", "data_wait_s", "skipped_steps", "masked_overflow"]
+          "lr", "samples_per_s", "data_wait_s", "skipped_steps", "masked_overflow",
+          # objective vlbert: MLM of the text-only rows (mlm_loss / mlm_accuracy are the captions'),
+          # masked-RoI classification (mrm_loss is its soft cross-entropy)
+          "mlm_text_loss", "mlm_text_accuracy", "mrc_accuracy"]
 
 
 class MetricsLogger:
@@ -61,14 +64,14 @@ def plot_losses(csv_path: Path, png_path: Path) -> Path:
 
     rows = read_metrics(csv_path)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for key in ("loss", "mlm_loss", "mrm_loss", "align_loss"):
+    for key in ("loss", "mlm_loss", "mrm_loss", "align_loss", "mlm_text_loss"):
         pts = [(r["step"], r[key]) for r in rows if key in r]
         if pts:
             ax1.plot(*zip(*pts), label=key)
     ax1.set_xlabel("step")
     ax1.set_title("losses")
     ax1.legend()
-    for key in ("align_accuracy", "mlm_accuracy"):
+    for key in ("align_accuracy", "mlm_accuracy", "mlm_text_accuracy", "mrc_accuracy"):
         pts = [(r["step"], r[key]) for r in rows if key in r]
         if pts:
             ax2.plot(*zip(*pts), label=key)
@@ -101,8 +104,9 @@ def main(argv=None) -> int:
 
 # ---- per-step sums, on the training device ------------------------------------------------
 
-STEP_SUMS = ("loss", "mlm_loss", "mrm_loss", "align_loss", "align_correct", "align_total", "mlm_correct",
-             "mlm_total", "overflow")
+LOSS_SUMS = ("loss", "mlm_loss", "mrm_loss", "align_loss", "mlm_text_loss")  # per micro-step means
+STEP_SUMS = LOSS_SUMS + ("align_correct", "align_total", "mlm_correct", "mlm_total", "overflow",
+                         "mlm_text_correct", "mlm_text_total", "mrc_correct", "mrc_total")
 
 
 def new_step_sums(device: torch.device | str = "cpu") -> dict:
@@ -114,15 +118,41 @@ def new_step_sums(device: torch.device | str = "cpu") -> dict:
 
 def accumulate_step(stats: dict, out, tensors: dict) -> None:
     """Device-side sums; read back only when logging (no host sync per step)."""
-    for k in ("loss", "mlm_loss", "mrm_loss", "align_loss"):
-        stats[k] = stats[k] + getattr(out, k).detach().float()
+    for k in LOSS_SUMS:
+        if getattr(out, k, None) is not None:
+            stats[k] = stats[k] + getattr(out, k).detach().float()
     labels = tensors["align_labels"]
     stats["align_correct"] = stats["align_correct"] + (out.align_logits.argmax(-1) == labels).sum()
     stats["align_total"] = stats["align_total"] + labels.numel()
-    stats["mlm_correct"] = stats["mlm_correct"] + (out.mlm_logits.argmax(-1) == out.mlm_labels).sum()
-    stats["mlm_total"] = stats["mlm_total"] + (out.mlm_labels != IGNORE_INDEX).sum()
+    hit, counted = out.mlm_logits.argmax(-1) == out.mlm_labels, out.mlm_labels != IGNORE_INDEX  # (N,)
+    text_only = getattr(out, "mlm_text_only", None)
+    if text_only is not None:  # objective vlbert: the text-only rows' words apart
+        stats["mlm_text_correct"] = stats["mlm_text_correct"] + (hit & text_only).sum()
+        stats["mlm_text_total"] = stats["mlm_text_total"] + (counted & text_only).sum()
+        hit, counted = hit & ~text_only, counted & ~text_only
+    stats["mlm_correct"] = stats["mlm_correct"] + hit.sum()
+    stats["mlm_total"] = stats["mlm_total"] + counted.sum()
+    targets = getattr(out, "region_targets", None)
+    if targets is not None:  # masked-RoI classification: argmax against the target's argmax
+        valid = out.region_valid if out.region_valid is not None else torch.ones(len(targets), dtype=torch.bool,
+                                                                                  device=targets.device)
+        stats["mrc_correct"] = stats["mrc_correct"] + ((out.region_logits.argmax(-1) == targets.argmax(-1))
+                                                       & valid).sum()
+        stats["mrc_total"] = stats["mrc_total"] + valid.sum()
     stats["overflow"] = stats["overflow"] + out.overflow
     stats["micro_steps"] += 1
+
+
+def step_metrics(sums: dict) -> dict:
+    """Accuracies from summed counts (floats): alignment, MLM (captions), and with objective vlbert
+    MLM of the text-only rows and masked-RoI classification (absent when nothing counted)."""
+    out = {"align_accuracy": sums["align_correct"] / max(1, sums["align_total"]),
+           "mlm_accuracy": sums["mlm_correct"] / max(1, sums["mlm_total"])}
+    if sums["mlm_text_total"]:
+        out["mlm_text_accuracy"] = sums["mlm_text_correct"] / sums["mlm_text_total"]
+    if sums["mrc_total"]:
+        out["mrc_accuracy"] = sums["mrc_correct"] / sums["mrc_total"]
+    return out
 
 
 if __name__ == "__main__":

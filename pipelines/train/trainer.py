@@ -11,7 +11,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -22,11 +22,22 @@ from tqdm import tqdm
 from vilbert import ViLBert, load_bert_weights, load_preset
 from vilbert.pretraining import default_capacity, predicted_positions
 
-from .checkpoints import STATE_NAME, list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .metrics import STEP_SUMS, MetricsLogger, accumulate_step, new_step_sums, plot_losses, read_metrics
+from .checkpoints import newest_resumable, read_resumable, rng_state, save_checkpoint, set_rng_state
+from .metrics import (
+    LOSS_SUMS,
+    STEP_SUMS,
+    MetricsLogger,
+    accumulate_step,
+    new_step_sums,
+    plot_losses,
+    read_metrics,
+    step_metrics,
+)
+from .objectives import check_resumed_objective, resolve_objective
 from .optim import build_optimizer, build_scheduler
 
 log = logging.getLogger("vilbert.train")
+RESUME_KEYS = ("optimizer", "scaler", "step", "samples", "skipped", "scheduler", "rng")
 
 
 @dataclass
@@ -35,7 +46,11 @@ class TrainConfig:
     preset: str = "vilbert-base"
     model_overrides: dict = field(default_factory=dict)  # ViLBertConfig fields on top of the preset
     bert: Path | None = None  # local Hugging Face BERT directory for the text stream
-    objective: int = 1  # 0: masked losses on mismatched pairs too; 1: not; 2: no negatives
+    objective: int | str | None = None  # ViLBERT 0: masked losses on mismatched pairs too; 1: not; 2: no
+    # negatives; "vlbert": VL-BERT's; None: the architecture's default (1 / "vlbert"); see objectives.py
+    text_corpus: str | None = None  # objective vlbert: the text-only corpus (recorded; the CLI mixes it in)
+    text_ratio: float | None = None  # text-only rows per caption row
+    text_seq_len: int | None = None
     lr: float = 1e-4
     bert_lr_scale: float = 0.1
     weight_decay: float = 0.01
@@ -85,6 +100,20 @@ def setup_distributed(device: str) -> DistInfo:
     return info
 
 
+def wrap_model(module: torch.nn.Module, info: DistInfo, device: torch.device, find_unused_parameters: bool,
+               compiled: bool = False, compile_mode: str = "default") -> torch.nn.Module:
+    """The module as a training step runs it: DDP over the processes (gradients kept in the
+    all-reduce buckets), then torch.compile when asked (mode "default" or e.g. "reduce-overhead")."""
+    if info.world_size > 1:
+        module = torch.nn.parallel.DistributedDataParallel(
+            module, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=find_unused_parameters,
+            gradient_as_bucket_view=True)  # gradients live in the all-reduce buckets: no copy, less memory
+    if compiled:
+        module = torch.compile(module, mode=None if compile_mode == "default" else compile_mode)
+    return module
+
+
 def resolve_device(name: str, local_rank: int) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -115,6 +144,7 @@ class Trainer:
 
         torch.manual_seed(config.seed)
         self.model, bert_params = self._build_model()
+        self.cfg = config = replace(config, objective=resolve_objective(self.model.config.arch, config.objective))
         self.optimizer = build_optimizer(self.model, config.lr, config.weight_decay, bert_params, config.bert_lr_scale)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
         self.step = 0
@@ -154,21 +184,11 @@ class Trainer:
         if any: weights, optimizer, scheduler, scaler, counters and RNG states. Call before building
         the data stream, so that it can be seeded with the resumed step."""
         if path:
-            found = self._read_checkpoint(Path(path))
+            found = read_resumable(Path(path), RESUME_KEYS, self.device)
             if isinstance(found, str):
                 raise ValueError(found)
         else:
-            found = None
-            for ckpt in reversed(list_checkpoints(self.ckpt_root)):  # newest first
-                found = self._read_checkpoint(ckpt)
-                if not isinstance(found, str):
-                    break
-                log.warning("%s; set aside as %s.damaged, resuming from the checkpoint before it", found, ckpt.name)
-                try:
-                    os.replace(ckpt, ckpt.with_name(ckpt.name + ".damaged"))
-                except OSError:
-                    pass  # another rank set it aside first
-                found = None
+            found = newest_resumable(self.ckpt_root, RESUME_KEYS, self.device, log)
             if found is None:
                 return False
         ckpt, model, state = found
@@ -178,6 +198,7 @@ class Trainer:
         if differ:
             raise ValueError(f"{ckpt}: the checkpoint's model config differs from this run's ("
                              + "; ".join(differ) + "); use the same --preset/--set, or another --out")
+        check_resumed_objective(ckpt, getattr(model, "checkpoint_metadata", {}), self.cfg.objective)
         self.model.load_state_dict(model.state_dict())
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -188,20 +209,6 @@ class Trainer:
         if self.dist.is_main:
             log.info("resumed from %s (step %d)", ckpt, self.step)
         return True
-
-    def _read_checkpoint(self, ckpt: Path):
-        """(ckpt, model, state), or the reason it cannot be resumed from (truncated weights, a state
-        file cut by a full disk, ...) as one line."""
-        try:
-            model, state = load_checkpoint(ckpt, map_location=self.device)
-        except Exception as error:  # safetensors, torch and JSON errors alike: the file is unusable
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            return f"{ckpt}: not a usable checkpoint ({type(error).__name__}: {reason})"
-        missing = [k for k in ("optimizer", "scaler", "step", "samples", "skipped", "scheduler", "rng")
-                   if not isinstance(state, dict) or k not in state]
-        if missing:
-            return f"{ckpt}: not a usable checkpoint ({STATE_NAME} lacks {', '.join(missing)})"
-        return ckpt, model, state
 
     # ---- one optimizer step -----------------------------------------------------------------
     def _forward(self, model, batch: dict):
@@ -215,7 +222,8 @@ class Trainer:
             # compact targets (M, C) padded to the region capacity: one shape for compiled code
             tensors["region_targets"] = torch.nn.functional.pad(targets, (0, 0, 0, capacity[1] - len(targets)))
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            out = model(**tensors, mask_loss_on_mismatch=self.cfg.objective == 0, masked_capacity=capacity)
+            out = model(**tensors, mask_loss_on_mismatch=self.cfg.objective == 0, masked_capacity=capacity,
+                        objective="vlbert" if self.cfg.objective == "vlbert" else "vilbert")
         return out, tensors
 
     def _masked_capacity(self, batch: dict) -> tuple[int, int] | None:
@@ -302,14 +310,10 @@ class Trainer:
             scheduler.load_state_dict(self._scheduler_state)
             for group, lr in zip(self.optimizer.param_groups, scheduler.get_last_lr()):
                 group["lr"] = lr  # building the scheduler reset them to step 0's values
-        model = self.model
-        if self.dist.world_size > 1:
-            model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=not self.model.config.with_coattention,
-                gradient_as_bucket_view=True)  # gradients live in the all-reduce buckets: no copy, less memory
-        if self.cfg.compile:
-            model = torch.compile(model, mode=None if self.cfg.compile_mode == "default" else self.cfg.compile_mode)
+        # parameters without a gradient in some steps: the skipped co-attention layers; VL-BERT's
+        # mask / text-only embeddings (used only with masked regions / text-only rows)
+        unused = not self.model.config.with_coattention or self.model.config.arch == "vlbert"
+        model = wrap_model(self.model, self.dist, self.device, unused, self.cfg.compile, self.cfg.compile_mode)
         model.train()
         logger = MetricsLogger(self.cfg.out, self.step, self.cfg.tensorboard) if self.dist.is_main else None
         bar = tqdm(total=total, initial=self.step, desc="train", unit="step", disable=not self.dist.is_main)
@@ -366,11 +370,7 @@ class Trainer:
             dist.all_reduce(vals)
         sums = dict(zip(STEP_SUMS + ("micro_steps",), vals.tolist()))
         n = max(1.0, sums["micro_steps"])
-        return {
-            "loss": sums["loss"] / n, "mlm_loss": sums["mlm_loss"] / n, "mrm_loss": sums["mrm_loss"] / n,
-            "align_loss": sums["align_loss"] / n, "align_accuracy": sums["align_correct"] / max(1, sums["align_total"]),
-            "mlm_accuracy": sums["mlm_correct"] / max(1, sums["mlm_total"]), "samples": sums["align_total"],
-        }
+        return {**{k: sums[k] / n for k in LOSS_SUMS}, **step_metrics(sums), "samples": sums["align_total"]}
 
     def _log(self, stats, t_log, scheduler, logger, bar) -> dict:
         self._settle_skips()
@@ -378,14 +378,13 @@ class Trainer:
         vals = torch.stack([stats[k] for k in STEP_SUMS])
         if self.dist.world_size > 1:
             dist.all_reduce(vals)
-            vals[:4] /= self.dist.world_size
-        loss, mlm, mrm, align, a_ok, a_n, m_ok, m_n, overflow = vals.tolist()
+            vals[:len(LOSS_SUMS)] /= self.dist.world_size  # the losses come first
+        sums = dict(zip(STEP_SUMS, vals.tolist()))
         elapsed = time.perf_counter() - t_log
         row = {
-            "step": self.step, "samples": self.samples, "loss": loss / n, "mlm_loss": mlm / n, "mrm_loss": mrm / n,
-            "align_loss": align / n, "align_accuracy": a_ok / max(1, a_n), "mlm_accuracy": m_ok / max(1, m_n),
-            "lr": scheduler.get_last_lr()[-1], "samples_per_s": a_n / max(elapsed, 1e-9),
-            "data_wait_s": stats["data_wait_s"], "skipped_steps": self.skipped, "masked_overflow": overflow,
+            "step": self.step, "samples": self.samples, **{k: sums[k] / n for k in LOSS_SUMS}, **step_metrics(sums),
+            "lr": scheduler.get_last_lr()[-1], "samples_per_s": sums["align_total"] / max(elapsed, 1e-9),
+            "data_wait_s": stats["data_wait_s"], "skipped_steps": self.skipped, "masked_overflow": sums["overflow"],
         }
         if logger is not None:
             logger.log(row)

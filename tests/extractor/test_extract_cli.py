@@ -575,3 +575,45 @@ def test_a_local_file_name_with_a_question_mark_keeps_its_caption(tmp_path):
     main([str(images), str(tmp_path / "out"), *TINY, "--captions", str(tmp_path / "captions.tsv")])
     samples = read_shards(tmp_path / "out")
     assert samples["what_"]["txt"] == "what is it" and samples["photo"]["txt"] == "a photo"
+
+
+def test_non_finite_detector_outputs_are_logged_per_image_not_written(tmp_path, monkeypatch):
+    """NaN weights (or an fp16 overflow on a GPU) gave all-NaN features with exit 0: now each such image
+    is a line in errors.jsonl with the likely cause."""
+    from extractor.roi_heads import Res5ROIHeads
+
+    images = write_images(tmp_path / "images", 2)
+    forward = Res5ROIHeads.forward
+
+    def poisoned(self, features, boxes):
+        outputs = forward(self, features, boxes)
+        for output in outputs:
+            output.features[:, 0] = float("nan")
+        return outputs
+
+    monkeypatch.setattr(Res5ROIHeads, "forward", poisoned)
+    summary = main([str(images), str(tmp_path / "out"), *TINY])
+    assert (summary["done"], summary["failed"]) == (0, 2)
+    assert "non-finite (NaN or inf) features" in (tmp_path / "out" / "errors.jsonl").read_text()
+
+
+def test_odd_img2dataset_json_and_long_prefixes(tmp_path):
+    from click import BadParameter
+
+    from extractor.importers.driver import BadRecord, as_int
+    from extractor.sources import _tar_records, img2dataset_fields
+
+    assert img2dataset_fields({"key": "007", "url": "u", "original_width": "640", "original_height": 10 ** 40}) == \
+        {"img2dataset_key": "007", "url": "u"}
+    assert img2dataset_fields({"original_width": 640, "original_height": True}) == {"original_width": 640}
+    with tarfile.open(tmp_path / "00000.tar", "w") as archive:
+        for name, payload in (("000000000.jpg", b"\xff\xd8"), ("000000000.json", b"[1, 2]")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            archive.addfile(info, io.BytesIO(payload))
+    assert _tar_records(tmp_path / "00000.tar")[0].meta == {}  # valid JSON but not an object: as unreadable
+    with pytest.raises(BadRecord, match="image_w inf is not an integer"):
+        as_int(float("inf"), "image_w")
+    with pytest.raises(BadParameter, match="at most 100"):
+        main([str(write_images(tmp_path / "images", 1)), str(tmp_path / "out"), *TINY, "--prefix", "p" * 300])
+    assert not (tmp_path / "out").exists()

@@ -105,6 +105,7 @@ def test_cli_backend_detectron2_writes_the_torch_backends_shards(tmp_path, gt_bo
     ours, theirs = read_shards(tmp_path / "torch"), read_shards(tmp_path / "d2")
     assert sorted(ours) == sorted(theirs)
     for key in ours:
+        assert (ours[key]["json"].pop("backend"), theirs[key]["json"].pop("backend")) == ("torch", "detectron2")
         assert theirs[key]["json"] == ours[key]["json"]
         np.testing.assert_allclose(theirs[key]["boxes.npy"], ours[key]["boxes.npy"], atol=1e-3)
         for member in ("features.npy", "cls_prob.npy", "attr_prob.npy"):  # float16

@@ -103,3 +103,34 @@ def test_a_damaged_complete_shard_is_set_aside_and_its_images_redone(tmp_path):
     _write(writer, ["a", "b"])
     writer.close()
     assert sorted(read_shards(tmp_path)) == ["a", "b", "c", "d"]
+
+
+def test_a_forked_child_that_closes_the_inherited_lock_does_not_hold_out(tmp_path):
+    """A DataLoader worker forked from the extraction closes its copy of the lock (pipeline._WorkerInit):
+    once the writing process lets go, OUT is free although the child still lives."""
+    import os
+    import signal
+
+    from common.shard_writer import OutputBusy, ShardWriter, close_inherited_lock
+
+    for closes in (True, False):
+        out = tmp_path / f"out-{closes}"
+        writer = ShardWriter(str(out))
+        read, write = os.pipe()
+        child = os.fork()
+        if child == 0:  # the worker: drop the lock (or not), then live on
+            if closes:
+                close_inherited_lock(writer.lock_identity())
+            os.write(write, b"x")
+            signal.pause()
+        os.read(read, 1)
+        writer.close()
+        try:
+            if closes:
+                ShardWriter(str(out)).close()
+            else:
+                with pytest.raises(OutputBusy):
+                    ShardWriter(str(out))
+        finally:
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)

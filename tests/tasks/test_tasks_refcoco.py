@@ -144,7 +144,8 @@ def test_refcocog_reads_refs_umd_and_its_splits(tmp_path):
                       splits=("train", "val", "test"))
     d = {"root": tmp_path, "data": data, "vocab": write_vocab(tmp_path), "ckpt": tiny_checkpoint(tmp_path / "ckpt")}
     out = tmp_path / "out"
-    assert run_cli("refcocog", d, out, "--checkpoint", str(d["ckpt"]), "--train-steps", "40", "--lr", "1e-3") == 0
+    assert run_cli("refcocog", d, out, "--checkpoint", str(d["ckpt"]), "--train-steps", "40", "--lr", "1e-3",
+                   "--batch-size", "32") == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results["splits"]) == {"val", "test"} and results["splits"]["val"]["count"] == 8 * 4
 

@@ -114,8 +114,8 @@ def test_zero_shot_then_finetuned(flickr, tmp_path):
     assert m4["images"] == 4 and m4["captions"] == 12
 
     tuned = tmp_path / "tuned"
-    assert run(flickr, tuned, "--checkpoint", str(flickr["ckpt"]), "--train-steps", "40", "--lr", "1e-3",
-               "--batch-size", "8") == 0
+    assert run(flickr, tuned, "--checkpoint", str(flickr["ckpt"]), "--train-steps", "120", "--lr", "1e-3",
+               "--batch-size", "8") == 0  # (at 40 steps the 4-way loss is still ln 4, up or down by noise)
     res = json.loads((tuned / "results.json").read_text())
     assert res["train_loss_last"] < res["train_loss_first"]
     assert (tuned / "finetuned" / "model.safetensors").is_file()

@@ -4,7 +4,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
-from pipelines.synthetic.learning import train_and_evaluate
+from pipelines.synthetic.learning import train_and_evaluate, train_and_evaluate_vlbert
 
 STEPS = 2000  # the alignment loss leaves its plateau after 500-1200 steps (seeds 0-2)
 
@@ -34,3 +34,26 @@ def test_vlbert_reads_the_colour_of_the_named_shape_from_the_regions():
     got = train_and_evaluate(True, 1500, 0, 1e-3, arch="vlbert")
     print("\nvlbert-tiny", got)
     assert got["mlm_accuracy"] >= 0.90
+
+
+# lr 2e-3, batch 32, measured (docs/training.md): masked colour 100 % for seeds 0-2 at 1,500 steps; at batch
+# 64 seed 1 is still on the plateau of docs/model.md at 1,000 (69 %) and 1,200 (55 %) steps
+VLBERT_STEPS, VLBERT_BATCH = 1500, 32
+
+
+@pytest.mark.slow
+def test_vlbert_objective_reads_colours_and_classifies_masked_rois_from_context():
+    """VL-BERT's own objective (MLM with visual clues, masked-RoI classification with the mask vector,
+    whole-image element without the replaced regions) on scenes holding every shape once: a masked
+    colour is the named shape's region's colour, a masked RoI's class the shape missing from the
+    others. With the image removed (every region feature zero, boxes kept) both are at chance (25 %).
+    Seed 0 here (two runs in parallel, ~65 s on 2 cores); seeds 1 and 2 are measured in docs/training.md."""
+    with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as pool:
+        full = pool.submit(train_and_evaluate_vlbert, VLBERT_STEPS, 0, 2e-3, batch_size=VLBERT_BATCH)
+        ablation = pool.submit(train_and_evaluate_vlbert, VLBERT_STEPS, 0, 2e-3, True, batch_size=VLBERT_BATCH)
+        got, base = full.result(), ablation.result()
+    print("\nvlbert objective", got, "\nimage removed", base)
+    assert got["mlm_accuracy"] >= 0.90 and got["mrc_accuracy"] >= 0.90
+    assert base["mlm_accuracy"] <= 0.40 and base["mrc_accuracy"] <= 0.40
+    assert got["mlm_accuracy"] - base["mlm_accuracy"] >= 0.50
+    assert got["mrc_accuracy"] - base["mrc_accuracy"] >= 0.50
