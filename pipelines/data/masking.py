@@ -28,13 +28,7 @@ def mask_text(input_ids: np.ndarray, lengths: np.ndarray, rng: np.random.Generat
     candidate = (position >= 1) & (position < lengths[:, None] - 1)  # (B, T) caption tokens only
     draw = rng.random((B, T))  # one uniform per token, split like the official loader
     picked = candidate & (draw < prob)
-    lm_labels = np.where(picked, input_ids, IGNORE_INDEX)
-    masked = input_ids.copy()
-    scaled = draw / prob
-    masked[picked & (scaled < 0.8)] = mask_id
-    to_random = picked & (scaled >= 0.8) & (scaled < 0.9)
-    masked[to_random] = rng.integers(0, vocab_size, size=int(to_random.sum()))
-    return masked, lm_labels
+    return _replace_picked(input_ids, picked, draw / prob, mask_id, vocab_size, rng)
 
 
 def mask_regions(num_boxes: np.ndarray, max_regions: int, rng: np.random.Generator,
@@ -92,9 +86,16 @@ def mask_corpus_text(input_ids: np.ndarray, words: np.ndarray, rng: np.random.Ge
     draw_word = rng.random((B, T))  # one uniform per word (word index < T)
     draw = np.take_along_axis(draw_word, np.clip(words, 0, None), axis=1)  # (B, T): the token's word's draw
     picked = (words >= 0) & (draw < prob)
+    return _replace_picked(input_ids, picked, draw / prob, mask_id, vocab_size, rng)
+
+
+def _replace_picked(input_ids: np.ndarray, picked: np.ndarray, scaled: np.ndarray, mask_id: int, vocab_size: int,
+                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """BERT's replacement of the picked tokens, from their uniform draw scaled to [0, 1): [MASK] below
+    0.8, a random vocabulary id below 0.9, unchanged above; all picked ones are predicted.
+    -> (masked input_ids, lm_labels)  # (B, T), (B, T)"""
     lm_labels = np.where(picked, input_ids, IGNORE_INDEX)
     masked = input_ids.copy()
-    scaled = draw / prob
     masked[picked & (scaled < 0.8)] = mask_id
     to_random = picked & (scaled >= 0.8) & (scaled < 0.9)
     masked[to_random] = rng.integers(0, vocab_size, size=int(to_random.sum()))
