@@ -22,7 +22,7 @@ from common.outputs import writable_folder
 from pipelines.tasks import TASKS
 from pipelines.tasks.base import TaskOptions, autocast, log, write_json
 from pipelines.tasks.distributed import barrier
-from pipelines.train.trainer import resolve_device, setup_distributed
+from pipelines.train.trainer import resolve_device, setup_distributed, teardown_distributed
 
 # task-specific options, passed to the task in TaskOptions.extra
 TASK_OPTIONS = ("gt_features", "refs_file", "eval_on_gt", "hard_targets", "iou_rule", "visualize", "images",
@@ -282,9 +282,8 @@ def main(argv=None):
     reads sys.argv and exits with the status."""
     try:
         return cli.main(args=argv, prog_name="vilbert-eval", standalone_mode=argv is None)
-    finally:  # under torchrun: a process group left to the interpreter's exit can abort the process
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    finally:
+        teardown_distributed()
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from .data.loader import DataConfig, NoUsableSamples, PretrainingData, Pretraini
 from .data.shards import ErrorCounter, RecipeMismatch, expand_shards, refuse_without_class_targets
 from .data.text_corpus import SEQ_LEN, TEXT_RATIO, TextCorpus, TextMixer, TextStream, expand_text_corpus
 from .train.checkpoints import list_checkpoints
-from .train.trainer import TrainConfig, Trainer
+from .train.trainer import TrainConfig, Trainer, teardown_distributed
 
 log = logging.getLogger("vilbert.train")
 
@@ -269,9 +269,8 @@ def main(argv=None):
     reads sys.argv and exits with the status."""
     try:
         return cli.main(args=argv, prog_name="vilbert-train", standalone_mode=argv is None)
-    finally:  # under torchrun: a process group left to the interpreter's exit can abort the process
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    finally:
+        teardown_distributed()
 
 
 if __name__ == "__main__":

@@ -100,6 +100,13 @@ def setup_distributed(device: str) -> DistInfo:
     return info
 
 
+def teardown_distributed() -> None:
+    """The process group set up by setup_distributed, destroyed before exit: under torchrun one left
+    to the interpreter's exit can abort the process ('terminate called without an active exception')."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def wrap_model(module: torch.nn.Module, info: DistInfo, device: torch.device, find_unused_parameters: bool,
                compiled: bool = False, compile_mode: str = "default") -> torch.nn.Module:
     """The module as a training step runs it: DDP over the processes (gradients kept in the
