@@ -98,7 +98,8 @@ def check_fit(config, vocabulary: int, opts, source: str) -> None:
               help="Output folder; re-running the same command in it resumes the fine-tuning.")
 @click.option("--checkpoint", type=click.Path(exists=True, file_okay=False), help="Our checkpoint directory.")
 @click.option("--official-checkpoint", type=click.Path(exists=True, dir_okay=False),
-              help="vilbert-multi-task / vilbert_beta pytorch_model.bin.")
+              help="vilbert-multi-task / vilbert_beta pytorch_model.bin, or a jackroos/VL-BERT .model "
+                   "(pretrained or VQA fine-tuned, precomputed features).")
 @click.option("--official-config", type=click.Path(exists=True, dir_okay=False),
               help="Official config JSON for --official-checkpoint (default: the vilbert-base preset).")
 @click.option("--init-preset",
@@ -156,12 +157,13 @@ def check_fit(config, vocabulary: int, opts, source: str) -> None:
 @click.option("--refs-file", help="refcoco, refcoco+, refcocog: the refs pickle in --data "
                                   "(default refs(unc).p; refcocog: refs(umd).p).")
 @click.option("--eval-on-gt-boxes", "eval_on_gt", is_flag=True, help="refcoco/+/g: evaluate on the --gt-boxes regions.")
-@click.option("--hard-targets", is_flag=True, help="refcoco/+/g: 1/0 targets instead of the IoU (>= 0.5).")
+@click.option("--hard-targets", is_flag=True, help="refcoco/+/g: 1/0 targets instead of the IoU (>= 0.5); VL-BERT "
+              "always trains on its official 1/0 targets (IoU > 0.5).")
 @click.option("--iou-rule", type=click.Choice(["vilbert-multi-task", "vl-bert", "refer", "continuous"]),
-              default="vilbert-multi-task", show_default=True,
               help="refcoco/+/g: how a box is judged: vilbert-multi-task (end pixels counted, IoU > 0.5), vl-bert "
                    "(end pixels counted, >= 0.5), refer (the refer toolkit's computeIoU, >= 0.5), continuous "
-                   "(no pixel convention, >= 0.5); see docs/tasks.md.")
+                   "(no pixel convention, >= 0.5); see docs/tasks.md. Default: the official evaluation of the "
+                   "model's code (vl-bert for a VL-BERT, else vilbert-multi-task).")
 @click.option("--visualize", type=click.IntRange(0), default=0,
               help="refcoco/+/g: draw the first N predictions per split.")
 @click.option("--images", type=click.Path(exists=True, file_okay=False, readable=True),

@@ -14,6 +14,7 @@ from common.safe_load import refusal
 
 from .checkpoint import BERT_EMBEDDING_RULES, BERT_LAYER_RULES, MLM_HEAD_RULES, LoadReport, apply_rules
 from .config import ViLBertConfig, load_preset
+from .official_vlbert import convert_official_vlbert_state_dict, is_official_vlbert_state
 from .pretraining import ViLBert
 
 # Official weights that the official forward pass never uses.
@@ -137,8 +138,10 @@ def read_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle.UnpicklingError and friends: refuse, don't execute
         raise ValueError(refusal(path, e)) from None
-    if isinstance(state, dict) and "model_state_dict" in state and isinstance(state["model_state_dict"], dict):
-        state = state["model_state_dict"]
+    for wrapper in ("model_state_dict", "state_dict"):  # vilbert-multi-task's resumable file; VL-BERT's .model
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+            break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path}: expected a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}
@@ -183,12 +186,20 @@ def convert_official_state_dict(state: dict, config: ViLBertConfig,
 
 def load_official_checkpoint(path: str | Path,
                              config: ViLBertConfig | str | Path | None = None) -> tuple[ViLBert, LoadReport]:
-    """Load `pytorch_model.bin` of vilbert-multi-task / vilbert_beta.
+    """Load `pytorch_model.bin` of vilbert-multi-task / vilbert_beta, or a jackroos/VL-BERT `.model`
+    (recognised by its keys, converted by `vilbert.official_vlbert`).
 
     `config`: a ViLBertConfig, a path to the official config JSON, or None for `vilbert-base`
-    (the released models use `bert_base_6layer_6conect.json`)."""
+    (the released models use `bert_base_6layer_6conect.json`); a VL-BERT checkpoint fixes its own
+    sizes (None, or a ViLBertConfig with arch vlbert)."""
+    state = read_official_state_dict(path)
+    if is_official_vlbert_state(state):
+        if config is not None and not (isinstance(config, ViLBertConfig) and config.arch == "vlbert"):
+            raise ValueError(f"{path}: a VL-BERT checkpoint fixes its own sizes; the config {config} is ViLBERT's "
+                             "(leave out --official-config)")
+        return convert_official_vlbert_state_dict(state, config, source=str(path))
     if config is None:
         config = load_preset("vilbert-base")
     elif not isinstance(config, ViLBertConfig):
         config = ViLBertConfig.from_official_json(config)
-    return convert_official_state_dict(read_official_state_dict(path), config, source=str(path))
+    return convert_official_state_dict(state, config, source=str(path))

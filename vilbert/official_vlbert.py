@@ -4,7 +4,8 @@ The official trainer saves `{'state_dict': ..., 'optimizer': ..., ['validation_m
 every key under DataParallel's `module.`. Converted here: the models on precomputed bottom-up
 features, i.e. the pretrained `vl-bert-{base,large}-prec.model` (what `cfgs/pretrain/*_prec_*.yaml`
 writes as `vl-bert_base_res101_pretrain_multitask-EPOCH.model`) and the fine-tuned models made
-from them (VQA, `cfgs/vqa/*`; their answer head `final_mlp` is reported, not converted). The
+from them (VQA, `cfgs/vqa/*`: their answer head `final_mlp` of CLASSIFIER_TYPE mlm becomes our
+`vqa` head of kind `masked_answer`; the other layouts, 1fc and 2fc, are refused with the reason). The
 end-to-end models (`*-e2e`, RefCOCO+, VCR) hold their own Fast R-CNN, whose features are not the
 precomputed ones this model reads: refused with the reason.
 
@@ -49,10 +50,13 @@ KEY_RULES = [
     (r"vlbert\.relationsip_head\.caption_image_relationship\.(weight|bias)", r"alignment_head.classifier.\1", "swap"),
 ]
 TIED_DECODER = "vlbert.mlm_head.predictions.decoder.weight"  # the word embeddings again (checked)
-UNUSED = [
-    re.escape(TIED_DECODER),
-    r"final_mlp\.[\w.]+",  # a fine-tuned model's answer head (VQA); VL-BERT's task heads are not converted yet
-]
+UNUSED = [re.escape(TIED_DECODER)]
+# a fine-tuned VQA model's final_mlp (CLASSIFIER_TYPE mlm: BERT's MLM transform, Dropout, Linear)
+VQA_HEAD_RULES = {
+    "final_mlp.0.dense.weight": "transform.dense.weight", "final_mlp.0.dense.bias": "transform.dense.bias",
+    "final_mlp.0.LayerNorm.weight": "transform.norm.weight", "final_mlp.0.LayerNorm.bias": "transform.norm.bias",
+    "final_mlp.2.weight": "out.weight", "final_mlp.2.bias": "out.bias",
+}
 END_TO_END = r"image_feature_extractor\.(backbone|roi_head_feature_extractor|head|regularizing_predictor)\..+"
 
 # Our parts that a kind of official checkpoint lacks as a whole: left at initialisation, reported.
@@ -137,11 +141,19 @@ def convert_official_vlbert_state_dict(state: dict, config: ViLBertConfig | None
     config = config_from_state(state) if config is None else config
     if config.arch != "vlbert":
         raise ValueError(f"{source}: a VL-BERT checkpoint needs a config with arch 'vlbert', got {config.arch!r}")
-    model = ViLBert(config)
+    model = ViLBert(config, _task_head_spec(state, source))
     ours = model.state_dict()
     report, unknown = LoadReport(), []
     with torch.no_grad():
         for key, tensor in state.items():
+            if key in VQA_HEAD_RULES:
+                name = f"task_heads.heads.vqa.{VQA_HEAD_RULES[key]}"
+                if ours[name].shape != tensor.shape:
+                    raise ValueError(f"{source}: {key} has shape {tuple(tensor.shape)}, "
+                                     f"expected {tuple(ours[name].shape)} for {name}")
+                ours[name].copy_(tensor)
+                report.loaded.append(name)
+                continue
             if any(re.fullmatch(p, key) for p in UNUSED):
                 report.unused.append(key)
                 continue
@@ -161,6 +173,22 @@ def convert_official_vlbert_state_dict(state: dict, config: ViLBertConfig | None
     _check_tied_decoder(state, source)
     report.missing = _missing(set(ours), set(report.loaded), source)
     return model, report
+
+
+def _task_head_spec(state: dict, source: str) -> dict[str, tuple[str, int]]:
+    """The task head of a fine-tuned checkpoint: {"vqa": ("masked_answer", answers)}, or none."""
+    head = sorted(k for k in state if k.startswith("final_mlp."))
+    if not head:
+        return {}
+    if head != sorted(VQA_HEAD_RULES):
+        raise ValueError(f"{source}: its final_mlp ({', '.join(head)}) is not the VQA head of CLASSIFIER_TYPE mlm "
+                         "(final_mlp.0 = the MLM transform, final_mlp.2 = the answer layer), the only one converted")
+    return {"vqa": ("masked_answer", int(state["final_mlp.2.weight"].shape[0]))}
+
+
+def is_official_vlbert_state(state: dict) -> bool:
+    """Whether a state dict (without `module.`) is jackroos/VL-BERT's rather than vilbert-multi-task's."""
+    return "vlbert.word_embeddings.weight" in state
 
 
 def _check_tied_decoder(state: dict, source: str) -> None:

@@ -229,5 +229,19 @@ class ViLBert(nn.Module):
             loss=mlm + mrm + align, mlm_loss=mlm, mrm_loss=mrm, align_loss=align, overflow=token_over + region_over,
         )
 
-    def task_logits(self, name: str, out: BackboneOutput, image_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.task_heads(name, out, image_mask)
+    def task_logits(self, name: str, out: BackboneOutput, image_mask: torch.Tensor | None = None,
+                    positions: torch.Tensor | None = None) -> torch.Tensor:
+        return self.task_heads(name, out, image_mask, positions)
+
+    def add_task_head(self, name: str, kind: str, n: int) -> None:
+        """A fresh downstream head. VL-BERT's heads start their transform as a copy of the pretrained
+        head's, as the official fine-tuning configs do (PARTIAL_PRETRAIN_PREFIX_CHANGES): the VQA head
+        from the MLM head's transform, the referring head from the masked-RoI head's dense layer."""
+        self.task_heads.add(self.config, name, kind, n)
+        head = self.task_heads.heads[name]
+        with torch.no_grad():
+            if kind == "masked_answer":
+                head.transform.load_state_dict(self.mlm_head.transform.state_dict())
+            elif kind == "region_mlp":
+                head.dense.load_state_dict(self.region_head.dense.state_dict())
+        head.to(self.mlm_head.bias.device)

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vilbert.task_heads import VLBERT_KINDS
+
 log = logging.getLogger("vilbert.eval")
 
 
@@ -81,8 +83,10 @@ class Task:
             opts.val_split = self.val_split if opts.epochs else ""
 
     # -- to implement --------------------------------------------------------------------
+    arch = "vilbert"  # the model's architecture, set by `prepare`: VL-BERT tasks use VL-BERT's heads
+
     def head(self) -> tuple[str, str, int] | None:
-        """(head name, kind, size) this task trains and reads, or None."""
+        """(head name, kind, size) this task trains and reads, or None (may depend on `self.arch`)."""
         return None
 
     def train_items(self) -> list:
@@ -126,14 +130,18 @@ class Task:
 
     def prepare(self, model) -> None:
         """Give the model this task's head (a fresh one unless it already has a matching one)."""
+        self.arch = model.config.arch
         spec = self.head()
         if spec is None:
             return
         name, kind, n = spec
         have = model.task_heads.spec.get(name)
         if have is None:
-            model.task_heads.add(model.config, name, kind, n)
+            model.add_task_head(name, kind, n)
             log.info("added a new %s head %r with %d outputs", kind, name, n)
+        elif have[0] != kind and (have[0] in VLBERT_KINDS or kind in VLBERT_KINDS):  # ViLBERT's kinds interchange
+            raise ValueError(f"the model's {name!r} head is of kind {have[0]!r}, the {self.name} task on a "
+                             f"{self.arch} model uses {kind!r}")
         elif have[1] != n:
             raise ValueError(f"the model's {name!r} head has {have[1]} outputs, the {self.name} data needs {n}")
 

@@ -74,9 +74,9 @@ class RefCOCOTask(Task):
         if x.get("eval_on_gt") and self.gt_store is None:
             raise ValueError("eval_on_gt needs gt_features (shards extracted with vilbert-extract --gt-boxes)")
         self.soft = x.get("soft_targets", True)
-        self.iou_rule = x.get("iou_rule") or "vilbert-multi-task"
-        if self.iou_rule not in IOU_RULES:
-            raise ValueError(f"unknown IoU rule {self.iou_rule!r} (one of {', '.join(IOU_RULES)})")
+        self.given_iou_rule = x.get("iou_rule")
+        if self.given_iou_rule is not None and self.given_iou_rule not in IOU_RULES:
+            raise ValueError(f"unknown IoU rule {self.given_iou_rule!r} (one of {', '.join(IOU_RULES)})")
         for split, entries in self.splits.items():
             log.info("%s %s: %d expressions", self.name, split, len(entries))
         fine_tuned = opts.train_steps > 0 or bool(opts.epochs)
@@ -89,11 +89,26 @@ class RefCOCOTask(Task):
         check_features(self.store, sorted({e["image_id"] for split in used for e in self.splits[split]}), "refer")
 
     def head(self):
+        if self.arch == "vlbert":  # VL-BERT's final_mlp: the masked-RoI transform, then Linear
+            return ("refer", "region_mlp", 1)
         return ("refer", "region", 1)
+
+    @property
+    def iou_rule(self) -> str:
+        """The given rule, else the official evaluation's of the model's code: refcoco/function/test.py
+        for VL-BERT, vilbert-multi-task's for ViLBERT."""
+        return self.given_iou_rule or ("vl-bert" if self.arch == "vlbert" else "vilbert-multi-task")
+
+    @property
+    def first_candidate(self) -> int:
+        """The first visual element that can be picked: VL-BERT's whole image is a box among the others
+        (ADD_IMAGE_AS_A_BOX, labelled and scored like them); ViLBERT's [IMG] is not a candidate."""
+        return 0 if self.arch == "vlbert" else 1
 
     # -- batches ---------------------------------------------------------------------------
     def _regions(self, image_id, train: bool):
-        """-> feats (N+1, F), loc (N+1, 5), boxes (N, 4) pixels: [IMG] + detected (+ gt when training)."""
+        """-> feats (N+1, F), loc (N+1, 5), boxes (N+1, 4) pixels: [IMG] + detected (+ gt when training);
+        the [IMG] box is the whole image, [0, 0, W - 1, H - 1] as VL-BERT's image box."""
         if not train and self.opts.extra.get("eval_on_gt"):
             r = self.gt_store.get(image_id)
             feats, boxes = r.features, r.boxes
@@ -106,18 +121,22 @@ class RefCOCOTask(Task):
         n = self.opts.max_regions - 1
         feats, boxes = feats[:n], boxes[:n]
         f, loc = with_img_token(feats, boxes, r.width, r.height)
-        return f, loc, boxes
+        whole = np.array([[0, 0, r.width - 1, r.height - 1]], np.float32)
+        return f, loc, np.concatenate([whole, boxes.astype(np.float32)])
 
     def make_batch(self, entries: list[dict], train: bool) -> dict:
         regions = [self._regions(e["image_id"], train) for e in entries]
         feat, loc, mask = pad_regions([(f, l) for f, l, _ in regions])  # (B, R, F), (B, R, 5), (B, R)
         B, R = mask.shape
-        targets = torch.zeros(B, R)  # (B, R), 0 at [IMG] and padding
-        boxes = torch.zeros(B, R, 4)  # (B, R, 4) pixels, [IMG] = 0
+        targets = torch.zeros(B, R)  # (B, R), 0 at padding (and at ViLBERT's [IMG])
+        boxes = torch.zeros(B, R, 4)  # (B, R, 4) pixels
         for i, (e, (_, _, bx)) in enumerate(zip(entries, regions)):
-            iou = rule_iou(bx, [e["box"]], self.iou_rule)[:, 0]  # (N,)
-            targets[i, 1:1 + len(bx)] = torch.where(iou >= 0.5, iou if self.soft else torch.ones_like(iou), 0.0)
-            boxes[i, 1:1 + len(bx)] = torch.from_numpy(bx)
+            boxes[i, :len(bx)] = torch.from_numpy(bx)
+            if self.arch == "vlbert":  # refcoco.py: label = IoU (pixels counted) > 0.5, every box
+                targets[i, :len(bx)] = (rule_iou(bx, [e["box"]], "vl-bert")[:, 0] > 0.5).float()
+                continue
+            iou = rule_iou(bx[1:], [e["box"]], self.iou_rule)[:, 0]  # (N,)
+            targets[i, 1:len(bx)] = torch.where(iou >= 0.5, iou if self.soft else torch.ones_like(iou), 0.0)
         text = encode(self.tokenizer, [e["expression"] for e in entries], self.opts.max_seq_length)
         return {**text, "image_feat": feat, "image_loc": loc, "image_mask": mask, "targets": targets,
                 "boxes": boxes, "gt_boxes": torch.tensor([e["box"] for e in entries], dtype=torch.float32)}
@@ -132,18 +151,23 @@ class RefCOCOTask(Task):
         return self.make_batch(items, train=True)
 
     def region_logits(self, model, batch) -> torch.Tensor:
-        """(B, R) scores; [IMG] and padding pushed to -10000 so they are never picked."""
+        """(B, R) scores; padding (and ViLBERT's [IMG]) pushed to -10000 so they are never picked."""
         out = self.backbone(model, batch)
-        candidates = batch["image_mask"].clone()
-        candidates[:, 0] = 0  # [IMG] is not a candidate box
-        return model.task_logits("refer", out, candidates)[..., 0]
+        return model.task_logits("refer", out, self.candidates(batch))[..., 0]
+
+    def candidates(self, batch) -> torch.Tensor:
+        """(B, R) bool: the visual elements that can be picked."""
+        valid = batch["image_mask"].bool().clone()
+        valid[:, :self.first_candidate] = False
+        return valid
 
     def loss(self, model, batch):
         logits = self.region_logits(model, batch)  # (B, R)
-        valid = batch["image_mask"].bool().clone()
-        valid[:, 0] = False
+        valid = self.candidates(batch)
         bce = F.binary_cross_entropy_with_logits(logits, batch["targets"], reduction="none")  # (B, R)
-        return (bce * valid).sum() / logits.shape[0]
+        if self.arch == "vlbert":  # the official mean over every real box of the batch
+            return bce[valid].mean()
+        return (bce * valid).sum() / logits.shape[0]  # vilbert-multi-task: summed, per expression
 
     # -- evaluation ------------------------------------------------------------------------
     @torch.no_grad()
@@ -154,14 +178,15 @@ class RefCOCOTask(Task):
         model.eval()
 
         def run(chunk, batch):
-            top = self.region_logits(model, batch).argmax(1).cpu()  # (B,)
-            sizes, boxes = batch["image_mask"].sum(1).cpu() - 1, batch["boxes"].cpu()
+            first = self.first_candidate
+            top = self.region_logits(model, batch).argmax(1).cpu() - first  # (B,) among the candidates
+            sizes, boxes = batch["image_mask"].sum(1).cpu(), batch["boxes"].cpu()
             out = []
             for i, e in enumerate(chunk):
-                bx = boxes[i, 1:1 + int(sizes[i])]
+                bx = boxes[i, first:int(sizes[i])]  # (N, 4) the candidates' boxes
                 ious = rule_iou(bx, [e["box"]], self.iou_rule)[:, 0]  # (N,)
-                pick = ious[top[i] - 1]
-                out.append((bx[top[i] - 1].tolist(), float(pick), bool(is_hit(pick, self.iou_rule)),
+                pick = ious[top[i]]
+                out.append((bx[top[i]].tolist(), float(pick), bool(is_hit(pick, self.iou_rule)),
                             bool(is_hit(ious, self.iou_rule).any())))
             return out
 

@@ -33,3 +33,25 @@ def encode(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Tens
     enc = tokenizer(list(texts), max_length=max_length, truncation=True, padding="longest", return_tensors="pt")
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
             "token_type_ids": torch.zeros_like(enc["input_ids"])}
+
+
+def encode_with_mask_slot(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+    """VL-BERT's VQA input `<question, [MASK], image>`: [CLS] text [SEP] [MASK] [SEP], the text cut so
+    that the row fits max_length, padded to the longest -> input_ids, attention_mask, token_type_ids
+    (0 up to the first [SEP], 1 for [MASK] [SEP], as the official prepare_text_from_qa), each (B, T),
+    and mask_position (B,), the index of each row's [MASK]."""
+    if max_length < 5:
+        raise ValueError(f"a question with a [MASK] slot needs --max-seq-length >= 5, got {max_length}")
+    enc = tokenizer(list(texts), max_length=max_length - 2, truncation=True)
+    rows = [ids + [tokenizer.mask_token_id, tokenizer.sep_token_id] for ids in enc["input_ids"]]
+    T = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), T), tokenizer.pad_token_id or 0, dtype=torch.long)
+    attention_mask = torch.zeros(len(rows), T, dtype=torch.long)
+    token_type_ids = torch.zeros(len(rows), T, dtype=torch.long)
+    for i, ids in enumerate(rows):
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        attention_mask[i, :len(ids)] = 1
+        token_type_ids[i, len(ids) - 2:len(ids)] = 1
+    mask_position = attention_mask.sum(1) - 2  # (B,)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids,
+            "mask_position": mask_position}

@@ -43,9 +43,7 @@ rationale probabilities given each of the 4 answers (the leaderboard's 5 x 4 gro
 """
 from __future__ import annotations
 
-import csv
 import json
-import re
 import zlib
 from pathlib import Path
 
@@ -56,140 +54,18 @@ import torch.nn.functional as F
 from .base import Task, log
 from .features import FeatureStore, locations, pad_regions, with_img_token
 from .metrics import vcr_accuracies
-from .snli_ve import field, read_jsonl
+from .vcr_data import (  # noqa: F401 (image_key: part of this module's interface)
+    CHOICES,
+    NAMES_TABLE,
+    gt_boxes_json,
+    image_key,
+    load_vcr_split,
+    object_names,
+    object_words,
+    read_names_table,
+)
 
-CHOICES = 4
-NAMES_TABLE = "unisex_names_table.csv"
 SUBTASKS = ("q2a", "qa2r")
-
-
-def image_key(img_fn: str) -> str:
-    """The shard key vilbert-extract gives an image at `img_fn` under its IMAGES folder: the path
-    without its extension, every character outside [A-Za-z0-9_-] as "_"."""
-    stem = img_fn.rsplit(".", 1)[0] if "." in img_fn.rsplit("/", 1)[-1] else img_fn
-    return re.sub(r"[^A-Za-z0-9_-]", "_", stem)
-
-
-def read_names_table(path: Path) -> list[str]:
-    """The second column of every row but the header (the official reader keeps row[1] != "name")."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: names table not found (VCR's people are named from it: "
-                                f"vilbert-multi-task's datasets/VCR/{NAMES_TABLE})")
-    names = []
-    with open(path, newline="", encoding="utf-8") as handle:
-        for n, row in enumerate(csv.reader(handle), 1):
-            if not row:
-                continue
-            if len(row) < 2 or not row[1].strip():
-                raise ValueError(f"{path}:{n}: expected a name in the second column, got {row!r}")
-            if row[1] != "name":
-                names.append(row[1])
-    if not names:
-        raise ValueError(f"{path}: no names")
-    return names
-
-
-def object_names(objects: list[str], table: list[str], rng: np.random.Generator) -> list[str]:
-    """The word of each object: a name from `table` for a "person", else its class name."""
-    return [table[int(rng.integers(len(table)))] if name == "person" else name for name in objects]
-
-
-def object_words(tokens: list, names: list[str]) -> list[str]:
-    """VCR tokens -> words: a word stays, an index list becomes the words of those objects."""
-    words = []
-    for token in tokens:
-        if isinstance(token, str):
-            words.append(token)
-        else:
-            words.extend(names[i] for i in token)
-    return words
-
-
-def _tokens(path: Path, n: int, value, what: str, n_objects: int) -> list:
-    """A checked token list: words and lists of object indices below n_objects."""
-    if not isinstance(value, list) or not value:
-        raise ValueError(f"{path}:{n}: {what} must be a non-empty list of tokens, got {value!r}"[:300])
-    for token in value:
-        if isinstance(token, str):
-            continue
-        if not isinstance(token, list) or not token or not all(
-                isinstance(i, int) and not isinstance(i, bool) for i in token):
-            raise ValueError(f"{path}:{n}: {what} holds {token!r}, neither a word nor a list of object indices")
-        for i in token:
-            if not 0 <= i < n_objects:
-                raise ValueError(f"{path}:{n}: {what} refers to object {i}, the line has {n_objects} objects")
-    return value
-
-
-def _label(path: Path, n: int, row: dict, name: str):
-    value = row.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < CHOICES:
-        raise ValueError(f"{path}:{n}: {name} {value!r} is not an index of the {CHOICES} choices")
-    return value
-
-
-def load_vcr_split(data: Path, split: str) -> list[dict]:
-    """DATA/SPLIT.jsonl -> items {id, img_fn, key, metadata_fn, objects, question, answers,
-    rationales, answer_label, rationale_label} (labels None on an unlabelled line)."""
-    path = Path(data) / f"{split}.jsonl"
-    items = []
-    for n, row in enumerate(read_jsonl(path, f"VCR {split} split"), 1):
-        objects = row.get("objects")
-        if not isinstance(objects, list) or not all(isinstance(o, str) for o in objects):
-            raise ValueError(f"{path}:{n}: 'objects' must be a list of class names, got {objects!r}"[:300])
-        question = _tokens(path, n, row.get("question"), "question", len(objects))
-        choices = {}
-        for name in ("answer_choices", "rationale_choices"):
-            value = row.get(name)
-            if not isinstance(value, list) or len(value) != CHOICES:
-                got = f"{len(value)}" if isinstance(value, list) else repr(value)[:80]
-                raise ValueError(f"{path}:{n}: {name} must be a list of {CHOICES} token lists, got {got}")
-            choices[name] = [_tokens(path, n, c, f"{name}[{k}]", len(objects)) for k, c in enumerate(value)]
-        answer, rationale = _label(path, n, row, "answer_label"), _label(path, n, row, "rationale_label")
-        if (answer is None) != (rationale is None):
-            raise ValueError(f"{path}:{n}: has {'answer' if rationale is None else 'rationale'}_label but not "
-                             f"{'rationale' if rationale is None else 'answer'}_label")
-        img_fn = field(path, n, row, "img_fn")
-        items.append({"id": str(row.get("annot_id", f"{split}-{n - 1}")), "img_fn": img_fn, "key": image_key(img_fn),
-                      "metadata_fn": row.get("metadata_fn"), "objects": objects, "question": question,
-                      "answers": choices["answer_choices"], "rationales": choices["rationale_choices"],
-                      "answer_label": answer, "rationale_label": rationale})
-    if not items:
-        raise ValueError(f"{path}: no questions")
-    return items
-
-
-def gt_boxes_json(data: Path, splits=("train", "val", "test")) -> dict[str, list]:
-    """{img_fn: [[x1, y1, x2, y2], ...]} from each image's metadata (DATA/vcr1images/METADATA_FN,
-    "boxes" of x1, y1, x2, y2, score), in the order of its objects: the `--gt-boxes` file of
-    `vilbert-extract vcr1images OUT --gt-boxes FILE` (a split whose jsonl is absent is skipped)."""
-    data = Path(data)
-    boxes: dict[str, list] = {}
-    for split in splits:
-        if not (data / f"{split}.jsonl").is_file():
-            continue
-        for item in load_vcr_split(data, split):
-            if item["img_fn"] in boxes:
-                continue
-            if not isinstance(item["metadata_fn"], str):
-                raise ValueError(f"{data / f'{split}.jsonl'}: question {item['id']} has no 'metadata_fn'")
-            path = data / "vcr1images" / item["metadata_fn"]
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: metadata of {item['img_fn']} not found")
-            try:
-                meta = json.loads(path.read_text())
-                found = [[float(v) for v in b[:4]] for b in meta["boxes"]]
-            except (ValueError, KeyError, TypeError, IndexError) as e:
-                raise ValueError(f"{path}: expected JSON with 'boxes' of [x1, y1, x2, y2, score] ({e})") from None
-            if len(found) != len(item["objects"]) or any(len(b) != 4 for b in found):
-                raise ValueError(f"{path}: {len(found)} boxes for the {len(item['objects'])} objects of question "
-                                 f"{item['id']}")
-            boxes[item["img_fn"]] = found
-    if not boxes:
-        raise FileNotFoundError(f"{data}: no {', '.join(f'{s}.jsonl' for s in splits)}")
-    return boxes
 
 
 class VCRTask(Task):
@@ -203,7 +79,6 @@ class VCRTask(Task):
     metric = "q2ar"
     default_max_seq_length = 80  # VCR_QA-R; VCR_Q-A reads 60
     q2a_max_seq_length = 60
-    head_name = "retrieval"  # the official vil_logit, shared by retrieval and VCR
     shown_max_seq_length, shown_task_id = "60/80", "5/6"  # Q->A / QA->R, in --help
 
     def __init__(self, opts):
@@ -218,7 +93,14 @@ class VCRTask(Task):
                         "adds the annotated boxes of the objects the text refers to)")
         self._train = None
 
+    @property
+    def head_name(self) -> str:
+        """ViLBERT: the official vil_logit, shared by retrieval and VCR; VL-BERT: its own VCR head."""
+        return "vcr" if self.arch == "vlbert" else "retrieval"
+
     def head(self):
+        if self.arch == "vlbert":  # VL-BERT's final_mlp: Dropout + Linear on the pooled [CLS]
+            return (self.head_name, "cls_linear", 1)
         return (self.head_name, "pooled_linear", 1)
 
     def max_length(self, subtask: str) -> int:
@@ -335,10 +217,14 @@ class VCRTask(Task):
         return self.make_batch([(item, subtask, None) for subtask in SUBTASKS for item in items])
 
     def loss(self, model, batch):
-        scores = self.scores(model, batch)  # (E, 4)
+        scores = self.scores(model, batch).float()  # (E, 4)
         qa2r = batch["qa2r"][::CHOICES]  # (E,)
-        ce = F.cross_entropy(scores.float(), batch["labels"], reduction="none")  # (E,)
-        return sum(ce[qa2r == flag].mean() for flag in (False, True) if (qa2r == flag).any())
+        if self.arch == "vlbert":  # VL-BERT (CLASSIFIER_SIGMOID): each choice right or not, BCE
+            right = F.one_hot(batch["labels"], CHOICES).float()  # (E, 4)
+            per_item = F.binary_cross_entropy_with_logits(scores, right, reduction="none").mean(1)  # (E,)
+        else:
+            per_item = F.cross_entropy(scores, batch["labels"], reduction="none")  # (E,)
+        return sum(per_item[qa2r == flag].mean() for flag in (False, True) if (qa2r == flag).any())
 
     # -- evaluation ------------------------------------------------------------------------
     def check_regions(self, items: list[dict], split: str) -> None:

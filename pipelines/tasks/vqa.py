@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from .base import Task, batched, log, read_json, write_json
 from .features import check_features, image_batch
 from .refer_pickle import load_plain_pickle
-from .text import encode
+from .text import encode, encode_with_mask_slot
 from .vqa_eval import answer_score, preprocess_answer, vqa_accuracy
 
 
@@ -146,6 +146,8 @@ class VQATask(Task):
         return items
 
     def head(self):
+        if self.arch == "vlbert":  # VL-BERT: the hidden state of a [MASK] after the question
+            return ("vqa", "masked_answer", len(self.answers))
         return ("vqa", "answer", len(self.answers))
 
     def make_batch(self, items: list[dict]) -> dict:
@@ -155,8 +157,14 @@ class VQATask(Task):
             for a, n in Counter(it["answers"] or []).items():  # raw answers, as the released targets
                 if a in self.index:
                     targets[i, self.index[a]] = answer_score(n)
-        text = encode(self.tokenizer, [it["question"] for it in items], self.opts.max_seq_length)
+        questions = [it["question"] for it in items]
+        text = (encode_with_mask_slot(self.tokenizer, questions, self.opts.max_seq_length) if self.arch == "vlbert"
+                else encode(self.tokenizer, questions, self.opts.max_seq_length))
         return {**text, **images, "targets": targets}
+
+    def logits(self, model, batch) -> torch.Tensor:
+        """(B, A) answer scores: from h_IMG * h_CLS (ViLBERT) or the [MASK] after the question (VL-BERT)."""
+        return model.task_logits("vqa", self.backbone(model, batch), positions=batch.get("mask_position"))
 
     def train_items(self):
         if self._train is None:
@@ -167,7 +175,7 @@ class VQATask(Task):
         return self.make_batch(items)
 
     def loss(self, model, batch):
-        logits = model.task_logits("vqa", self.backbone(model, batch))  # (B, A)
+        logits = self.logits(model, batch)  # (B, A)
         return F.binary_cross_entropy_with_logits(logits, batch["targets"], reduction="sum") / logits.shape[0]
 
     def eval_inputs(self, split: str) -> list[dict]:
@@ -180,8 +188,7 @@ class VQATask(Task):
         items = self.eval_inputs(split)
         model.eval()
         tops = self.map_chunks(list(batched(items, self.opts.eval_batch_size)), self.make_batch,
-                               lambda chunk, batch: model.task_logits("vqa", self.backbone(model, batch)).argmax(1)
-                               .tolist())  # (N,)
+                               lambda chunk, batch: self.logits(model, batch).argmax(1).tolist())  # (N,)
         preds, scores, by_type = [], [], {}
         for it, k in zip(items, tops):
             preds.append({"question_id": it["question_id"], "answer": self.answers[k]})

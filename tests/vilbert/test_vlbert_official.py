@@ -63,7 +63,14 @@ def test_a_vqa_model_converts_without_the_pretraining_parts():
     state = official_vlbert_state(kind="vqa")
     model, report = convert(state)
     assert torch.equal(model.backbone.pooler.dense.weight, state["vlbert.pooler.dense.weight"])
-    assert sorted(report.unused) == sorted(k for k in state if k.startswith("final_mlp."))
+    assert report.unused == []
+    # final_mlp (CLASSIFIER_TYPE mlm) is our "vqa" head: MLM transform, Dropout, Linear over 11 answers
+    assert model.task_heads.spec == {"vqa": ("masked_answer", 11)}
+    head = model.task_heads.heads["vqa"]
+    for official, ours in [("final_mlp.0.dense.weight", head.transform.dense.weight),
+                           ("final_mlp.0.LayerNorm.bias", head.transform.norm.bias),
+                           ("final_mlp.2.weight", head.out.weight), ("final_mlp.2.bias", head.out.bias)]:
+        assert torch.equal(ours, state[official]), official
     heads = [k for k in model.state_dict() if k.startswith(("mlm_head.", "region_head.", "alignment_head."))]
     assert len(heads) == 2 + 1 + 4 + 4  # relationship, MLM (bias, dense, norm), MVRC (dense, decoder)
     assert report.missing == sorted(heads + ["backbone.embeddings.mask_token", "backbone.embeddings.mask_feature",
