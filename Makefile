@@ -16,10 +16,13 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
+test-extended: $(VENV)/.installed  # the longer proofs: further seeds, the VL-BERT demo (CI runs them after `make test`)
+	$(PY) -m pytest -q -m extended
+
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/model_benchmark.py
 
-.PHONY: install demo test lint bench
+.PHONY: install demo test test-extended lint bench

@@ -4,8 +4,10 @@
 
 1. `vilbert-extract` (tiny detector config by default, random init unless --weights, ground-truth
    boxes so every region is one drawn object) on the training and the held-out scenes;
-2. `vilbert-train` (vilbert-tiny preset) on the training scenes, with a held-out pass;
-3. `vilbert-eval --task retrieval` zero-shot (alignment head) on the held-out scenes, and
+2. `vilbert-train` (vilbert-tiny preset, or with `--arch vlbert` vlbert-tiny and VL-BERT's objective)
+   on the training scenes, with a held-out pass;
+3. `vilbert-eval --task retrieval` zero-shot (alignment head; ViLBERT only: VL-BERT's objective has
+   no image-caption alignment) on the held-out scenes, and
    `vilbert-eval --task refcoco+` (refer head fine-tuned on the training scenes' expressions,
    evaluated on the held-out scenes' expressions, with grounding pictures); the same two
    evaluations of an untrained model of the same shape as a control (`--no-control` skips them);
@@ -17,173 +19,26 @@ hand. `--train-scenes/--test-scenes/--steps/--refer-steps` shorten the run (the 
 """
 from __future__ import annotations
 
-import codecs
-import io
 import json
 import os
-import pickle
-import re
-import shlex
 import shutil
-import subprocess
-import sys
-import tarfile
 import time
 from pathlib import Path
 
 import click
-import numpy as np
 
 from common.outputs import writable_folder
 
-REPO = Path(__file__).resolve().parents[1]
+from .demo_data import MARKER, check_demo_folders, feature_dim, prepare_data
+from .demo_stages import REPO, Stages
+
 SAMPLE = REPO / "data" / "sample"
-ENTRY = {"vilbert-extract": "extractor.cli", "vilbert-train": "pipelines.train_cli",
-         "vilbert-eval": "pipelines.eval_cli"}
-
-
-# ---- the data view: a (possibly shortened) copy of data/sample in OUT/data --------------------
-
-def prepare_data(sample: Path, out: Path, train_scenes: int | None, test_scenes: int | None) -> dict:
-    """Copy the first `train_scenes` training and `test_scenes` held-out scenes of `sample` (checked
-    by `check_demo_folders`) with their annotations (captions, COCO boxes, retrieval jsonl, refer pickle) into `out`."""
-    from pipelines.tasks.refer_pickle import load_refs
-
-    coco = json.loads((sample / "annotations.json").read_text())
-    keep: dict[str, list[str]] = {}
-    for split, limit in (("train", train_scenes), ("test", test_scenes)):
-        files = sorted(p.name for p in (sample / "images" / split).glob("*.jpg"))
-        keep[split] = files[:limit] if limit else files
-    if out.exists():
-        shutil.rmtree(out)
-    names = set(keep["train"]) | set(keep["test"])
-    for split, files in keep.items():
-        (out / "images" / split).mkdir(parents=True)
-        for name in files:
-            shutil.copyfile(sample / "images" / split / name, out / "images" / split / name)
-    ids = {im["id"] for im in coco["images"] if im["file_name"] in names}
-    coco = {**coco, "images": [im for im in coco["images"] if im["id"] in ids],
-            "annotations": [a for a in coco["annotations"] if a["image_id"] in ids]}
-    text = json.dumps(coco, separators=(",", ":"))
-    (out / "annotations.json").write_text(text)
-    lines = [line for line in (sample / "captions.tsv").read_text().splitlines() if line.split("\t")[-1] in names]
-    (out / "captions.tsv").write_text("".join(line + "\n" for line in lines))
-    shutil.copyfile(sample / "vocab.txt", out / "vocab.txt")
-    (out / "retrieval").mkdir()
-    for split in ("train", "test"):
-        rows = [line for line in (sample / "retrieval" / f"{split}.jsonl").read_text().splitlines()
-                if json.loads(line)["img_path"] in names]
-        (out / "retrieval" / f"{split}.jsonl").write_text("".join(r + "\n" for r in rows))
-    (out / "refer").mkdir()
-    refs = [r for r in load_refs(sample / "refer" / "refs(unc).p") if r["image_id"] in ids]
-    (out / "refer" / "refs(unc).p").write_bytes(pickle.dumps(refs, protocol=2))
-    (out / "refer" / "instances.json").write_text(text)
-    return {"train": len(keep["train"]), "test": len(keep["test"]), "objects": len(coco["annotations"]),
-            "refs": {s: sum(r["split"] == s for r in refs) for s in ("train", "val")}}
-
-
-def feature_dim(shards: Path) -> int:
-    """Width of the region features in the first sample of the first shard."""
-    tar = sorted(shards.glob("*.tar"))[0]
-    with tarfile.open(tar) as tf:
-        for member in tf:
-            if member.name.endswith(".features.npy"):
-                return int(np.load(io.BytesIO(tf.extractfile(member).read()), allow_pickle=False).shape[1])
-    raise click.ClickException(f"{tar}: no features")
-
-
-MARKER = ".vilbert-demo"  # in OUT: a folder the demo made, whose outputs it may replace
-
-
-def check_demo_folders(out: Path, sample: Path) -> None:
-    """Refuse, before anything is deleted, an OUT the demo did not make that holds files (the demo
-    replaces OUT/shards, train, eval and data on every run), a --data inside OUT, or a --data
-    without the bundled sample."""
-    if not (sample / "annotations.json").exists():
-        raise click.ClickException(f"{sample}: no bundled sample (regenerate: python data/sample/make_sample.py)")
-    made_by_demo = any((out / name).exists() for name in (MARKER, "demo.log", "summary.json"))  # or an older demo
-    if out.is_dir() and any(out.iterdir()) and not made_by_demo:
-        raise click.ClickException(f"--out {out}: holds files and was not made by vilbert-demo, which replaces "
-                                   "its outputs there on every run; give an empty or new folder")
-    if sample.resolve() == out.resolve() or out.resolve() in sample.resolve().parents:
-        raise click.ClickException(f"--data {sample} lies inside --out {out}, which the demo replaces; "
-                                   "copy it elsewhere first")
-
-
-# ---- running the stages -------------------------------------------------------------------------
-
-class Stages:
-    def __init__(self, log: Path, threads: int | None):
-        self.log = log
-        self.env = dict(os.environ)
-        if threads:
-            self.env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-        self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), self.env.get("PYTHONPATH")]))
-        self.timings: dict[str, float] = {}
-
-    def run(self, title: str, command: str, args: list, quiet: bool = False) -> None:
-        args = [str(a) for a in args]
-        click.secho(f"\n== {title}", bold=True)
-        click.echo("$ " + shlex.join([command, *args]))
-        code = f"import sys; from {ENTRY[command]} import main; sys.argv[0] = {command!r}; main()"
-        t0 = time.perf_counter()
-        with open(self.log, "a") as log:
-            log.write(f"\n$ {shlex.join([command, *args])}\n")
-            log.flush()
-            proc = subprocess.Popen([sys.executable, "-c", code, *args], env=self.env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT)
-            tail = self._show(proc, log, quiet)
-            proc.wait()
-        self.timings[title] = round(time.perf_counter() - t0, 1)
-        if proc.returncode != 0:
-            click.echo("".join(tail), err=True)
-            raise click.ClickException(f"{command} failed (exit {proc.returncode}); full output in {self.log}")
-
-    @staticmethod
-    def _show(proc, log, quiet: bool) -> list[str]:
-        """Copy the stage's output to the log; echo its result lines, and its progress bar (one line
-        kept up to date on a terminal, a line every 30 s otherwise). Returns the last lines."""
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        tty = sys.stdout.isatty()
-        buffer, tail, shown, last_progress = "", [], False, 0.0
-        while True:
-            chunk = os.read(proc.stdout.fileno(), 65536)
-            text = decoder.decode(chunk, final=not chunk)
-            log.write(text)
-            buffer += text
-            *segments, buffer = re.split(r"(?<=[\r\n])", buffer) if buffer else [""]
-            for seg in segments:
-                line = seg.rstrip("\r\n")
-                if not line.strip():
-                    continue
-                tail = (tail + [line])[-40:]
-                progress = seg.endswith("\r") or "step/s" in line or "it/s" in line
-                if quiet:
-                    continue
-                if progress:
-                    now = time.monotonic()
-                    if tty and now - last_progress > 0.3:
-                        width = shutil.get_terminal_size().columns - 1
-                        click.echo("\r" + line.strip()[-width:].ljust(width), nl=False)
-                        shown, last_progress = True, now
-                    elif not tty and now - last_progress > 30:
-                        click.echo("  " + line.strip()[-120:])
-                        last_progress = now
-                else:
-                    if shown:
-                        click.echo()
-                        shown = False
-                    click.echo(line)
-            if not chunk:
-                break
-        if shown:
-            click.echo()
-        return [t + "\n" for t in tail]
 
 
 def run_pipeline(out: Path, sample: Path, config: str, weights: Path | None, train_scenes: int | None,
                  test_scenes: int | None, steps: int, batch_size: int, lr: float, refer_steps: int,
-                 device: str, threads: int | None, visualize: int, control: bool, seed: int) -> dict:
+                 device: str, threads: int | None, visualize: int, control: bool, seed: int,
+                 arch: str = "vilbert") -> dict:
     t_start = time.perf_counter()
     try:
         writable_folder(out, "--out")
@@ -236,21 +91,24 @@ def run_pipeline(out: Path, sample: Path, config: str, weights: Path | None, tra
     run_dir = out / "train"
     no_dropout = ["hidden_dropout_prob=0", "attention_probs_dropout_prob=0", "v_hidden_dropout_prob=0",
                   "v_attention_probs_dropout_prob=0"]
-    train_args = [shards / "train", "--out", run_dir, "--preset", "vilbert-tiny", "--tokenizer", vocab,
+    preset = f"{arch}-tiny"
+    train_args = [shards / "train", "--out", run_dir, "--preset", preset, "--tokenizer", vocab,
                   "--set", f"v_feature_size={dim}", *[x for s in no_dropout for x in ("--set", s)],
                   "--max-steps", steps, "--batch-size", batch_size, "--micro-batch-size", batch_size,
                   "--lr", lr, "--workers", 0, "--log-every", max(1, min(50, steps // 10)),
                   "--save-every", steps, "--eval-shards", shards / "test", "--seed", seed, "--device", device]
-    stages.run("train: vilbert-tiny on the training scenes", "vilbert-train", train_args)
+    stages.run(f"train: {preset} on the training scenes", "vilbert-train", train_args)
     checkpoint = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
 
     # 3. evaluation ------------------------------------------------------------------------------
     eval_device = device if device != "auto" else ("cuda" if _cuda() else "cpu")
     retrieval_out = out / "eval" / "retrieval"
-    stages.run("eval: zero-shot retrieval on the held-out scenes", "vilbert-eval",
-               ["--task", "retrieval", "--data", data / "retrieval", "--features", shards / "test",
-                "--checkpoint", checkpoint, "--tokenizer", vocab, "--train-steps", 0, "--out", retrieval_out,
-                "--device", eval_device, "--no-save"])
+    zero_shot = arch == "vilbert"  # VL-BERT is not pretrained to tell a caption's image from another
+    if zero_shot:
+        stages.run("eval: zero-shot retrieval on the held-out scenes", "vilbert-eval",
+                   ["--task", "retrieval", "--data", data / "retrieval", "--features", shards / "test",
+                    "--checkpoint", checkpoint, "--tokenizer", vocab, "--train-steps", 0, "--out", retrieval_out,
+                    "--device", eval_device, "--no-save"])
     refer_out = out / "eval" / "refer"
     stages.run("eval: referring expressions (refer head fine-tuned on training scenes)", "vilbert-eval",
                ["--task", "refcoco+", "--data", data / "refer", "--features", both, "--checkpoint", checkpoint,
@@ -263,37 +121,39 @@ def run_pipeline(out: Path, sample: Path, config: str, weights: Path | None, tra
         config_json = out / "eval" / "untrained-config.json"
         config_json.write_text(json.dumps(json.loads((checkpoint / "config.json").read_text())["config"]))
         untrained = ["--init-preset", config_json, "--tokenizer", vocab, "--device", eval_device, "--no-save"]
-        stages.run("control: zero-shot retrieval, untrained model", "vilbert-eval",
-                   ["--task", "retrieval", "--data", data / "retrieval", "--features", shards / "test",
-                    "--train-steps", 0, "--out", out / "eval" / "control-retrieval", *untrained])
+        if zero_shot:
+            stages.run("control: zero-shot retrieval, untrained model", "vilbert-eval",
+                       ["--task", "retrieval", "--data", data / "retrieval", "--features", shards / "test",
+                        "--train-steps", 0, "--out", out / "eval" / "control-retrieval", *untrained])
         stages.run("control: referring expressions, untrained model + the same fine-tuning", "vilbert-eval",
                    ["--task", "refcoco+", "--data", data / "refer", "--features", both, "--train-steps", refer_steps,
                     "--lr", 1e-3, "--batch-size", 32, "--split", "val", "--out", out / "eval" / "control-refer",
                     "--seed", seed, *untrained])
-        controls = {
-            "retrieval": json.loads(
-                (out / "eval" / "control-retrieval" / "results.json").read_text())["splits"]["test"],
-            "refer": json.loads((out / "eval" / "control-refer" / "results.json").read_text())["splits"]["val"],
-        }
+        controls = {"refer": json.loads((out / "eval" / "control-refer" / "results.json").read_text())["splits"]["val"]}
+        if zero_shot:
+            controls["retrieval"] = json.loads(
+                (out / "eval" / "control-retrieval" / "results.json").read_text())["splits"]["test"]
 
     # 4. summary -----------------------------------------------------------------------------------
     held_out = json.loads((run_dir / "eval.json").read_text())
-    retrieval = json.loads((retrieval_out / "results.json").read_text())
+    retrieval = json.loads((retrieval_out / "results.json").read_text())["splits"]["test"] if zero_shot else None
     refer = json.loads((refer_out / "results.json").read_text())
     n_test = counts["test"]
     summary = {
+        "arch": arch,
         "data": counts, "detector": {"config": config, "weights": str(weights) if weights else "random-init"},
         "train": {"steps": steps, "batch_size": batch_size, "lr": lr, "held_out": held_out},
-        "retrieval": retrieval["splits"]["test"],
+        "retrieval": retrieval,
         "refer": refer["splits"]["val"],
         "untrained_control": controls,
-        "chance": {"alignment": 0.5, "retrieval_r1_text_to_image": 1 / n_test, "refer": 1 / 3},
+        "chance": {"alignment": 0.5, "retrieval_r1_text_to_image": 1 / n_test,
+                   "refer": 1 / 4 if arch == "vlbert" else 1 / 3},  # VL-BERT: the whole image is a candidate too
         "seconds": {**stages.timings, "total": round(time.perf_counter() - t_start, 1)},
         "paths": {
             "data": str(data), "shards": str(shards), "box_previews": str(shards / "test" / "preview"),
             "checkpoint": str(checkpoint), "metrics": str(run_dir / "metrics.csv"),
             "tensorboard": str(run_dir / "tensorboard"), "loss_curves": str(run_dir / "loss_curves.png"),
-            "retrieval": str(retrieval_out), "refer": str(refer_out),
+            "retrieval": str(retrieval_out) if zero_shot else None, "refer": str(refer_out),
             "grounding_pictures": str(refer_out / "visualize" / "val"), "log": str(out / "demo.log"),
         },
     }
@@ -311,30 +171,35 @@ def _cuda() -> bool:
 def print_summary(s: dict) -> None:
     ho, rt, rf, ch, p = s["train"]["held_out"], s["retrieval"], s["refer"], s["chance"], s["paths"]
     click.secho(f"\n== summary ({s['seconds']['total']:.0f} s)", bold=True)
-    click.echo(f"held-out scenes: {s['data']['test']} (never seen in training); detector: {s['detector']['config']}, "
-               f"{s['detector']['weights']}")
-    rows = [
-        ("alignment accuracy (caption matches image?)", ho.get("align_accuracy"), ch["alignment"]),
-        ("masked-word accuracy", ho.get("mlm_accuracy"), None),
-        ("zero-shot retrieval R@1, text->image", rt["t2i_R@1"], ch["retrieval_r1_text_to_image"]),
-        ("zero-shot retrieval R@5, text->image", rt["t2i_R@5"], min(1.0, 5 * ch["retrieval_r1_text_to_image"])),
-        ("zero-shot retrieval R@1, image->text", rt["i2t_R@1"], None),
-        ("referring expressions, accuracy", rf.get("accuracy"), ch["refer"]),
-    ]
+    click.echo(f"held-out scenes: {s['data']['test']} (never seen in training); model: {s['arch']}-tiny; "
+               f"detector: {s['detector']['config']}, {s['detector']['weights']}")
     ctl = s.get("untrained_control") or {}
-    control = [None, None, ctl.get("retrieval", {}).get("t2i_R@1"), ctl.get("retrieval", {}).get("t2i_R@5"),
-               ctl.get("retrieval", {}).get("i2t_R@1"), ctl.get("refer", {}).get("accuracy")]
+    ctl_rt, ctl_rf = ctl.get("retrieval") or {}, ctl.get("refer") or {}
+    rows = [("masked-word accuracy", ho.get("mlm_accuracy"), None, None)]
+    if rt:  # ViLBERT: alignment and zero-shot retrieval
+        rows = [("alignment accuracy (caption matches image?)", ho.get("align_accuracy"), None, ch["alignment"]),
+                *rows,
+                ("zero-shot retrieval R@1, text->image", rt["t2i_R@1"], ctl_rt.get("t2i_R@1"),
+                 ch["retrieval_r1_text_to_image"]),
+                ("zero-shot retrieval R@5, text->image", rt["t2i_R@5"], ctl_rt.get("t2i_R@5"),
+                 min(1.0, 5 * ch["retrieval_r1_text_to_image"])),
+                ("zero-shot retrieval R@1, image->text", rt["i2t_R@1"], ctl_rt.get("i2t_R@1"), None)]
+    else:  # VL-BERT: masked RoI classification instead of alignment
+        rows.append(("masked-RoI classification accuracy", ho.get("mrc_accuracy"), None, None))
+    rows.append(("referring expressions, accuracy", rf.get("accuracy"), ctl_rf.get("accuracy"), ch["refer"]))
     click.echo(f"  {'':44s} {'trained':>7s}  {'untrained' if ctl else '':>9s}  chance")
-    for (name, value, chance), base in zip(rows, control):
+    for name, value, base, chance in rows:
+        v = f"{value:7.1%}" if value is not None else f"{'-':>7s}"
         b = f"{base:9.1%}" if base is not None else " " * 9
         c = f"{chance:.1%}" if chance is not None else ""
-        click.echo(f"  {name:44s} {value:7.1%}  {b}  {c}")
+        click.echo(f"  {name:44s} {v}  {b}  {c}")
     click.echo("where things are:")
     for label, key in (("shards", "shards"), ("box previews", "box_previews"), ("checkpoint", "checkpoint"),
                        ("TensorBoard logs", "tensorboard"), ("loss curves", "loss_curves"),
                        ("metrics", "metrics"), ("retrieval results", "retrieval"), ("refer results", "refer"),
                        ("grounding pictures", "grounding_pictures"), ("full log", "log")):
-        click.echo(f"  {label:20s} {p[key]}")
+        if p[key]:
+            click.echo(f"  {label:20s} {p[key]}")
     click.echo(f"  {'summary':20s} {Path(p['log']).parent / 'summary.json'}")
 
 
@@ -362,16 +227,18 @@ def print_summary(s: dict) -> None:
 @click.option("--visualize", type=click.IntRange(min=0), default=8, help="box previews and grounding pictures to draw")
 @click.option("--control/--no-control", default=True,
               help="also evaluate an untrained model of the same shape (what pretraining adds)")
+@click.option("--arch", type=click.Choice(["vilbert", "vlbert"]), default="vilbert",
+              help="the model: ViLBERT (two streams, its objectives) or VL-BERT (one stream, its objectives)")
 @click.option("--seed", type=int, default=0)
 @click.option("--in-memory", is_flag=True,
               help="instead: the in-memory learning proof (tiny ViLBERT vs no co-attention)")
 def cli(out, sample, config, weights, train_scenes, test_scenes, steps, batch_size, lr, refer_steps, device, threads,
-        visualize, control, seed, in_memory):
+        visualize, control, arch, seed, in_memory):
     """Run the whole pipeline on the bundled sample scenes: extract -> train -> eval -> summary."""
     if in_memory:
         return in_memory_demo(out, steps, seed)
     return run_pipeline(out, sample, config, weights, train_scenes, test_scenes, steps, batch_size, lr, refer_steps,
-                        device, threads or None, visualize, control, seed)
+                        device, threads or None, visualize, control, seed, arch)
 
 
 def in_memory_demo(out: Path, steps: int, seed: int) -> dict:

@@ -29,9 +29,12 @@ class NLVR2Task(SentenceImagesTask):
 
     def load_split(self, split: str) -> list[dict]:
         path = self.data / f"{split}.json"
-        items = []
+        items, lines = [], {}
         for n, row in enumerate(read_jsonl(path, f"NLVR2 {split} split"), 1):
             identifier = field(path, n, row, "identifier")
+            if identifier in lines:  # it would be trained on and scored twice
+                raise ValueError(f"{path}:{n}: identifier {identifier!r} again (first on line {lines[identifier]})")
+            lines[identifier] = n
             stem = identifier.rsplit("-", 1)[0]
             if stem == identifier:
                 raise ValueError(f"{path}:{n}: identifier {identifier!r} is not SPLIT-SET-PAIR-SENTENCE")

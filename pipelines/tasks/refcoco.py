@@ -18,6 +18,7 @@ refs(umd).p for refcocog), iou_rule (vilbert-multi-task, vl-bert, refer or conti
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -32,20 +33,48 @@ from .refer_pickle import load_refs
 from .text import encode
 
 
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def load_instances(path: Path) -> tuple[dict, dict]:
+    """COCO instances -> ({annotation id: bbox [x, y, w, h]}, {image id: image record}), each record
+    checked: a bbox of 4 finite numbers with w, h >= 0, an image with a positive width and height."""
+    inst = read_json(path, "COCO instances")
+    if not isinstance(inst, dict) or not isinstance(inst.get("annotations"), list) or \
+            not isinstance(inst.get("images"), list):
+        raise ValueError(f"{path}: expected COCO instances, an object with lists 'images' and 'annotations'")
+    boxes, images = {}, {}
+    for k, a in enumerate(inst["annotations"]):
+        bbox = a.get("bbox") if isinstance(a, dict) else None
+        if not isinstance(a, dict) or "id" not in a:
+            raise ValueError(f"{path}: annotation #{k} is not an object with an 'id'")
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_number(v) for v in bbox)
+                and bbox[2] >= 0 and bbox[3] >= 0):
+            raise ValueError(f"{path}: annotation {a['id']!r}: bbox {bbox!r} is not [x, y, w, h] of finite numbers "
+                             "with w, h >= 0")
+        boxes[a["id"]] = bbox
+    for k, im in enumerate(inst["images"]):
+        if not isinstance(im, dict) or "id" not in im:
+            raise ValueError(f"{path}: image #{k} is not an object with an 'id'")
+        size = (im.get("width"), im.get("height"))
+        if not all(_number(v) and v > 0 for v in size):
+            raise ValueError(f"{path}: image {im['id']!r}: width and height {size} are not positive numbers")
+        images[im["id"]] = im
+    return boxes, images
+
+
 def load_refer(data: Path, refs_file: str = "refs(unc).p") -> dict[str, list[dict]]:
     """-> {split: [entry]} with one entry per expression: expression, sent_id, ref_id, image_id, box (xyxy)."""
     refs = load_refs(data / refs_file)
     inst_path = data / "instances.json"
-    inst = read_json(inst_path, "COCO instances")
-    if not isinstance(inst, dict) or "annotations" not in inst or "images" not in inst:
-        raise ValueError(f"{inst_path}: expected COCO instances with 'images' and 'annotations'")
-    anns = {a["id"]: a for a in inst["annotations"]}
+    boxes, _ = load_instances(inst_path)
     splits: dict[str, list[dict]] = {}
     for ref in refs:
-        ann = anns.get(ref["ann_id"])
-        if ann is None:
+        bbox = boxes.get(ref["ann_id"])
+        if bbox is None:
             raise ValueError(f"{inst_path}: no annotation {ref['ann_id']} (ref_id {ref['ref_id']} in {refs_file})")
-        x, y, w, h = ann["bbox"]
+        x, y, w, h = bbox
         for k, sent in enumerate(ref["sentences"]):
             splits.setdefault(ref["split"], []).append({
                 "expression": sent["raw"], "sent_id": sent.get("sent_id", ref.get("sent_ids", [None] * (k + 1))[k]),
@@ -68,7 +97,7 @@ class RefCOCOTask(Task):
         x = opts.extra
         self.refs_file = x.get("refs_file") or self.default_refs_file
         self.splits = load_refer(Path(opts.data), self.refs_file)
-        self.images = {im["id"]: im for im in read_json(Path(opts.data) / "instances.json", "COCO instances")["images"]}
+        _, self.images = load_instances(Path(opts.data) / "instances.json")
         self.load_common()
         self.gt_store = FeatureStore(x["gt_features"]) if x.get("gt_features") else None
         if x.get("eval_on_gt") and self.gt_store is None:
@@ -87,6 +116,10 @@ class RefCOCOTask(Task):
             raise ValueError(f"{Path(opts.data)}: no refs in split(s) {unknown} (have {sorted(self.splits)}); "
                              "choose with --split")
         check_features(self.store, sorted({e["image_id"] for split in used for e in self.splits[split]}), "refer")
+        if x.get("eval_on_gt"):  # the evaluated splits read the ground-truth regions: they must all be there
+            evaluated = list(opts.splits or self.default_splits) + ([opts.val_split] if opts.val_split else [])
+            check_features(self.gt_store, sorted({e["image_id"] for split in evaluated for e in self.splits[split]}),
+                           "refer ground-truth-box")
 
     def head(self):
         if self.arch == "vlbert":  # VL-BERT's final_mlp: the masked-RoI transform, then Linear

@@ -63,6 +63,8 @@ def load_vqa_split(data: Path, split: str, need_answers: bool = True) -> list[di
     items = {}
     for k, q in enumerate(doc["questions"]):
         _record(qpath, k, q, {"question_id": int, "image_id": (int, str), "question": str})
+        if q["question_id"] in items:  # the official evaluator would score it once, or refuse the results
+            raise ValueError(f"{qpath}: record #{k}: question_id {q['question_id']} appears twice")
         items[q["question_id"]] = {"question_id": q["question_id"], "image_id": q["image_id"],
                                    "question": q["question"], "answers": None}
     apath = _find(data, split, "annotations")
@@ -77,6 +79,8 @@ def load_vqa_split(data: Path, split: str, need_answers: bool = True) -> list[di
         _record(apath, k, a, {"question_id": int, "answers": list})
         if a["question_id"] not in items:
             raise ValueError(f"{apath}: annotation for unknown question_id {a['question_id']}")
+        if items[a["question_id"]]["answers"] is not None:
+            raise ValueError(f"{apath}: record #{k}: a second annotation of question_id {a['question_id']}")
         if not isinstance(a.get("multiple_choice_answer", ""), str):
             raise ValueError(f"{apath}: record #{k} (question {a['question_id']}): 'multiple_choice_answer' is "
                              f"{a['multiple_choice_answer']!r}, expected a string")

@@ -195,3 +195,27 @@ def test_demo_refuses_sizes_out_of_range_before_doing_anything(tmp_path, option,
         main(["--out", str(tmp_path / "o"), option, value])
     assert option in refused.value.format_message() and "range" in refused.value.format_message()
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.extended
+def test_demo_runs_vlbert_end_to_end(tmp_path, capsys):
+    """--arch vlbert: vlbert-tiny pretrained with VL-BERT's objective, no zero-shot retrieval (VL-BERT's
+    pretraining has no alignment), the referring task through VL-BERT's region head."""
+    from pipelines.demo import main
+    from vilbert import load_pretrained
+
+    out = tmp_path / "demo"
+    summary = main(["--out", str(out), "--arch", "vlbert", "--train-scenes", "24", "--test-scenes", "12",
+                    "--steps", "6", "--batch-size", "16", "--refer-steps", "4", "--visualize", "2"])
+    text = capsys.readouterr().out
+    assert "model: vlbert-tiny" in text and "masked-RoI classification accuracy" in text
+    assert "zero-shot retrieval" not in text.split("== summary")[1]
+    assert summary["arch"] == "vlbert" and summary["retrieval"] is None
+    assert "retrieval" not in summary["untrained_control"]
+    model = load_pretrained(Path(summary["paths"]["checkpoint"]))
+    assert model.config.arch == "vlbert" and model.checkpoint_metadata["train_config"]["objective"] == "vlbert"
+    held_out = summary["train"]["held_out"]
+    assert 0 <= held_out["mlm_accuracy"] <= 1 and 0 <= held_out["mrc_accuracy"] <= 1
+    assert summary["refer"]["count"] == 36 and summary["refer"]["upper_bound"] == 1.0
+    assert summary["chance"]["refer"] == 0.25  # 3 objects and the whole image
+    assert len(list(Path(summary["paths"]["grounding_pictures"]).glob("*.png"))) == 2

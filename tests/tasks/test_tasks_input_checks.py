@@ -1,0 +1,84 @@
+"""Annotation files that are wrong in ways the loaders used to miss: each is one line naming the file
+and the record, before any fine-tuning."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from pipelines.tasks.base import TaskOptions
+from pipelines.tasks.nlvr2 import NLVR2Task
+from pipelines.tasks.refcoco import RefCOCOTask, load_instances, load_refer
+from pipelines.tasks.vqa import load_vqa_split
+
+from tasks_data import make_nlvr2, make_refer, make_vqa, write_shards, write_vocab
+
+
+@pytest.fixture(scope="module")
+def refer(tmp_path_factory):
+    root = tmp_path_factory.mktemp("refer_checks")
+    return {"root": root, "data": make_refer(root, n_images=(6, 3, 2, 2)), "vocab": write_vocab(root)}
+
+
+def edited_instances(refer, tmp_path, edit):
+    data = tmp_path / "data"
+    shutil.copytree(refer["data"], data)
+    inst = json.loads((data / "instances.json").read_text())
+    edit(inst)
+    (data / "instances.json").write_text(json.dumps(inst))
+    return data
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda inst: inst["annotations"][2].update(bbox=None), r"annotation 3: bbox None is not \[x, y, w, h\]"),
+    (lambda inst: inst["annotations"][0].update(bbox=[1, 2, -3, 4]), r"annotation 1: bbox \[1, 2, -3, 4\]"),
+    (lambda inst: inst["annotations"][0].update(bbox=[1, 2, "3", 4]), r"annotation 1: bbox"),
+    (lambda inst: inst.update(annotations={"1": {}}), r"expected COCO instances, an object with lists 'images'"),
+    (lambda inst: inst["annotations"].append("box"), r"annotation #\d+ is not an object with an 'id'"),
+    (lambda inst: inst["images"][1].update(width=0), r"image 2: width and height \(0, 100\) are not positive"),
+    (lambda inst: inst["images"][1].pop("height"), r"image 2: width and height \(100, None\)"),
+])
+def test_bad_coco_instances_are_one_line(refer, tmp_path, edit, message):
+    data = edited_instances(refer, tmp_path, edit)
+    with pytest.raises(ValueError, match=r"instances.json: " + message):
+        load_instances(data / "instances.json")
+    with pytest.raises(ValueError, match=message):
+        load_refer(data)
+
+
+def test_eval_on_gt_boxes_checks_the_gt_store_up_front(refer, tmp_path):
+    gt = write_shards(tmp_path / "gt", {"COCO_train2014_000000999999": (np.ones((2, 32)), np.ones((2, 4)))},
+                      mode="gt-boxes")  # ground-truth boxes of another image only
+    opts = TaskOptions(data=refer["data"], features=refer["root"] / "features", out=tmp_path / "o",
+                       tokenizer=refer["vocab"], extra={"gt_features": gt, "eval_on_gt": True})
+    with pytest.raises(KeyError, match=r"no features for \d+ refer ground-truth-box images"):
+        RefCOCOTask(opts)
+
+
+def test_duplicate_vqa_questions_and_annotations_are_refused(tmp_path):
+    data = make_vqa(tmp_path, n_train=4, n_val=2)
+    qpath = data / "v2_OpenEnded_mscoco_val2014_questions.json"
+    doc = json.loads(qpath.read_text())
+    doc["questions"].append(dict(doc["questions"][0]))
+    qpath.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=r"questions.json: record #4: question_id \d+ appears twice"):
+        load_vqa_split(data, "val")
+    doc["questions"].pop()
+    qpath.write_text(json.dumps(doc))
+    apath = data / "v2_mscoco_val2014_annotations.json"
+    ann = json.loads(apath.read_text())
+    ann["annotations"].append(dict(ann["annotations"][1]))
+    apath.write_text(json.dumps(ann))
+    with pytest.raises(ValueError, match=r"annotations.json: record #4: a second annotation of question_id"):
+        load_vqa_split(data, "val")
+
+
+def test_duplicate_nlvr2_identifiers_are_refused(tmp_path):
+    data = make_nlvr2(tmp_path, n_pairs=(8, 4, 4))
+    path = data / "dev.json"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines + [lines[1]]) + "\n")
+    opts = TaskOptions(data=data, features=tmp_path / "features", out=tmp_path / "o",
+                       tokenizer=write_vocab(tmp_path))
+    with pytest.raises(ValueError, match=rf"dev.json:{len(lines) + 1}: identifier .* again \(first on line 2\)"):
+        NLVR2Task(opts).load_split("dev")
