@@ -12,6 +12,7 @@ COMMANDS = [
     ("vilbert-export", "extractor.import_cli", "export_features"),
     ("vilbert-train", "pipelines.train_cli", "cli"),
     ("vilbert-eval", "pipelines.eval_cli", "cli"),
+    ("vilbert-multitask", "pipelines.multitask_cli", "cli"),
     ("vilbert-demo", "pipelines.demo", "cli"),
 ]
 TARGET = Path(__file__).with_name("cli.md")

@@ -138,4 +138,4 @@ def test_console_scripts_point_at_their_packages_cli():
     assert scripts == {"vilbert-extract": "extractor.cli:main", "vilbert-import": "extractor.import_cli:main",
                        "vilbert-export": "extractor.import_cli:export_main",
                        "vilbert-train": "pipelines.train_cli:main", "vilbert-eval": "pipelines.eval_cli:main",
-                       "vilbert-demo": "pipelines.demo:main"}
+                       "vilbert-multitask": "pipelines.multitask_cli:main", "vilbert-demo": "pipelines.demo:main"}

@@ -128,7 +128,6 @@ def test_demo_runs_the_whole_pipeline_on_a_few_scenes(tmp_path, capsys):
     assert len(pictures) == 2
     with Image.open(pictures[0]) as im:
         assert im.size[0] > 100
-    assert summary["seconds"]["total"] < 120
 
 
 def test_demo_keeps_the_in_memory_learning_proof(tmp_path, capsys):

@@ -1,0 +1,152 @@
+"""`vilbert-multitask CONFIG.yaml --out OUT`: 12-in-1 multi-task fine-tuning of one ViLBERT model on
+the tasks of a config file (pipelines/tasks/multitask.py has the file's fields and the schedule).
+
+Writes OUT/TASK/metrics.json (each validation of the task) and OUT/TASK/predictions_SPLIT.json,
+OUT/finetuned/ (the final model with every task's head; `vilbert-eval --task TASK --checkpoint
+OUT/finetuned` evaluates it), OUT/checkpoints/ (re-run the same command to resume) and
+OUT/results.json, and prints a table of the tasks at the end. One process (no torchrun).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+import torch
+
+from common.devices import check_device
+from common.outputs import writable_folder
+from pipelines.eval_cli import check_fit, load_model
+from pipelines.tasks import TASKS
+from pipelines.tasks.base import TaskOptions, autocast, write_json
+from pipelines.train.trainer import resolve_device
+
+
+def build_tasks(config, config_path: Path, out: Path, device: str) -> list:
+    """The Task of each entry (its annotations, features and tokenizer read); a mistake names the entry."""
+    tasks = []
+    for i, e in enumerate(config.tasks):
+        cls = TASKS[e.task]
+        val = cls.val_split if e.val_split is None else ("" if e.val_split in ("none", "") else e.val_split)
+        opts = TaskOptions(data=e.data, features=e.features, out=out / e.task,
+                           tokenizer=e.tokenizer or config.tokenizer,
+                           max_seq_length=e.max_seq_length, max_regions=config.max_regions, batch_size=e.batch_size,
+                           micro_batch_size=e.micro_batch_size, eval_batch_size=config.eval_batch_size, epochs=1.0,
+                           lr=e.lr, warmup=config.warmup, weight_decay=config.weight_decay, clip_grad=config.clip_grad,
+                           val_split=val, workers=config.workers, seed=config.seed, device=device,
+                           splits=tuple(e.splits), task_token=e.task_token, bf16=config.bf16, extra=dict(e.extra))
+        try:
+            task = cls(opts)
+            for split in dict.fromkeys([*([val] if val else []), *e.splits]):  # checked before any training
+                task.eval_inputs(split)
+        except (FileNotFoundError, ValueError, KeyError) as error:
+            message = error.args[0] if isinstance(error, KeyError) and error.args else error
+            raise ValueError(f"{config_path}: tasks[{i}] ({e.task}): {message}") from None
+        tasks.append(task)
+    return tasks
+
+
+def fit_model(model, tasks: list, source: str) -> None:
+    """Tokenizers and region features that fit the model, then every task's head on it."""
+    for task in tasks:
+        check_fit(model.config, len(task.tokenizer), task.opts, source)
+        width = task.store.feature_size()
+        if width != model.config.v_feature_size:
+            raise ValueError(f"{task.opts.features}: region features are {width} wide, the model reads "
+                             f"{model.config.v_feature_size} (v_feature_size of {source})")
+        task.prepare(model)
+
+
+def summary_table(results: dict) -> str:
+    rows = [("task", "token", "lr", "loss x", "batches", "passes", "validations", "metric", "last", "best")]
+    for name, r in results["tasks"].items():
+        values = [h[r["metric"]] for h in r["history"]]
+        token = "-" if r["task_token"] is None else str(r["task_token"])
+        rows.append((name, token, f"{r['lr']:g}", f"{r['loss_scale']:g}", str(r["batches"]),
+                     f"{r['passes']:g}", str(len(values)), f"{r['val_split'] or '-'} {r['metric']}",
+                     f"{values[-1]:.4f}" if values else "-", f"{max(values):.4f}" if values else "-"))
+    widths = [max(len(row[k]) for row in rows) for k in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.argument("config_path", metavar="CONFIG", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), required=True,
+              help="Output folder; re-running the same command in it resumes the training.")
+@click.option("--checkpoint", type=click.Path(exists=True, file_okay=False), help="Our checkpoint directory.")
+@click.option("--official-checkpoint", type=click.Path(exists=True, dir_okay=False),
+              help="vilbert-multi-task / vilbert_beta pytorch_model.bin.")
+@click.option("--official-config", type=click.Path(exists=True, dir_okay=False),
+              help="Official config JSON for --official-checkpoint (default: the vilbert-base preset).")
+@click.option("--preset", help="Start from a randomly initialised preset name or config JSON (smoke tests).")
+@click.option("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available).")
+@click.option("--workers", type=click.IntRange(0), help="DataLoader processes per task (default: the config's).")
+def cli(config_path, out, checkpoint, official_checkpoint, official_config, preset, device, workers):
+    """Train one model on the tasks of CONFIG (YAML or JSON: a `tasks` list of {task, data, features,
+    ...} and shared settings; docs/tasks.md), vilbert-multi-task's train_tasks.py schedule."""
+    from pipelines.tasks.multitask import ConfigError, add_task_tokens, load_config
+    from pipelines.tasks.multitask_train import MultiTaskTrainer
+    from pipelines.train.checkpoints import save_model_dir
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise click.ClickException("vilbert-multitask runs in one process; torchrun is not supported")
+    if len([x for x in (checkpoint, official_checkpoint, preset) if x]) != 1:
+        raise click.UsageError("give exactly one of --checkpoint, --official-checkpoint or --preset")
+    try:
+        device = str(resolve_device(check_device(device), 0))
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--device") from None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    out = Path(out)
+    try:
+        config = load_config(config_path)
+        writable_folder(out, "--out")
+    except (ConfigError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    if workers is not None:
+        config.workers = workers
+    torch.manual_seed(config.seed)
+    try:
+        tasks = build_tasks(config, Path(config_path), out, device)
+        model, source = load_model(checkpoint, official_checkpoint, official_config, preset, device)
+        if config.task_tokens:
+            add_task_tokens(model, config.seed)
+        fit_model(model, tasks, source)
+        model.to(device)
+        t0 = time.time()
+        trainer = MultiTaskTrainer(model, tasks, config, out, torch.device(device))
+        trainer.resume()
+        results = {"config": str(config_path), "model": source, **trainer.run()}
+        save_model_dir(model, out / "finetuned", {"tasks": [t.name for t in tasks], "from": source,
+                                                  "iterations": results["iterations"]})
+        for task in tasks:
+            r = results["tasks"][task.name]
+            official = getattr(task, "shown_task_id", task.official_task_id)  # vcr: 5/6
+            r["task_token"] = (task.opts.task_token if task.opts.task_token is not None else official) \
+                if model.config.task_specific_tokens else None
+            r["splits"] = {}
+            for split in task.opts.splits:  # with the final model
+                with autocast(task.opts):
+                    metrics, preds = task.evaluate(model, split)
+                r["splits"][split] = metrics
+                write_json(out / task.name / f"predictions_{split}.json", preds)
+        results["seconds"] = round(time.time() - t0, 1)
+        write_json(out / "results.json", results)
+    except (FileNotFoundError, ValueError, KeyError, FloatingPointError) as e:
+        raise click.ClickException(str(e.args[0] if isinstance(e, KeyError) and e.args else e)) from e
+    click.echo(summary_table(results))
+    return results
+
+
+def main(argv=None):
+    """As every CLI's: with argv, returns the results (a mistake raises click's exception); without,
+    reads sys.argv and exits with the status."""
+    return cli.main(args=argv, prog_name="vilbert-multitask", standalone_mode=argv is None)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

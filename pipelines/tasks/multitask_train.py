@@ -1,0 +1,246 @@
+"""The multi-task trainer of `vilbert-multitask` (the schedule and config are `multitask`'s).
+
+Each task keeps its own stream of batches, as `finetune.StepBatches` makes them for a single-task
+run: its passes over `task.train_items()` in orders drawn from (the task's seed, its pass), the last
+batch of a pass filled up from its start, a batch's random draws and dropout seeded by its place in
+the task's stream. So a task's k-th batch is the same whatever the other tasks do, and a run resumed
+from OUT/checkpoints/ continues exactly where it was killed (weights, optimizer, schedule, each task's
+batches consumed, losses, validations and plateau states are saved after each epoch, every
+`save_every` iterations and at the end). One process (no torchrun).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipelines.train.checkpoints import newest_resumable, rng_state, save_checkpoint, set_rng_state
+from pipelines.train.optim import build_optimizer, build_scheduler
+
+from .base import Task, autocast, log, write_json
+from .finetune import StepBatches, TaskLoss, make_plan, micro_seed
+from .loading import batch_loader
+from .multitask import (
+    MultiTaskConfig,
+    Plateau,
+    iterations_per_epoch,
+    loss_scales,
+    runs_at,
+    total_iterations,
+    validates_after,
+)
+
+STATE_KEYS = ("optimizer", "scheduler", "iteration", "consumed", "losses", "history", "plateau", "rng", "settings")
+
+
+def task_seed(seed: int, index: int) -> int:
+    """The seed of the index-th task's batch stream and dropout."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+class MultiTaskTrainer:
+    def __init__(self, model, tasks: list[Task], config: MultiTaskConfig, out: Path, device: torch.device):
+        self.model, self.tasks, self.config, self.out, self.device = model, tasks, config, Path(out), device
+        self.items = [t.train_items() for t in tasks]
+        plans = [make_plan(t.opts, len(items), 1) for t, items in zip(tasks, self.items)]
+        self.per_epoch = iterations_per_epoch([p.steps_per_epoch for p in plans])
+        self.total = total_iterations(self.per_epoch, config.epochs, config.train_iterations)
+        # a task takes at most one batch an iteration: its stream is planned to the end of the run
+        self.plans = [dataclasses.replace(p, total_steps=self.total) for p in plans]
+        self.lrs = [t.opts.lr for t in tasks]
+        self.scales = loss_scales(self.lrs)
+        self.base_lr = min(self.lrs)
+        self.seeds = [task_seed(config.seed, i) for i in range(len(tasks))]
+        self.optimizer = build_optimizer(model, self.base_lr, config.weight_decay)
+        self.scheduler = build_scheduler(self.optimizer, self.total, config.warmup)
+        self.plateaus = [Plateau(config.plateau_patience, config.plateau_threshold,
+                                 config.plateau_continue_threshold, config.plateau_cooldown) for _ in tasks]
+        self.iteration, self.consumed = 0, [0] * len(tasks)
+        self.losses: list[list] = [[] for _ in tasks]  # per task: [iteration, loss] of each of its batches
+        self.history: list[list] = [[] for _ in tasks]
+        self.root = self.out / "checkpoints"
+        self._saved_at, self._loaders, self._step_fns = -1, None, [TaskLoss(model, t) for t in tasks]
+
+    def settings(self) -> dict:
+        """What a resumed run must share with the run it continues."""
+        c = self.config
+        return {"tasks": [t.name for t in self.tasks], "lrs": self.lrs, "batches": [p.batch for p in self.plans],
+                "micro": [p.micro for p in self.plans], "items": [p.items for p in self.plans],
+                "iterations": self.total, "iterations_per_epoch": self.per_epoch, "warmup": c.warmup,
+                "weight_decay": c.weight_decay, "clip_grad": c.clip_grad, "seed": c.seed, "gap": c.train_iter_gap,
+                "plateau": [c.plateau_patience, c.plateau_threshold, c.plateau_continue_threshold,
+                            c.plateau_cooldown, list(c.plateau_reset_after_epochs)],
+                "max_seq_length": [t.opts.max_seq_length for t in self.tasks], "max_regions": c.max_regions,
+                "val_split": [t.opts.val_split for t in self.tasks],
+                "heads": [list(t.head() or ()) for t in self.tasks]}
+
+    # -- resume ------------------------------------------------------------------------------
+    def resume(self) -> bool:
+        found = newest_resumable(self.root, STATE_KEYS, self.device, log)
+        if found is None:
+            return False
+        ckpt, saved, state = found
+        now = {**self.settings(), **{f"model {k}": v for k, v in self.model.config.to_dict().items()}}
+        then = {**state["settings"], **{f"model {k}": v for k, v in saved.config.to_dict().items()}}
+        differ = [f"{k}: {then.get(k)!r} then, {now.get(k)!r} now" for k in sorted(set(now) | set(then))
+                  if then.get(k) != now.get(k)]
+        if differ:
+            raise ValueError(f"{ckpt}: trained with other settings than this run's (" + "; ".join(differ[:6])
+                             + "); re-run the same command to resume, or choose another --out")
+        self.model.load_state_dict(saved.state_dict())
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr
+        self.iteration, self.consumed = state["iteration"], list(state["consumed"])
+        self.losses, self.history = state["losses"], state["history"]
+        for plateau, s in zip(self.plateaus, state["plateau"]):
+            plateau.load(s)
+        self._saved_at = self.iteration
+        set_rng_state(state["rng"])
+        log.info("multi-task: resumed from %s (iteration %d of %d)", ckpt, self.iteration, self.total)
+        return True
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self) -> dict:
+        c = self.config
+        for t, task in enumerate(self.tasks):
+            p = self.plans[t]
+            log.info("%s: %d items, %d batches of %d an epoch (%d x %d), lr %.2e, loss x %.3g", task.name, p.items,
+                     p.steps_per_epoch, p.batch, p.micro, p.accumulation, self.lrs[t], self.scales[t])
+        log.info("multi-task: %d iterations of %d tasks, %d an epoch, AdamW at lr %.2e", self.total, len(self.tasks),
+                 self.per_epoch, self.base_lr)
+        pin = self.device.type == "cuda"
+        self._loaders = [batch_loader(StepBatches(task, self.items[t], self.plans[t], self.seeds[t], 0,
+                                                  self.consumed[t]), task, c.workers, pin)
+                         for t, task in enumerate(self.tasks)]
+        batches = [iter(loader) for loader in self._loaders]
+        pending, t0, done0 = [], time.perf_counter(), self.iteration
+        self.model.train()
+        while self.iteration < self.total:
+            ran = 0
+            for t in range(len(self.tasks)):
+                if not runs_at(self.iteration, self.plateaus[t].paused, c.train_iter_gap):
+                    continue
+                pending.append((t, self.iteration, self.task_step(t, batches[t])))
+                if ran == 0:  # as train_tasks.py: the schedule steps after the iteration's first optimizer step
+                    self.scheduler.step()
+                ran += 1
+            if ran == 0:
+                self.scheduler.step()
+            self.iteration += 1
+            it = self.iteration
+            epoch_end = it % self.per_epoch == 0 or it == self.total
+            evaluate = [t for t, task in enumerate(self.tasks)
+                        if task.opts.val_split and validates_after(it, self.plans[t].steps_per_epoch, self.total)]
+            save = epoch_end or (c.save_every and it % c.save_every == 0)
+            if pending and (evaluate or save or it % c.log_every == 0):
+                pending = self._settle(pending)
+                rate = (it - done0) / max(time.perf_counter() - t0, 1e-9)
+                log.info("iteration %d/%d (epoch %.2f) lr %.2e, %.2f iterations/s: %s", it, self.total,
+                         it / self.per_epoch, self.scheduler.get_last_lr()[0], rate,
+                         ", ".join(f"{task.name} {self._recent(t):.4f}" for t, task in enumerate(self.tasks)))
+            for t in evaluate:
+                self.validate(t)
+            if it % self.per_epoch == 0 and it // self.per_epoch in c.plateau_reset_after_epochs:
+                for plateau in self.plateaus:  # train_tasks.py: the controllers start over after epochs 5 and 7
+                    plateau.reset()
+            if save:
+                self.save()
+        self._settle(pending)
+        if self._saved_at != self.iteration:
+            self.save()
+        self.model.eval()
+        return self.summary()
+
+    def task_step(self, t: int, batches) -> torch.Tensor:
+        """One optimizer step on the next batch of task t (its micro-batches accumulated), its loss times
+        the task's scale -> the unscaled loss (on the device)."""
+        task, p, c = self.tasks[t], self.plans[t], self.config
+        total = torch.zeros((), device=self.device)
+        for m in range(p.accumulation):
+            batch = task.to_device(next(batches))
+            seed = micro_seed(self.seeds[t], self.consumed[t], m)
+            torch.default_generator.manual_seed(seed)
+            if self.device.type == "cuda":
+                torch.cuda.manual_seed(seed)
+            with autocast(task.opts):
+                loss = self._step_fns[t](batch)
+            (loss * (self.scales[t] / p.accumulation)).backward()
+            total += loss.detach().float()
+        if c.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.clip_grad)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.consumed[t] += 1
+        return total / p.accumulation
+
+    def _settle(self, pending: list) -> list:
+        if not pending:
+            return []
+        values = torch.stack([loss for _, _, loss in pending]).tolist()
+        for (t, it, _), v in zip(pending, values):
+            if not math.isfinite(v):
+                raise FloatingPointError(f"{self.tasks[t].name}: loss became {v} in iteration {it + 1}; the "
+                                         "checkpoints saved before it are intact (lower its lr, or check the features)")
+            self.losses[t].append([it, v])
+        return []
+
+    def _recent(self, t: int) -> float:
+        recent = [v for _, v in self.losses[t][-self.config.log_every:]]
+        return sum(recent) / len(recent) if recent else float("nan")
+
+    def validate(self, t: int) -> None:
+        """Evaluate task t's val_split, feed its plateau controller, write OUT/TASK/metrics.json."""
+        task = self.tasks[t]
+        for loader in self._loaders or ():
+            if hasattr(loader, "pause"):  # the batch-building threads idle while the main thread evaluates
+                loader.pause()
+        with autocast(task.opts):
+            metrics, predictions = task.evaluate(self.model, task.opts.val_split)
+        self.model.train()
+        value = metrics.get(task.metric)
+        if not isinstance(value, (int, float)):
+            raise ValueError(f"{task.name}: val_split {task.opts.val_split}: evaluation gives no {task.metric!r} "
+                             f"(got {sorted(metrics)}); validate on a split with labels, or val_split: none")
+        since = self.history[t][-1]["iteration"] if self.history[t] else 0
+        losses = [v for it, v in self.losses[t] if it >= since]
+        paused = self.plateaus[t].step(value)
+        record = {"iteration": self.iteration, "epoch": round(self.iteration / self.plans[t].steps_per_epoch, 4),
+                  "batches": self.consumed[t], "train_loss": sum(losses) / len(losses) if losses else None,
+                  **metrics, "paused": paused}
+        self.history[t].append(record)
+        log.info("%s: epoch %.2f %s %s %.4f%s", task.name, record["epoch"], task.opts.val_split, task.metric, value,
+                 " (plateau: now trained every %d iterations)" % self.config.train_iter_gap if paused else "")
+        folder = Path(task.opts.out)
+        write_json(folder / "metrics.json", {"task": task.name, "val_split": task.opts.val_split,
+                                             "metric": task.metric, "history": self.history[t]})
+        write_json(folder / f"predictions_{task.opts.val_split}.json", predictions)
+
+    def save(self) -> None:
+        self._saved_at = self.iteration
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "iteration": self.iteration, "consumed": self.consumed, "losses": self.losses,
+                 "history": self.history, "plateau": [p.state() for p in self.plateaus], "rng": rng_state(),
+                 "settings": self.settings()}
+        save_checkpoint(self.root, self.iteration, self.model, state,
+                        {"tasks": [t.name for t in self.tasks], "iteration": self.iteration}, self.config.keep_last)
+
+    def summary(self) -> dict:
+        tasks = {}
+        for t, task in enumerate(self.tasks):
+            values = [v for _, v in self.losses[t]]
+            k = max(1, len(values) // 10)
+            tasks[task.name] = {
+                "lr": self.lrs[t], "loss_scale": self.scales[t], "batch_size": self.plans[t].batch,
+                "steps_per_epoch": self.plans[t].steps_per_epoch, "batches": self.consumed[t],
+                "passes": round(self.consumed[t] / self.plans[t].steps_per_epoch, 4),  # over its training items
+                "train_loss_first": sum(values[:k]) / k if values else None,
+                "train_loss_last": sum(values[-k:]) / k if values else None,
+                "metric": task.metric, "val_split": task.opts.val_split, "history": self.history[t]}
+        return {"iterations": self.total, "iterations_per_epoch": self.per_epoch,
+                "epochs": round(self.total / self.per_epoch, 4), "base_lr": self.base_lr, "tasks": tasks}
