@@ -12,7 +12,8 @@ would shadow ours in one process) builds, from the official work tree:
   `ResNetVLBERTForPretrainingMultitask` (precomputed features, MLM and MVRC heads, text-only corpus),
   once as configured (`with_pooler: false`, `WITH_REL_LOSS: false`) and once with the pooler and the
   relationship head;
-* the VQA model of `cfgs/vqa/base_4x16G_fp32.yaml` (`ResNetVLBERT`, `CLASSIFIER_TYPE: 2fc`);
+* the VQA model of `cfgs/vqa/base_4x16G_fp32.yaml` (`ResNetVLBERT`, `CLASSIFIER_TYPE: mlm`: its answer head
+  `final_mlp` starts from a BERT MLM transform, read from a generated `pytorch_model.bin`);
 
 on random weights (every weight, bias and LayerNorm perturbed, the visual LayerNorm gains, zero at
 the official init, drawn around 1, the mask feature drawn too), and its inputs with the official
@@ -21,8 +22,8 @@ sorted by confidence, the whole image as box 0 with the mean feature of the unma
 and whole-word masking, resizing and flipping), `GeneralCorpus` for the text-only rows, and the
 official `BatchCollator`; the models' own forward passes then build text, boxes and masks (VQA: the
 question + [MASK] layout of `prepare_text_from_qa`). It saves weights, inputs and outputs (hidden
-states captured from the encoder, the pooler, the MLM / MVRC / relationship logits) to a file of
-tensors, once in float64 and once in float32.
+states captured from the encoder, the pooler, the MLM / MVRC / relationship logits, the VQA answer
+logits) to a file of tensors, once in float64 and once in float32.
 
 This process converts the weights with `vilbert.official_vlbert`, maps the official batch onto our
 batch contract (boxes in pixels / the resized image size -> `image_loc`; `mvrc_ops == 1` ->
@@ -35,7 +36,9 @@ Stand-ins: the official side puts minimal modules into sys.modules for imports t
 path never executes: `boto3`, `botocore.exceptions`, `requests` (vendored pytorch_pretrained_bert's
 downloads), `pycocotools.coco` (the COCO captions dataset, imported by the datasets package) and
 `common.lib.roi_pooling.C_ROIPooling` (the compiled ROI ops of the end-to-end models). apex is absent,
-so the vendored BERT uses its own LayerNorm.
+so the vendored BERT uses its own LayerNorm. For the VQA model, `VisualLinguisticBert.load_language_pretrained_model`
+is skipped (the generated `pytorch_model.bin` holds only the MLM transform its head reads; every weight is
+randomised afterwards anyway).
 """
 from __future__ import annotations
 
@@ -92,7 +95,7 @@ def official_config(vocab_dir: Path, pooler: bool, relationship: bool, vqa: bool
                    IMAGE_FROZEN_BN=True, MASK_RAW_PIXELS=True, BERT_MODEL_NAME=str(vocab_dir), BERT_PRETRAINED="",
                    BERT_PRETRAINED_EPOCH=0, WITH_REL_LOSS=relationship, WITH_MLM_LOSS=True, WITH_MVRC_LOSS=True,
                    MLM_LOSS_NORM_IN_BATCH_FIRST=False, MVRC_LOSS_NORM_IN_BATCH_FIRST=False, ENABLE_CNN_REG_LOSS=False,
-                   BLIND=False, NO_GROUNDING=False, CLASSIFIER_TYPE="2fc", CLASSIFIER_DROPOUT=0.1,
+                   BLIND=False, NO_GROUNDING=False, CLASSIFIER_TYPE="mlm", CLASSIFIER_DROPOUT=0.1,
                    CLASSIFIER_HIDDEN_SIZE=24, PIXEL_MEANS=[102.9801, 115.9465, 122.7717], PIXEL_STDS=[1.0, 1.0, 1.0],
                    VLBERT=vlbert)
     return namespace(dict(NETWORK=network, DATASET=dict(ANSWER_VOCAB_SIZE=s["answers"]), SCALES=(600, 1000),
@@ -181,6 +184,14 @@ def official_side(repo: Path, out: Path) -> None:
         dump[f"{run}/state_dict"] = {f"module.{k}": v for k, v in model.float().state_dict().items()}
 
     torch.manual_seed(4)
+    h = SIZES["hidden"]  # the BERT weights its CLASSIFIER_TYPE mlm head starts from (only these are read)
+    torch.save({"cls.predictions.transform.dense.weight": torch.randn(h, h), "cls.predictions.transform.dense.bias":
+                torch.randn(h), "cls.predictions.transform.LayerNorm.weight": torch.ones(h),
+                "cls.predictions.transform.LayerNorm.bias": torch.zeros(h)}, data / "pytorch_model.bin")
+    from common.visual_linguistic_bert import VisualLinguisticBert
+
+    # the file holds no BERT encoder: VisualLinguisticBert's BERT loader is skipped (`randomise` sets every weight)
+    VisualLinguisticBert.load_language_pretrained_model = lambda self, path: None
     vqa = ResNetVLBERT(official_config(data, pooler=True, relationship=False, vqa=True))
     randomise(vqa, 5)
     question = torch.randint(5, len(VOCAB), (len(dump["pretrain/torch.float32"]["inputs"]["text"]), 7))
@@ -188,8 +199,9 @@ def official_side(repo: Path, out: Path) -> None:
     for dtype in (torch.float64, torch.float32):
         vqa.to(dtype).eval()
         inputs = dump[f"pretrain/{dtype}"]["inputs"]  # the same boxes and features
-        seen, _ = run_recorded(vqa, None, inputs["boxes"].clone(), inputs["im_info"], question)
-        dump[f"vqa/{dtype}"] = dict(inputs=dict(boxes=inputs["boxes"], im_info=inputs["im_info"]), outputs=seen)
+        seen, outputs = run_recorded(vqa, None, inputs["boxes"].clone(), inputs["im_info"], question)
+        dump[f"vqa/{dtype}"] = dict(inputs=dict(boxes=inputs["boxes"], im_info=inputs["im_info"]),
+                                    outputs={**seen, "answer_logits": outputs["label_logits"]})
     dump["vqa/state_dict"] = {f"module.{k}": v for k, v in vqa.float().state_dict().items()}
     torch.save(dump, out)
 
@@ -324,6 +336,9 @@ def compare_vqa(dump: dict, dtype: str, model) -> dict:
         out = model.backbone(**x)
     pairs = hidden_pairs(seen, out, x["attention_mask"].bool(), x["image_mask"].bool())
     pairs["pooled"] = (seen["pooled"], out.pooled_text)
+    mask_position = (x["input_ids"] == VOCAB.index("[MASK]")).long().argmax(1)  # (B,) after each question
+    with torch.no_grad():
+        pairs["vqa answer logits"] = (seen["answer_logits"], model.task_logits("vqa", out, positions=mask_position))
     counts = {"questions": x["input_ids"].shape[0], "words (incl. [MASK])": int(x["attention_mask"].sum()),
               "segment-B words": int((x["token_type_ids"] == 1).sum()), "regions": int(x["image_mask"].sum())}
     return pairs, counts
@@ -338,9 +353,6 @@ def check_fixture(state: dict, kind: str, config, **flags) -> None:
     spec.loader.exec_module(fixture)
     want = {k: tuple(v.shape) for k, v in fixture.official_vlbert_state(config, kind, **flags).items()}
     got = {k.removeprefix("module."): tuple(v.shape) for k, v in state.items()}
-    if kind == "vqa":  # the fixture writes CLASSIFIER_TYPE mlm; this run builds 2fc
-        want = {k: v for k, v in want.items() if not k.startswith("final_mlp.")}
-        got = {k: v for k, v in got.items() if not k.startswith("final_mlp.")}
     if want != got:
         raise SystemExit(f"tests/official_state.py differs from the official {kind} state dict: "
                          f"{sorted(set(want.items()) ^ set(got.items()))[:10]}")
@@ -367,7 +379,8 @@ def main(argv=None) -> int:
     config, rows, inputs = our_config(), {}, {}
     for kind in list(RUNS) + ["vqa"]:
         state = dump[f"{kind}/state_dict"]
-        check_fixture(state, "vqa" if kind == "vqa" else "pretrain", config, **RUNS.get(kind, {}))
+        check_fixture(state, "vqa" if kind == "vqa" else "pretrain", config,
+                      **RUNS.get(kind, {"answers": SIZES["answers"]}))
         model, report = convert_official_vlbert_state_dict({k.removeprefix("module."): v for k, v in state.items()},
                                                            config, source=kind)
         parts = sorted({re.sub(r"\.(weight|bias)$", "", k) for k in report.missing})

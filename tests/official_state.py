@@ -95,7 +95,7 @@ VLBERT_CFG = load_preset("vlbert-tiny", vocab_size=50, hidden_size=16, num_hidde
                          v_geometry_dim=256)  # the official geometry embedding: 4 x 2 x 256
 
 
-def official_vlbert_state(c=VLBERT_CFG, kind="pretrain", pooler=False, relationship=False, seed=0):
+def official_vlbert_state(c=VLBERT_CFG, kind="pretrain", pooler=False, relationship=False, seed=0, answers=11):
     """The state dict of VL-BERT on precomputed features, keys without `module.`:
     kind "pretrain" = ResNetVLBERTForPretrainingMultitask (pretrain/modules/resnet_vlbert_for_pretraining_multitask.py:
     FastRCNN's obj_downsample, the [IMG] / mask / text-only embeddings, VisualLinguisticBertForPretraining with its
@@ -133,5 +133,5 @@ def official_vlbert_state(c=VLBERT_CFG, kind="pretrain", pooler=False, relations
     else:
         linear(s, "final_mlp.0.dense", H, H)
         norm(s, "final_mlp.0.LayerNorm", H)
-        linear(s, "final_mlp.2", 11, H)
+        linear(s, "final_mlp.2", answers, H)
     return s
