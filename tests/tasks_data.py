@@ -115,6 +115,96 @@ def make_refer(root: Path, n_images=(60, 10, 8, 8), n_objects: int = 4, feature_
     return data
 
 
+# The refer toolkit's data folder (lichengunc/refer, README "Download" and "How to use"): one folder
+# per dataset holding its instances.json and one refs(SPLITBY).p per split provider, each pickle the
+# same refs with that provider's split names (RefCOCOg's Google split has no test; UMD's is the one
+# vilbert-multi-task uses).
+REFER_SPLITS = {
+    ("refcoco", "unc"): ("train", "val", "testA", "testB"),
+    ("refcoco", "google"): ("train", "val", "test"),
+    ("refcoco+", "unc"): ("train", "val", "testA", "testB"),
+    ("refcocog", "umd"): ("train", "val", "test"),
+    ("refcocog", "google"): ("train", "val"),
+}
+# images per split of each pickle; the Google splits differ from the others' in size (and in which images)
+REFER_PICKLES = {"refcoco": {"unc": (60, 8, 6, 6), "google": (62, 10, 8)},
+                 "refcocog": {"umd": (60, 10, 10), "google": (68, 12)}}
+# sentences of a ref (the real ones have 2 to 3), RefCOCOg's longer, in a different word order
+REFER_EXPRESSIONS = {"refcoco": ("the {colour} {shape}", "{colour} {shape}"),
+                     "refcoco+": ("the {colour} {shape}", "{colour} {shape}"),
+                     "refcocog": ("the {shape} with the {colour} colour", "a picture of the {colour} {shape}")}
+
+
+def make_refer_datasets(root: Path, pickles: dict | None = None, n_images: int = 80, n_objects: int = 4,
+                        feature_size: int = 32, seed: int = 7, sentences_per_ref: int = 2) -> dict[str, Path]:
+    """The refer toolkit's layout over one pool of COCO images, as the real datasets share COCO train2014:
+    root/refer/NAME/refs(SPLITBY).p (protocol 2) + root/refer/NAME/instances.json for each NAME in
+    `pickles` ({NAME: {SPLITBY: images per split}}, split names from REFER_SPLITS, default
+    REFER_PICKLES: refcoco with refs(unc).p and refs(google).p, refcocog with refs(umd).p and
+    refs(google).p), and the pool's detected and gt-box shards in root/features and root/gt_features
+    (scenes, boxes and regions as make_refer's). -> {NAME: folder}.
+
+    A dataset refers to every object of every pool image (ann_id: the COCO annotation's, shared by the
+    datasets; ref_id and sent_id its own), with `sentences_per_ref` sentences from REFER_EXPRESSIONS;
+    each of its pickles holds the refs of the images it puts in a split, images drawn per pickle
+    without overlap between its splits, so one image can be train in one pickle and test in another."""
+    pickles = REFER_PICKLES if pickles is None else pickles
+    task, rng, data = task_folder(root, "refer", n_objects, feature_size, seed)
+    images, anns, det, gt, objects_of = [], [], {}, {}, {}
+    for image_id in range(1, n_images + 1):
+        objects, boxes = scene(task, rng, n_objects)
+        key = f"COCO_train2014_{image_id:012d}"
+        images.append({"id": image_id, "width": SIZE, "height": SIZE, "file_name": key + ".jpg"})
+        feats = region_features(task, objects, rng)
+        jitter = boxes + rng.uniform(-2, 2, size=boxes.shape).astype(np.float32)
+        background = rng.normal(size=(1, feature_size)).astype(np.float32)
+        det[key] = (np.concatenate([feats, background]), np.concatenate([jitter, [[0, 0, SIZE, SIZE]]]))
+        gt[key] = (feats, boxes)
+        objects_of[image_id] = []
+        for k, (c, s) in enumerate(objects):
+            x1, y1, x2, y2 = boxes[k].tolist()
+            anns.append({"id": len(anns) + 1, "image_id": image_id, "bbox": [x1, y1, x2 - x1, y2 - y1],
+                         "category_id": int(s) + 1, "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
+            objects_of[image_id].append((len(anns), int(c), int(s)))
+    folders = {}
+    for d, (name, splits_by) in enumerate(pickles.items()):
+        folder = data / name
+        folder.mkdir()
+        templates = REFER_EXPRESSIONS.get(name, REFER_EXPRESSIONS["refcoco"])
+        refs_of, ref_id, sent_id = {}, 1, 1  # image id -> its refs, without a split
+        for image in images:
+            refs_of[image["id"]] = []
+            for ann_id, c, s in objects_of[image["id"]]:
+                sentences = []
+                for k in range(sentences_per_ref):
+                    raw = templates[k % len(templates)].format(colour=COLOURS[c], shape=SHAPES[s])
+                    sentences.append({"raw": raw, "sent": raw, "sent_id": sent_id, "tokens": raw.split()})
+                    sent_id += 1
+                stem = image["file_name"].rsplit(".", 1)[0]
+                refs_of[image["id"]].append({"ref_id": ref_id, "ann_id": ann_id, "image_id": image["id"],
+                                             "category_id": s + 1, "file_name": f"{stem}_{ann_id}.jpg",
+                                             "sent_ids": [x["sent_id"] for x in sentences], "sentences": sentences})
+                ref_id += 1
+        for p, (split_by, counts) in enumerate(splits_by.items()):
+            names = REFER_SPLITS[(name, split_by)]
+            if len(counts) != len(names) or sum(counts) > n_images:
+                raise ValueError(f"{name} {split_by}: {counts} images for splits {names} of {n_images}")
+            order = np.random.default_rng([seed, d, p]).permutation(n_images) + 1
+            refs, start = [], 0
+            for split, count in zip(names, counts):
+                for image_id in sorted(order[start:start + count].tolist()):
+                    refs += [{**ref, "split": split} for ref in refs_of[image_id]]
+                start += count
+            (folder / f"refs({split_by}).p").write_bytes(pickle.dumps(refs, protocol=2))
+        (folder / "instances.json").write_text(json.dumps({
+            "images": images, "annotations": anns,
+            "categories": [{"id": i + 1, "name": s, "supercategory": "shape"} for i, s in enumerate(SHAPES)]}))
+        folders[name] = folder
+    write_shards(root / "features", det)
+    write_shards(root / "gt_features", gt, mode="gt-boxes")
+    return folders
+
+
 def make_retrieval(root: Path, n_train: int = 24, n_test: int = 8, feature_size: int = 32, seed: int = 1):
     """Flickr-style train.jsonl / test.jsonl ({"img_path", "sentences"}) + shards keyed by file stem."""
     task, rng, data = task_folder(root, "flickr30k", 2, feature_size, seed)

@@ -75,9 +75,11 @@ def load_refer(data: Path, refs_file: str = "refs(unc).p") -> dict[str, list[dic
         if bbox is None:
             raise ValueError(f"{inst_path}: no annotation {ref['ann_id']} (ref_id {ref['ref_id']} in {refs_file})")
         x, y, w, h = bbox
+        sent_ids = ref.get("sent_ids") or []
         for k, sent in enumerate(ref["sentences"]):
+            sent_id = sent["sent_id"] if "sent_id" in sent else (sent_ids[k] if k < len(sent_ids) else None)
             splits.setdefault(ref["split"], []).append({
-                "expression": sent["raw"], "sent_id": sent.get("sent_id", ref.get("sent_ids", [None] * (k + 1))[k]),
+                "expression": sent["raw"], "sent_id": sent_id,
                 "ref_id": ref["ref_id"], "image_id": ref["image_id"], "box": [x, y, x + w, y + h],
             })
     return splits
@@ -241,7 +243,7 @@ class RefCOCOTask(Task):
             for p in preds[:n_vis]:
                 try:
                     draw_referring(p, self.images.get(p["image_id"], {}), self.opts.extra.get("images"), folder)
-                except (OSError, ValueError, TypeError) as error:  # a picture is never worth the results
+                except Exception as error:  # a picture (a decompression bomb, too) never costs the results
                     log.warning("picture of sentence %s (image %s) not drawn: %s", p["sent_id"], p["image_id"], error)
         return metrics, preds
 

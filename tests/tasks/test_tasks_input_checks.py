@@ -82,3 +82,16 @@ def test_duplicate_nlvr2_identifiers_are_refused(tmp_path):
                        tokenizer=write_vocab(tmp_path))
     with pytest.raises(ValueError, match=rf"dev.json:{len(lines) + 1}: identifier .* again \(first on line 2\)"):
         NLVR2Task(opts).load_split("dev")
+
+
+def test_sentence_ids_come_from_the_sentences_when_sent_ids_is_short(tmp_path):
+    import pickle
+
+    data = tmp_path / "refer"
+    data.mkdir()
+    refs = [{"ref_id": 1, "ann_id": 1, "image_id": 1, "split": "val", "sent_ids": [11],
+             "sentences": [{"raw": "a", "sent_id": 11}, {"raw": "b", "sent_id": 12}, {"raw": "c"}]}]
+    (data / "refs(unc).p").write_bytes(pickle.dumps(refs, protocol=2))
+    (data / "instances.json").write_text(json.dumps({"images": [{"id": 1, "width": 10, "height": 10}],
+                                                     "annotations": [{"id": 1, "bbox": [1, 2, 3, 4]}]}))
+    assert [e["sent_id"] for e in load_refer(data)["val"]] == [11, 12, None]
