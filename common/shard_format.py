@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import json
+from pathlib import Path
+from typing import Dict
 
 import numpy as np
 
@@ -22,3 +25,20 @@ def npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     return buffer.getvalue()
+
+
+def read_sizes(path) -> Dict[str, int]:
+    """A folder's sizes.json: {shard file name: sample count}; ValueError naming the file and the
+    entry unless it is a readable JSON object of whole numbers >= 0."""
+    try:
+        sizes = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ValueError(f"{path}: cannot be read ({error.strerror or error})") from None
+    except ValueError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(sizes, dict):
+        raise ValueError(f"{path}: a JSON {type(sizes).__name__}, expected an object {{shard file name: sample count}}")
+    for name, count in sizes.items():
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise ValueError(f"{path}: {name!r} has the sample count {count!r}, expected a whole number >= 0")
+    return sizes

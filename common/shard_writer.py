@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, Optional, Set
 
-from .shard_format import ERRORS_FILE, SIZES_FILE
+from .shard_format import ERRORS_FILE, SIZES_FILE, read_sizes
 
 SHARD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*-\d{6}\.tar$")  # a complete shard of any prefix
 
@@ -125,6 +125,7 @@ class ShardWriter:
         complete = self._complete_shards()
         self.done_keys: Set[str] = set()
         self.damaged: list[str] = []  # complete shards that did not read, set aside as NAME.damaged
+        self.sizes_repaired: Optional[str] = None  # why sizes.json was not usable (rewritten from the shards)
         sizes = {}
         for name, path in complete.items():
             try:
@@ -134,12 +135,14 @@ class ShardWriter:
                 continue
             self.done_keys |= keys
             sizes[name] = len(keys)
-        self._update_sizes(sizes)
         for path in self._other_prefixes_shards():  # a re-run under another --prefix: no duplicates
             try:
-                self.done_keys |= shard_keys(path)
+                keys = shard_keys(path)
             except (tarfile.TarError, OSError, EOFError):
-                pass  # its own writer sets it aside
+                continue  # its own writer sets it aside
+            self.done_keys |= keys
+            sizes[path.name] = len(keys)  # every complete shard recounted: a broken sizes.json is made whole
+        self._update_sizes(sizes)
         self.error_sources = read_error_sources(self.errors_path)
         own = [int(self.pattern.match(n).group(1)) for n in complete]
         own = [i for i in own if i % world_size == rank]
@@ -182,17 +185,24 @@ class ShardWriter:
     # ----- bookkeeping files ---------------------------------------------------------------
     def _update_sizes(self, entries: Dict[str, int]) -> None:
         with _locked(self.out_dir):
-            sizes = {}
-            if self.sizes_path.is_file():
-                try:
-                    sizes = json.loads(self.sizes_path.read_text())
-                except ValueError:
-                    sizes = {}
+            sizes = self._listed_sizes()
             sizes.update(entries)
             sizes = {k: sizes[k] for k in sorted(sizes) if (self.out_dir / k).is_file()}
             temporary = self.sizes_path.with_name(f".{SIZES_FILE}.{os.getpid()}")
             temporary.write_text(json.dumps(sizes, indent=1) + "\n")
             os.replace(temporary, self.sizes_path)
+
+    def _listed_sizes(self) -> Dict[str, int]:
+        """sizes.json as it stands; {} when it is missing or broken (not JSON, not an object, a count
+        that is not a whole number >= 0), the reason kept in `sizes_repaired`: the complete shards
+        are recounted when the writer opens, so the file is rewritten whole."""
+        if not self.sizes_path.is_file():
+            return {}
+        try:
+            return read_sizes(self.sizes_path)
+        except ValueError as error:
+            self.sizes_repaired = str(error)
+            return {}
 
     def log_error(self, key: str, path: str, reason: str) -> None:
         line = json.dumps({"key": key, "path": path, "reason": reason}, ensure_ascii=False)

@@ -5,6 +5,7 @@ import contextlib
 import json
 import os
 import re
+from pathlib import Path
 
 import click
 import torch
@@ -35,6 +36,37 @@ def _check_prefix(prefix: str) -> str:
     if len(prefix) > 100:
         raise click.BadParameter(f"{len(prefix)} characters: at most 100 (it names the shard files inside OUT)")
     return prefix
+
+
+def _refuse_images_inside_out(images, out) -> None:
+    """IMAGES that is OUT or lies inside it: the extractor never reads its own output folder as input
+    (it would find its shards and previews), so it would find nothing; say so, not "no images found"."""
+    images_path, out_path = Path(images).resolve(), Path(out).resolve()
+    if images_path == out_path or out_path in images_path.parents:
+        where = "is the output folder OUT" if images_path == out_path else f"is inside the output folder OUT {out}"
+        raise click.ClickException(f"IMAGES {images} {where}, whose files are never read as input; "
+                                   "write the features to a folder outside IMAGES")
+
+
+def _warn_about_rejected_boxes(boxes) -> None:
+    """COCO annotations of no area (or not finite): say once, before the run, that their images are skipped."""
+    if boxes is not None and boxes.rejected_by_name:
+        example = next(iter(boxes.rejected_by_name.values()))
+        click.echo(f"warning: {len(boxes.rejected_by_name)} image(s) have a 'bbox' that is no box and are not "
+                   f"extracted (each is a line in errors.jsonl), e.g. {example}", err=True)
+
+
+def _refuse_when_nothing_extracted(records, inputs, problems, writer, out) -> None:
+    """A run none of whose images is in OUT's shards (all failed, now or in the run it resumes) fails
+    with a line saying so, after the summary line; a run where only some failed does not."""
+    if any(record.key in writer.done_keys for record in records):
+        return
+    log = os.path.join(out, "errors.jsonl")
+    if records:
+        raise click.ClickException(f"{out}: no image was extracted: all {len(records)} failed (see {log})")
+    if problems and not inputs:
+        raise click.ClickException(f"{out}: no image was extracted: all {len(problems)} input shards are "
+                                   f"unreadable (see {log})")
 
 
 def _warn_about_captions(records, captions_tsv) -> None:
@@ -165,6 +197,7 @@ def extract(images, out, weights, config_name, attributes, recipe, backend, devi
     if min_boxes > max_boxes:
         raise click.BadParameter(f"--min-boxes {min_boxes} > --max-boxes {max_boxes}")
     rank, world = _rank_and_world(rank, num_workers)
+    _refuse_images_inside_out(images, out)
     problems = []  # unreadable input shards: (path, reason)
     try:
         device = check_device(device)
@@ -180,6 +213,7 @@ def extract(images, out, weights, config_name, attributes, recipe, backend, devi
             boxes.bind(inputs)  # every name to one image, or a one-line error before anything is written
         except ValueError as error:
             raise click.ClickException(str(error)) from error
+    _warn_about_rejected_boxes(boxes)
     if not gt_boxes:  # task features (RefCOCO+ boxes) need no captions
         _warn_about_captions(inputs, captions)
     _warn_about_img2dataset_resizing(inputs)
@@ -209,16 +243,19 @@ def extract(images, out, weights, config_name, attributes, recipe, backend, devi
     except OutputBusy as error:
         raise click.ClickException(str(error)) from None
     try:
-        return _run(writer, detector, records, problems, config, rank, world, out, min_boxes, max_boxes,
-                    conf_threshold, boxes, ExtractionSettings(batch_size=batch_size, workers=workers, preview=preview,
-                                                              class_names=class_names, max_pixels=max_pixels,
-                                                              throttle_s=throttle, progress=not quiet))
+        settings = ExtractionSettings(batch_size=batch_size, workers=workers, preview=preview,
+                                      class_names=class_names, max_pixels=max_pixels, throttle_s=throttle,
+                                      progress=not quiet)
+        summary = _run(writer, detector, records, problems, config, rank, world, out, min_boxes, max_boxes,
+                       conf_threshold, boxes, settings)
     except BaseException:
         # a run that fails before it made anything (a broken backend, a recipe refused) leaves OUT as it
         # was; not with several ranks, whose files in OUT this process cannot tell from its own
         if world == 1:
             undo_failed_start(out, before, _made_progress)
         raise
+    _refuse_when_nothing_extracted(records, inputs, problems, writer, out)
+    return summary
 
 
 def _run(writer, detector, records, problems, config, rank, world, out, min_boxes, max_boxes, conf_threshold,
@@ -229,6 +266,8 @@ def _run(writer, detector, records, problems, config, rank, world, out, min_boxe
 
     for name in writer.damaged:
         click.echo(f"warning: {out}/{name}; set aside as .damaged, its images are extracted again", err=True)
+    if writer.sizes_repaired:
+        click.echo(f"warning: {writer.sizes_repaired}; rewritten from the complete shards", err=True)
     for path, reason in problems:
         click.echo(f"warning: {path}: {reason}", err=True)
         if rank == 0 and path not in writer.error_sources:  # once, also over resumed runs

@@ -10,7 +10,10 @@ extension), or by its path under IMAGES; else by its file name alone, only when 
 has that file name (two images `sub1/dup.jpg`, `sub2/dup.jpg` and a name `dup.jpg` is an error,
 not a guess). A COCO image's
 `width`/`height` must equal the size of the image as decoded (EXIF rotation applied), else the image
-is rejected with the reason: boxes drawn on another orientation are silently wrong features.
+is rejected with the reason: boxes drawn on another orientation are silently wrong features. A COCO
+annotation whose `bbox` has a zero or negative width or height, or a coordinate that is not finite (COCO
+has a few), rejects its image the same way, with the annotation and the bbox as the file gives them: the
+other images are extracted (dropping the box would shift the index of every box after it).
 """
 from __future__ import annotations
 
@@ -25,9 +28,10 @@ from extractor.sources import InputRecord, safe_key
 
 class GroundTruthBoxes:
     def __init__(self, boxes_by_name: Dict[str, np.ndarray], sizes_by_name: Optional[Dict[str, tuple]] = None,
-                 path: str = "--gt-boxes"):
+                 path: str = "--gt-boxes", rejected_by_name: Optional[Dict[str, str]] = None):
         self.boxes_by_name = boxes_by_name
         self.sizes_by_name = sizes_by_name or {}  # COCO: name -> (width, height) as annotated
+        self.rejected_by_name = rejected_by_name or {}  # COCO: name -> why its image is not extracted
         self.path = path
         self.name_of: Optional[Dict[str, str]] = None  # record key -> box name, once bound
 
@@ -39,7 +43,8 @@ class GroundTruthBoxes:
         except (OSError, ValueError) as error:
             raise ValueError(f"{path}: cannot read ground-truth boxes ({error})") from error
         if isinstance(data, dict) and "annotations" in data and "images" in data:
-            return cls(*cls._from_coco(data, path), path=path)
+            boxes, sizes, rejected = cls._from_coco(data, path)
+            return cls(boxes, sizes, path=path, rejected_by_name=rejected)
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a JSON object (name -> boxes) or COCO annotations")
         boxes = {}
@@ -70,6 +75,7 @@ class GroundTruthBoxes:
             if isinstance(image.get("width"), (int, float)) and isinstance(image.get("height"), (int, float)):
                 sizes[image["file_name"]] = (int(image["width"]), int(image["height"]))
         collected: Dict[str, list] = {name: [] for name in names.values()}
+        rejected: Dict[str, str] = {}
         for k, annotation in enumerate(data["annotations"]):
             if not isinstance(annotation, dict) or "image_id" not in annotation:
                 raise ValueError(f"{path}: annotations[{k}] has no 'image_id'")
@@ -80,11 +86,16 @@ class GroundTruthBoxes:
             if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
                 raise ValueError(f"{path}: annotations[{k}] (id {annotation.get('id')}): 'bbox' is {bbox!r}, "
                                  "expected [x, y, w, h]")
+            name, problem = names[annotation["image_id"]], _coco_bbox_problem(bbox)
+            if problem:
+                rejected.setdefault(name, f"{path}: annotations[{k}] (id {annotation.get('id')}) of {name!r} has "
+                                          f"'bbox' {bbox} (x, y, w, h): {problem}")
+                continue
             x, y, w, h = bbox
-            collected[names[annotation["image_id"]]].append([x, y, x + w, y + h])
+            collected[name].append([x, y, x + w, y + h])
         boxes = {name: GroundTruthBoxes._checked(np.asarray(b, dtype=np.float32).reshape(-1, 4), name, path)
                  for name, b in collected.items()}
-        return boxes, sizes
+        return boxes, sizes, rejected
 
     def bind(self, records: List[InputRecord]) -> None:
         """Match every box name to the one image it means, by key or path, a bare file name only
@@ -113,6 +124,11 @@ class GroundTruthBoxes:
         name = self.name_of.get(record.key) if self.name_of is not None else None
         return None if name is None else self.boxes_by_name[name]
 
+    def rejection(self, record: InputRecord) -> Optional[str]:
+        """Why the file's boxes of a record's image cannot be used (a COCO bbox of no area), or None."""
+        name = self.name_of.get(record.key) if self.name_of is not None else None
+        return None if name is None else self.rejected_by_name.get(name)
+
     def size_mismatch(self, record: InputRecord, width: int, height: int) -> Optional[str]:
         """Why the annotated size of the record's image differs from the decoded one, or None."""
         name = self.name_of.get(record.key) if self.name_of is not None else None
@@ -121,6 +137,16 @@ class GroundTruthBoxes:
             return None
         return (f"{self.path} gives {name!r} as {annotated[0]}x{annotated[1]}, the image decodes (EXIF "
                 f"rotation applied) to {width}x{height}: its boxes would fall on other pixels")
+
+
+def _coco_bbox_problem(bbox: list) -> Optional[str]:
+    """Why a COCO [x, y, w, h] (numbers) is no box, or None."""
+    values = np.asarray(bbox, dtype=np.float64)
+    if not np.isfinite(values).all():
+        return "a coordinate is not finite"
+    if values[2] <= 0 or values[3] <= 0:
+        return "its width or height is not > 0 (a box of no area has no feature)"
+    return None
 
 
 def _member(record: InputRecord) -> str:

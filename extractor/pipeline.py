@@ -112,6 +112,9 @@ def _plan(records: List[InputRecord], writer: ShardWriter):
 
 def _given_boxes(gt_boxes: GroundTruthBoxes, record: InputRecord, pixels: np.ndarray):
     """Ground-truth boxes clipped to the image (K, 4); or why there are none (a string)."""
+    rejected = gt_boxes.rejection(record)
+    if rejected:
+        return rejected
     boxes = gt_boxes.lookup(record)
     if boxes is None or not len(boxes):
         return "no ground-truth boxes for this image"

@@ -19,7 +19,13 @@ from common.devices import check_device
 from common.outputs import disk_full, is_disk_full, writable_folder
 
 from .data.loader import DataConfig, NoUsableSamples, PretrainingData, PretrainingLoader, make_loader
-from .data.shards import ErrorCounter, RecipeMismatch, expand_shards, refuse_without_class_targets
+from .data.shards import (
+    ErrorCounter,
+    RecipeMismatch,
+    expand_shards,
+    refuse_without_class_targets,
+    region_widths,
+)
 from .data.text_corpus import SEQ_LEN, TEXT_RATIO, TextCorpus, TextMixer, TextStream, expand_text_corpus
 from .train.checkpoints import list_checkpoints
 from .train.trainer import TrainConfig, Trainer, teardown_distributed
@@ -48,6 +54,21 @@ def user_errors():
         yield
     except (ValueError, FileNotFoundError, NoUsableSamples) as error:
         raise click.ClickException(str(error)) from error
+
+
+def _check_eval_shards(eval_shards: str, widths: tuple[int, int], widths_source: str) -> None:
+    """--eval-shards that exist, carry class distributions and have the training shards' feature and
+    class-distribution widths (the held-out pass would skip every sample of other widths)."""
+    try:
+        urls = expand_shards(eval_shards)
+        refuse_without_class_targets(urls)
+        found, source = region_widths(urls)
+    except (FileNotFoundError, ValueError) as error:
+        raise click.ClickException(f"--eval-shards: {error}") from error
+    if tuple(found) != tuple(widths):
+        raise click.ClickException(f"--eval-shards: {source}: region features {found[0]} wide and class "
+                                   f"distributions {found[1]}, but the training shards' ({widths_source}) are "
+                                   f"{widths[0]} and {widths[1]}: evaluate on shards of the same feature recipe")
 
 
 def _stream_seed(seed: int, step: int) -> int:
@@ -139,14 +160,12 @@ def cli(shards, out, preset, arch, overrides, bert, tokenizer, objective, text_c
     tokenizer = tokenizer or bert
     if tokenizer is None:
         raise click.UsageError("pass --tokenizer (a BERT vocab.txt or tokenizer directory) or --bert")
+    if micro_batch_size > batch_size:  # one forward pass would already be a larger step than asked for
+        raise click.UsageError(f"--batch-size {batch_size} is smaller than --micro-batch-size {micro_batch_size}: "
+                               f"give a --batch-size of at least {micro_batch_size} or a smaller --micro-batch-size")
     with user_errors():
         check_device(device)
         writable_folder(out, "--out")
-    if eval_shards:
-        try:
-            refuse_without_class_targets(expand_shards(eval_shards))  # checked now, not after days of training
-        except (FileNotFoundError, ValueError) as error:
-            raise click.ClickException(f"--eval-shards: {error}") from error
     model_overrides = _parse_overrides(overrides)
     if arch:
         model_overrides["arch"] = arch
@@ -162,6 +181,8 @@ def cli(shards, out, preset, arch, overrides, bert, tokenizer, objective, text_c
     if data.widths is None:
         raise click.ClickException(data.widths_source)
     width, width_source = data.widths[0], data.widths_source
+    if eval_shards:
+        _check_eval_shards(eval_shards, data.widths, width_source)  # now, not after days of training
     if not bert and "vocab_size" not in model_overrides:
         model_overrides["vocab_size"] = data.tokenizer.vocab_size
     if model_overrides.setdefault("v_feature_size", width) != width:

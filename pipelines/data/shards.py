@@ -9,7 +9,7 @@ from pathlib import Path
 
 import webdataset as wds
 
-from common.shard_format import RECIPE_FIELDS, RECIPE_FILE, SIZES_FILE
+from common.shard_format import RECIPE_FIELDS, RECIPE_FILE, SIZES_FILE, read_sizes
 
 from .tario import iter_tar, load_npy, open_shard
 
@@ -68,13 +68,10 @@ def count_samples(urls: list[str]) -> int | None:
         path = folder / SIZES_FILE
         if not path.is_file():
             return None
-        try:
-            sizes = json.loads(path.read_text())
-        except ValueError as error:
-            raise ValueError(f"{path}: not valid JSON ({error})") from None
+        sizes = read_sizes(path)  # ValueError naming the file: not JSON, or a count not a whole number >= 0
         if any(name not in sizes for name in names):
             return None
-        total += sum(int(sizes[name]) for name in names)
+        total += sum(sizes[name] for name in names)
     return total
 
 

@@ -112,6 +112,7 @@ class FeatureStore:
             del self.by_number[n]
         self.cache: OrderedDict[str, Regions] = OrderedDict()
         self.cache_size = cache_size
+        self.info_checked: set[str] = set()  # keys whose JSON check_features found sound (read once)
         self._files: OrderedDict[Path, object] = OrderedDict()  # open shards of this process (at most 32)
         self._pid, self._lock = os.getpid(), threading.RLock()  # the lock: the files and the region cache
 
@@ -173,6 +174,44 @@ class FeatureStore:
         except ValueError as e:
             raise ValueError(f"{path}: member {key}.{suffix} is not a plain .npy array: {e}") from e
 
+    def _shard_of(self, key: str) -> Path:
+        return next(iter(self.members[key].values()))[0]
+
+    def sample_info(self, key: str) -> dict:
+        """A sample's JSON: an object with a positive whole `width` and `height`, else ValueError
+        naming the shard and the key."""
+        missing = [s for s in FINETUNING_MEMBERS if s not in self.members[key]]
+        if missing:
+            raise ValueError(f"{self._shard_of(key)}: sample {key} lacks {missing}")
+        where = f"{self.members[key]['json'][0]}: sample {key}"
+        try:
+            info = json.loads(self._read(key, "json"))
+        except ValueError as e:
+            raise ValueError(f"{where}: its json member is not valid JSON ({e})") from None
+        if not isinstance(info, dict):
+            raise ValueError(f"{where}: its json member is a JSON {type(info).__name__}, expected an object")
+        for field in ("width", "height"):
+            value = info.get(field)
+            if not _positive_whole(value):
+                raise ValueError(f"{where}: image {field} {value!r}, expected a whole number > 0")
+        return info
+
+    def _checked_regions(self, key: str) -> Regions:
+        """A sample read and checked once (then cached): shapes, finite features and boxes, image size."""
+        info = self.sample_info(key)
+        feats = self._npy(key, "features.npy").astype(np.float32)
+        boxes = self._npy(key, "boxes.npy").astype(np.float32)
+        where = f"{self.members[key]['json'][0]}: sample {key}"
+        if feats.ndim != 2 or boxes.shape != (len(feats), 4) or len(feats) == 0:
+            raise ValueError(f"{where} has features {feats.shape}, boxes {boxes.shape} "
+                             "(expected (N, F) and (N, 4), N > 0)")
+        for what, array in (("feature values", feats), ("box coordinates", boxes)):
+            finite = np.isfinite(array)
+            if not finite.all():
+                raise ValueError(f"{where}: {int(finite.size - np.count_nonzero(finite))} of its {array.size} {what} "
+                                 "are NaN or infinite (broken extraction weights, or an fp16 overflow)")
+        return Regions(feats, boxes, int(info["width"]), int(info["height"]), key, info.get("mode", "detected"))
+
     def get(self, image_id) -> Regions:
         key = self.key_for(image_id)
         if key is None:
@@ -181,16 +220,7 @@ class FeatureStore:
             if key in self.cache:
                 self.cache.move_to_end(key)
                 return self.cache[key]
-        missing = [s for s in FINETUNING_MEMBERS if s not in self.members[key]]
-        if missing:
-            raise ValueError(f"{self.members[key][next(iter(self.members[key]))][0]}: sample {key} lacks {missing}")
-        info = json.loads(self._read(key, "json"))
-        feats = self._npy(key, "features.npy").astype(np.float32)
-        boxes = self._npy(key, "boxes.npy").astype(np.float32)
-        if feats.ndim != 2 or boxes.shape != (len(feats), 4) or len(feats) == 0:
-            raise ValueError(f"{self.members[key]['json'][0]}: sample {key} has features {feats.shape}, "
-                             f"boxes {boxes.shape} (expected (N, F) and (N, 4), N > 0)")
-        regions = Regions(feats, boxes, int(info["width"]), int(info["height"]), key, info.get("mode", "detected"))
+        regions = self._checked_regions(key)
         with self._lock:
             self.cache[key] = regions
             if len(self.cache) > self.cache_size:
@@ -199,6 +229,15 @@ class FeatureStore:
 
     def feature_size(self) -> int:
         return self.get(next(iter(self.members))).features.shape[1]
+
+
+def _positive_whole(value) -> bool:
+    """An image size: an int (or a whole float) > 0, never a bool, NaN or inf."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return value > 0
+    return isinstance(value, float) and value.is_integer() and value > 0  # NaN and inf are not whole
 
 
 def image_batch(store: FeatureStore, image_ids: list, max_regions: int) -> dict[str, torch.Tensor]:
@@ -213,7 +252,13 @@ def image_batch(store: FeatureStore, image_ids: list, max_regions: int) -> dict[
 
 
 def check_features(store: FeatureStore, image_ids: list, split: str) -> None:
+    """Before any work: every image has a sample, and its JSON (read, not its arrays) is an object
+    with a positive image size; the features and boxes are checked when a sample is first read."""
     missing = [i for i in image_ids if i not in store]
     if missing:
         broken = f" (unreadable shards: {'; '.join(store.unreadable)})" if store.unreadable else ""
         raise KeyError(f"{store.folder}: no features for {len(missing)} {split} images, e.g. {missing[:5]}{broken}")
+    for key in dict.fromkeys(store.key_for(i) for i in image_ids):
+        if key not in store.info_checked:  # each split's evaluation checks again: read each JSON once
+            store.sample_info(key)
+            store.info_checked.add(key)

@@ -67,6 +67,11 @@ def make_plan(opts: TaskOptions, items: int, world: int) -> Plan:
     if items == 0:
         raise ValueError(f"{opts.data}: no training items")
     micro = opts.micro_batch_size or max(1, -(-opts.batch_size // world))
+    if micro * world > opts.batch_size:  # one pass per process would already be a larger batch than asked
+        given = f"--micro-batch-size {micro}" if opts.micro_batch_size else "one item"
+        raise ValueError(f"--batch-size {opts.batch_size} is smaller than {given} x {world} process(es) = "
+                         f"{micro * world} items a step: give a --batch-size of at least {micro * world}"
+                         + (" or a smaller --micro-batch-size" if opts.micro_batch_size else ""))
     accumulation = max(1, round(opts.batch_size / (micro * world)))
     batch = micro * accumulation * world
     if batch != opts.batch_size:

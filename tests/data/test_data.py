@@ -350,3 +350,19 @@ def test_samples_of_other_widths_and_cut_npy_headers_are_skipped_not_fatal(tmp_p
     messages = "\n".join(str(w.message) for w in caught)
     assert "'wide'" in messages and "features 24 / classes 6 wide, the run's first sample 16 / 6" in messages
     assert "'classes'" in messages and "'cut'" in messages and "unreadable .npy header" in messages
+
+
+def test_sizes_json_of_other_shapes_is_one_line_naming_the_file(tmp_path):
+    from pipelines.data.shards import count_samples
+
+    write_shards(tmp_path, num_shards=2, per_shard=3, **SMALL)
+    urls = expand_shards(str(tmp_path))
+    assert count_samples(urls) == 6
+    sizes = tmp_path / "sizes.json"
+    for content, said in (('{"shard-000000.tar": -1, "shard-000001.tar": 3}', "has the sample count -1"),
+                          ('{"shard-000000.tar": 3.0, "shard-000001.tar": 3}', "has the sample count 3.0"),
+                          ('{"shard-000000.tar": true, "shard-000001.tar": 3}', "has the sample count True"),
+                          ('[3, 3]', "a JSON list, expected an object"), ("{", "not valid JSON")):
+        sizes.write_text(content)
+        with pytest.raises(ValueError, match=rf"^{sizes}: .*{said}"):
+            count_samples(urls)

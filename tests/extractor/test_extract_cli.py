@@ -592,9 +592,12 @@ def test_non_finite_detector_outputs_are_logged_per_image_not_written(tmp_path, 
         return outputs
 
     monkeypatch.setattr(Res5ROIHeads, "forward", poisoned)
-    summary = main([str(images), str(tmp_path / "out"), *TINY])
-    assert (summary["done"], summary["failed"]) == (0, 2)
-    assert "non-finite (NaN or inf) features" in (tmp_path / "out" / "errors.jsonl").read_text()
+    import click
+
+    with pytest.raises(click.ClickException, match="no image was extracted: all 2 failed"):  # none extracted: exit 1
+        main([str(images), str(tmp_path / "out"), *TINY])
+    errors = (tmp_path / "out" / "errors.jsonl").read_text().splitlines()
+    assert len(errors) == 2 and all("non-finite (NaN or inf) features" in line for line in errors)
 
 
 def test_odd_img2dataset_json_and_long_prefixes(tmp_path):

@@ -303,3 +303,34 @@ def test_a_model_that_cannot_read_the_batches_is_one_line_before_training(corpus
         with pytest.raises(click.ClickException, match=message):
             main(args(corpus, tmp_path / "run", "--max-steps", "1", *extra))
     assert not list_checkpoints(tmp_path / "run" / "checkpoints")
+
+
+def test_eval_shards_of_another_width_are_one_line_before_training(corpus, tmp_path):
+    """--eval-shards of other features were found only after training (every held-out sample skipped)."""
+    write_shards(SyntheticTask(feature_size=16), tmp_path / "narrow", 16, seed=2, shard_size=16)
+    write_shards(TASK, tmp_path / "few_classes", 16, seed=2, shard_size=16, num_classes=5)
+    cases = [("narrow", "region features 16 wide and class distributions 1601"),
+             ("few_classes", "region features 32 wide and class distributions 5")]
+    for folder, said in cases:
+        out = tmp_path / f"run_{folder}"
+        with pytest.raises(click.ClickException, match=rf"^--eval-shards: .*{folder}/synthetic-000000.tar: {said}, "
+                                                       r"but the training shards' \(.*train.*\) are 32 and 1601"):
+            main(args(corpus, out, "--max-steps", "3", "--eval-shards", str(tmp_path / folder)))
+        assert not (out / "checkpoints").exists() or not list_checkpoints(out / "checkpoints")  # nothing trained
+
+
+@pytest.mark.parametrize("count", [-3, 2.5, "32", None])
+def test_a_sizes_json_count_that_is_not_a_whole_number_is_one_line_naming_the_file(corpus, tmp_path, count):
+    shutil.copytree(corpus / "train", tmp_path / "train")
+    sizes = json.loads((tmp_path / "train" / "sizes.json").read_text())
+    sizes[sorted(sizes)[0]] = count
+    (tmp_path / "train" / "sizes.json").write_text(json.dumps(sizes))
+    with pytest.raises(click.ClickException, match=rf"^{tmp_path / 'train' / 'sizes.json'}: 'synthetic-000000.tar' "
+                                                   rf"has the sample count {count!r}, expected a whole number >= 0$"):
+        main([str(tmp_path / "train")] + args(corpus, tmp_path / "run", "--max-steps", "2")[1:])
+
+
+def test_a_batch_smaller_than_the_micro_batch_is_a_usage_error(corpus, tmp_path, capsys):
+    with pytest.raises(click.UsageError, match="--batch-size 4 is smaller than --micro-batch-size 8"):
+        main(args(corpus, tmp_path / "run", "--max-steps", "2", "--batch-size", "4"))
+    assert not (tmp_path / "run").exists()
