@@ -395,8 +395,9 @@ class Trainer:
         }
         if logger is not None:
             logger.log(row)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", align=f"{row['align_accuracy']:.2f}",
-                            sps=f"{row['samples_per_s']:.0f}")
+            shown = ("mrc", "mrc_accuracy") if self.cfg.objective == "vlbert" else ("align", "align_accuracy")
+            bar.set_postfix({"loss": f"{row['loss']:.3f}", shown[0]: f"{row.get(shown[1], float('nan')):.2f}",
+                             "sps": f"{row['samples_per_s']:.0f}"})
         return row
 
     def save(self, scheduler) -> Path | None:
