@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import click
 
@@ -34,16 +35,18 @@ def import_features(src, out, fmt, captions, shard_size, prefix, quiet):
     from common.outputs import folder_entries, undo_failed_start, writable_folder
     from common.shard_writer import OutputBusy, ShardWriter
     from extractor.importers import FORMATS, detect_format
-    from extractor.importers.driver import Captions, ImportSettings
+    from extractor.importers.driver import Captions
+    from extractor.importers.loop import ImportSettings
     from extractor.sources import read_caption_tsv
 
+    source = Path(src).resolve()  # one name for each record however SRC is spelt: errors.jsonl matches on re-runs
     try:
         writable_folder(out, "OUT")
-        fmt = detect_format(src) if fmt == "auto" else fmt
+        fmt = detect_format(source) if fmt == "auto" else fmt
         module = FORMATS[fmt]
-        if not module.matches(src):
+        if not module.matches(source):
             raise ValueError(f"{src}: not in the {fmt} format ({module.__doc__.strip().splitlines()[0]})")
-        total = module.count(src)
+        total = module.count(source)
         index = Captions(read_caption_tsv(captions)) if captions else None
     except (FileNotFoundError, ValueError, ImportError) as error:
         raise click.ClickException(str(error)) from error
@@ -52,18 +55,35 @@ def import_features(src, out, fmt, captions, shard_size, prefix, quiet):
         writer = ShardWriter(out, prefix=prefix, shard_size=shard_size)
     except OutputBusy as error:
         raise click.ClickException(str(error)) from None
-    settings = ImportSettings(fmt=fmt, source=src, captions=index, progress=not quiet, total=total,
+    settings = ImportSettings(fmt=fmt, source=str(source), captions=index, progress=not quiet, total=total,
                               id_hint=getattr(module, "ID_HINT", ""))
     try:
-        return _run(module, src, out, writer, settings)
+        summary = _run(module, source, out, writer, settings)
+        _refuse_when_nothing_imported(summary, src, out)
+        return summary
     except BaseException:  # a run that fails before it made anything leaves OUT as it found it
         undo_failed_start(out, before, _made_progress)
         raise
 
 
+def _refuse_when_nothing_imported(summary, src, out) -> None:
+    """A run none of whose records is in OUT's shards fails with a line saying why (after the summary
+    line): all of them failed, now or in the run it resumes; all its files are unreadable; it has none."""
+    if summary["in_shards"]:
+        return
+    log = os.path.join(out, "errors.jsonl")
+    failed, unreadable = summary["failed"] + summary["skipped"], len(summary["unreadable_files"])
+    if failed:
+        raise click.ClickException(f"{out}: no record was imported: all {failed} records of {src} failed (see {log})")
+    if unreadable:
+        raise click.ClickException(f"{out}: no record was imported: all {unreadable} files of {src} are unreadable "
+                                   f"(see {log})")
+    raise click.ClickException(f"{src}: holds no records to import")
+
+
 def _run(module, src, out, writer, settings):
     """The import into an open ShardWriter, its warnings and its summary line."""
-    from extractor.importers.driver import run_import
+    from extractor.importers.loop import run_import
     from extractor.pipeline import RecipeMismatch, check_recipe
 
     for name in writer.damaged:
@@ -74,13 +94,16 @@ def _run(module, src, out, writer, settings):
         except (RecipeMismatch, ValueError, ImportError) as error:  # ValueError: a source the reader refuses whole
             raise click.ClickException(str(error)) from error
     summary.update(out=str(out), source=str(src))
+    for line in summary["unreadable_files"]:
+        click.echo(f"warning: {line}; its records are not imported", err=True)
     for note, times in summary["notes"].items():
         click.echo(f"warning: {times} records: {note}", err=True)
     if summary["cls_prob"] == "missing":
         click.echo(f"note: {settings.fmt} carries no class distributions nor object ids: these shards serve "
                    "fine-tuning (vilbert-eval); pretraining refuses them", err=True)
-    failures = f"failed {summary['failed']}"
-    if summary["failed"]:
+    unreadable = len(summary["unreadable_files"])
+    failures = f"failed {summary['failed']}" + (f", unreadable files {unreadable}" if unreadable else "")
+    if summary["failed"] or unreadable:
         failures += f" (see {os.path.join(out, 'errors.jsonl')})"
     click.echo(f"done {summary['done']}, skipped {summary['skipped']}, {failures}; "
                f"{summary['records_per_second']} records/s")
@@ -105,8 +128,12 @@ def export_features(shards, out, fmt, distributions, quiet):
         summary = export(shards, out, fmt, distributions=distributions, progress=not quiet)
     except (FileNotFoundError, FileExistsError, ValueError, ImportError) as error:
         raise click.ClickException(str(error)) from error
+    for line in summary["warnings"]:
+        click.echo(f"warning: {line}", err=True)
     for problem in summary["unreadable_shards"]:
         click.echo(f"warning: {problem}; its samples before the damage are exported", err=True)
+    for line in summary["skipped_samples"]:
+        click.echo(f"warning: {line}; not exported", err=True)
     click.echo(f"exported {summary['exported']} samples to {out}, skipped {summary['skipped']}; "
                f"{summary['samples_per_second']} samples/s")
     return summary

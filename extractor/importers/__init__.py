@@ -1,8 +1,9 @@
 """`vilbert-import`: region features made elsewhere -> shards in exactly vilbert-extract's format.
 
 One module per source format, each with `NAME`, `matches(src)` (cheap, for auto-detection),
-`count(src)` (records, or None) and `entries(src)` (`driver.Entry`s, decoded lazily); `driver`
-checks, encodes and writes them; `export` goes the other way (shards -> h5 / butd-tsv)."""
+`count(src)` (records, or None) and `entries(src)` (`driver.Entry`s, decoded lazily; a file that
+cannot be read is one Entry saying why); `driver` checks and encodes them, `loop` writes them;
+`export` goes the other way (shards -> h5 / butd-tsv)."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -14,15 +14,16 @@ from typing import Dict, Iterator, Optional
 import numpy as np
 
 from .driver import Entry, Record, as_int, b64_array
+from .tsv import FIELDS as TSV_FIELDS
 from .tsv import entries as tsv_entries
-from .tsv import first_line_fields
+from .tsv import matches as tsv_matches
 
 NAME = "butd-tsv"
-FIELDNAMES = ("image_id", "image_w", "image_h", "num_boxes", "boxes", "features")
+FIELDNAMES = TSV_FIELDS[NAME]
 
 
 def matches(src) -> bool:
-    return first_line_fields(src) == len(FIELDNAMES)
+    return tsv_matches(src, FIELDNAMES)
 
 
 def count(src) -> Optional[int]:
@@ -37,4 +38,4 @@ def decode(row: Dict[str, str]) -> Record:
 
 
 def entries(src) -> Iterator[Entry]:
-    return tsv_entries(src, FIELDNAMES, decode)
+    return tsv_entries(src, NAME, FIELDNAMES, decode)

@@ -1,28 +1,25 @@
-"""What every importer shares: a source record -> checked arrays -> shard members, and the loop that
-writes them through `common.shard_writer.ShardWriter` (resume, errors.jsonl, progress bar, recipe.json).
+"""What every importer shares: a source record -> checked arrays -> shard members (the loop that
+writes them is `loop`), and the one-line reasons of a bad record or of a source file that cannot be read.
 
 A reader module (`butd_tsv`, `lxmert_tsv`, `vilbert_lmdb`, `npz`, `h5`) yields `Entry`s: the image id
 and where the record sits, cheap to list, and `decode()` -> `Record`, which does the costly part
-(base64, unpickling, decompression) only for records not imported yet. The first record that
-decodes decides what the whole import carries (`Carries`: feature width, where cls_prob and
-attr_prob come from); it is the same record on every re-run, so the recipe is too.
+(base64, unpickling, decompression) only for records not imported yet; a file of the source that
+cannot be read is one `unreadable_file` Entry (`per_file`), not the end of the import. The first
+record that decodes decides what the whole import carries (`Carries`: feature width, where cls_prob
+and attr_prob come from); it is the same record on every re-run, so the recipe is too.
 """
 from __future__ import annotations
 
 import base64
 import binascii
 import json
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, Optional
 
 import numpy as np
-from tqdm import tqdm
 
-from common.names import safe_name
 from common.shard_format import npy_bytes
-from common.shard_writer import ShardWriter
 
 VG_CLASSES, VG_ATTRIBUTES = 1600, 400  # Visual Genome vocabularies; the shards add column 0 (background / none)
 FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -52,6 +49,38 @@ class Entry:
     image_id: str  # the source's id of the image; the sample key is safe_name(image_id)
     where: str  # "file:line", "lmdb:key", "file.npz": errors.jsonl's `path`, KEY.json's `source`
     decode: Callable[[], Record]
+    file_error: Optional[str] = None  # set: the file `where` could not be read (no records from it), and why
+
+
+def one_line_reason(error: Exception) -> str:
+    """errors.jsonl's `reason`: a BadRecord's text, "cannot be read (Permission denied)" for an OSError
+    of the system (the line names the file), or any other error's type and first line."""
+    if isinstance(error, OSError) and error.strerror:
+        return f"cannot be read ({error.strerror})"
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return text if isinstance(error, BadRecord) else f"{type(error).__name__}: {text}"[:500]
+
+
+def unreadable_file(path, error: Exception) -> Entry:
+    """The Entry that stands for a whole file of the source that cannot be read (its first bytes, its
+    header, or part way through): one line in errors.jsonl, and the source's other files go on."""
+    reason = one_line_reason(error)
+
+    def refuse() -> Record:
+        raise BadRecord(reason)
+
+    return Entry(Path(path).stem, str(path), refuse, file_error=reason)
+
+
+def per_file(paths: Iterable[Path], read: Callable[[Path], Iterator[Entry]]) -> Iterator[Entry]:
+    """The entries of every file in `paths`, `read(path)` giving one file's; a file that fails (at its
+    start or part way: OSError, or a ValueError such as BadRecord) ends in an `unreadable_file` entry,
+    after the entries it gave, and the next file is read."""
+    for path in paths:
+        try:
+            yield from read(path)
+        except (OSError, ValueError) as error:
+            yield unreadable_file(path, error)
 
 
 @dataclass(frozen=True)
@@ -84,10 +113,15 @@ def optional(item: Dict, *names: str):
 
 
 def as_int(value, name: str) -> int:
+    """A whole number (64, "64", 64.0, np.int64(64)); BadRecord for 64.7, "64px", inf or an array."""
     try:
-        number = int(np.asarray(value).item()) if not isinstance(value, (str, bytes)) else int(value)
+        number = value if isinstance(value, (str, bytes)) else np.asarray(value).item()
+        if isinstance(number, float) and not number.is_integer():
+            raise ValueError(number)  # 64.7 is no pixel count: never truncated to 64
+        number = int(number)
     except (TypeError, ValueError, OverflowError):  # OverflowError: an infinite float
-        raise BadRecord(f"{name} {value!r:.40} is not an integer") from None
+        shown = value.item() if isinstance(value, np.generic) else value  # 640.7, not np.float64(640.7)
+        raise BadRecord(f"{name} {shown!r:.40} is not an integer") from None
     return number
 
 
@@ -237,88 +271,3 @@ class Captions:
         if image_id in self.by_name:
             return self.by_name[image_id]
         return self.by_number.get(int(image_id)) if image_id.isascii() and image_id.isdigit() else None
-
-
-# ----- the loop -----------------------------------------------------------------------------------
-@dataclass
-class ImportSettings:
-    fmt: str
-    source: str
-    captions: Optional[Captions] = None
-    progress: bool = True
-    total: Optional[int] = None  # records in the source, for the progress bar (None: unknown)
-    id_hint: str = ""  # appended to an out-of-range objects_id error (the format's id convention)
-    notes: Dict[str, int] = field(default_factory=dict)
-
-
-def probe(entries: Iterable[Entry], id_hint: str = "") -> Optional[Carries]:
-    """What the source carries, from its first record that decodes and checks; None if none does."""
-    iterator = iter(entries)
-    try:
-        for entry in iterator:
-            try:
-                record = entry.decode()
-                carries = carries_of(record)
-                check(record, carries, id_hint)
-                return carries
-            except (ValueError, KeyError, TypeError, OSError):
-                continue
-        return None
-    finally:
-        getattr(iterator, "close", lambda: None)()  # its file or LMDB closes before the import opens it again
-
-
-def _reason(error: Exception) -> str:
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return text if isinstance(error, BadRecord) else f"{type(error).__name__}: {text}"[:500]
-
-
-def run_import(entries: Callable[[], Iterator[Entry]], writer: ShardWriter, settings: ImportSettings,
-               check_recipe: Callable[[Path, Dict], None]) -> Dict:
-    """Import every record not already in OUT's complete shards (nor in errors.jsonl); the summary counts.
-    `check_recipe(out_dir, header)` records the recipe or refuses OUT (vilbert-extract's rule, given by the CLI)."""
-    carries = probe(entries(), settings.id_hint)
-    header = None
-    if carries is not None:
-        header = recipe_header(settings.fmt, settings.source, carries)
-        check_recipe(writer.out_dir, header)  # RecipeMismatch when OUT was made from another source
-    done = skipped = failed = captioned = 0
-    written: set = set()
-    started = time.time()
-    bar = tqdm(entries(), total=settings.total, unit="rec", disable=not settings.progress,
-               desc=f"import {settings.fmt}")
-    for entry in bar:
-        key = safe_name(entry.image_id)
-        if entry.where in writer.error_sources or (key in writer.done_keys and key not in written):
-            skipped += 1
-            continue
-        if key in written:
-            writer.log_error(key, entry.where, f"duplicate image id {entry.image_id!r}: its first record is imported")
-            failed += 1
-            continue
-        try:
-            record = entry.decode()
-            arrays = check(record, carries or carries_of(record), settings.id_hint)
-        except (ValueError, KeyError, TypeError, OSError) as error:  # OSError: a damaged HDF5 chunk, a lost file
-            writer.log_error(key, entry.where, _reason(error))
-            failed += 1
-            continue
-        for note in record.notes:
-            settings.notes[note] = settings.notes.get(note, 0) + 1
-        if header is None:  # the probe read no record (a read error that passed): this first good one decides
-            carries = carries_of(record)
-            header = recipe_header(settings.fmt, settings.source, carries)
-            check_recipe(writer.out_dir, header)
-        caption = settings.captions.get(entry.image_id) if settings.captions else None
-        writer.write(key, encode(entry.image_id, entry.where, arrays, header, caption))
-        written.add(key)
-        done += 1
-        captioned += bool(caption)
-    bar.close()
-    writer.close()
-    elapsed = time.time() - started
-    return dict(format=settings.fmt, done=done, skipped=skipped, failed=failed, captioned=captioned,
-                shards_written=writer.shards_written, seconds=round(elapsed, 3),
-                records_per_second=round(done / elapsed, 1) if elapsed else 0.0,
-                cls_prob=carries.cls_prob if carries else None, attr_prob=carries.attr_prob if carries else None,
-                feature_dim=carries.feature_dim if carries else None, notes=dict(settings.notes))

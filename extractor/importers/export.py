@@ -15,18 +15,22 @@ from __future__ import annotations
 
 import base64
 import csv
+import functools
 import io
 import json
 import os
 import tarfile
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 from tqdm import tqdm
 
+from common.shard_format import read_sizes
+
 from .butd_tsv import FIELDNAMES as BUTD_FIELDNAMES
+from .driver import BadRecord, as_int
 from .h5 import require_h5py
 
 FORMATS = ("h5", "butd-tsv")
@@ -49,9 +53,10 @@ def _decode(name: str, data: bytes):
     return json.loads(data) if name == "json" else None
 
 
-def samples(shards, problems: List[str]) -> Iterator[Tuple[str, Dict]]:
-    """(key, {member: decoded}) of every sample in the shards, in order; a damaged shard keeps the
-    samples before the damage and goes to `problems`."""
+def samples(shards, problems: List[str]) -> Iterator[Tuple[Path, str, Dict]]:
+    """(shard, key, {member: decoded}) of every sample in the shards, in order; a member that does not
+    decode is `sample["bad"]` (its name); a damaged shard keeps the samples before the damage and goes
+    to `problems`."""
     for path in shard_files(shards):
         key, sample = None, {}
         try:
@@ -63,18 +68,62 @@ def samples(shards, problems: List[str]) -> Iterator[Tuple[str, Dict]]:
                     if member not in NEEDED + ("cls_prob.npy", "attr_prob.npy"):
                         continue
                     if name_key != key and sample:
-                        yield key, sample
+                        yield path, key, sample
                         sample = {}
                     key = name_key
                     try:
                         sample[member] = _decode(member, archive.extractfile(info).read())
                     except ValueError:  # a member that is not a plain .npy / valid JSON: the sample is skipped
-                        sample["bad"] = True
+                        sample.setdefault("bad", member)
         except (tarfile.TarError, OSError, EOFError) as error:
             problems.append(f"{path}: {type(error).__name__}: {error}")
             sample = {}  # the one being read when the damage came is not complete
         if sample:
-            yield key, sample
+            yield path, key, sample
+
+
+def _member_problem(sample: Dict) -> Optional[str]:
+    """Why the sample's members cannot be exported (a damaged or missing one), or None."""
+    if "bad" in sample:
+        return f"{sample['bad']} is not a plain .npy / valid JSON"
+    missing = [member for member in NEEDED if member not in sample]
+    if missing:
+        return f"no {', '.join(missing)} member"
+    if not isinstance(sample["json"], dict):
+        return f"its json member is a JSON {type(sample['json']).__name__}, expected an object"
+    return None
+
+
+def _rows_problem(sample: Dict) -> Optional[str]:
+    """Why the sample's arrays do not fit together (features (N, F), boxes (N, 4), probs (N, C)), or None."""
+    features, boxes = sample["features.npy"], sample["boxes.npy"]
+    if features.ndim != 2 or len(features) == 0:
+        return f"features of shape {features.shape}, expected (N, F) with N > 0"
+    n = len(features)
+    if boxes.shape != (n, 4):
+        return f"boxes of shape {boxes.shape}, expected ({n}, 4) for its {n} feature rows"
+    for kind in ("cls_prob.npy", "attr_prob.npy"):
+        if kind in sample and (sample[kind].ndim != 2 or len(sample[kind]) != n or sample[kind].shape[1] < 2):
+            return f"{kind[:-4]} of shape {sample[kind].shape}, expected ({n}, C) for its {n} feature rows"
+    return None
+
+
+def _image_size(meta: Dict) -> Tuple[int, int]:
+    """(width, height) of KEY.json as positive integers, else BadRecord."""
+    width, height = (as_int(meta[field], field) if field in meta else None for field in ("width", "height"))
+    if width is None or height is None:
+        raise BadRecord(f"its json has no {'width' if width is None else 'height'}")
+    if width <= 0 or height <= 0:
+        raise BadRecord(f"image size {width}x{height} is not positive")
+    return width, height
+
+
+def checked(sample: Dict) -> Tuple[int, int]:
+    """The sample's image (width, height) when it can be exported, else BadRecord with the reason."""
+    problem = _member_problem(sample) or _rows_problem(sample)
+    if problem:
+        raise BadRecord(problem)
+    return _image_size(sample["json"])
 
 
 def _name(key: str, meta: Dict, forbidden: str) -> str:
@@ -89,8 +138,7 @@ def _hard_labels(prob: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     return real.argmax(1).astype(np.int64), real.max(1).astype(np.float32)
 
 
-def _write_h5(handle, name: str, sample: Dict, distributions: bool) -> None:
-    meta = sample["json"]
+def _write_h5(handle, name: str, sample: Dict, size: Tuple[int, int], distributions: bool) -> None:
     group = handle.create_group(name)
     group["features"] = sample["features.npy"].astype(np.float32)  # (N, F)
     group["boxes"] = sample["boxes.npy"].astype(np.float32)  # (N, 4)
@@ -99,61 +147,83 @@ def _write_h5(handle, name: str, sample: Dict, distributions: bool) -> None:
             group[f"{prefix}_id"], group[f"{prefix}_conf"] = _hard_labels(sample[kind])
             if distributions:
                 group[kind[:-4]] = sample[kind].astype(np.float16)
-    group["img_w"], group["img_h"] = np.int64(meta["width"]), np.int64(meta["height"])
+    group["img_w"], group["img_h"] = np.int64(size[0]), np.int64(size[1])
 
 
-def _tsv_row(name: str, sample: Dict) -> Dict:
+def _write_tsv_row(tsv: csv.DictWriter, name: str, sample: Dict, size: Tuple[int, int]) -> None:
+    tsv.writerow(_tsv_row(name, sample, size))
+
+
+def _tsv_row(name: str, sample: Dict, size: Tuple[int, int]) -> Dict:
     boxes, features = sample["boxes.npy"].astype(np.float32), sample["features.npy"].astype(np.float32)
-    return {"image_id": name, "image_w": int(sample["json"]["width"]), "image_h": int(sample["json"]["height"]),
+    return {"image_id": name, "image_w": size[0], "image_h": size[1],
             "num_boxes": len(boxes), "boxes": base64.b64encode(boxes.tobytes()).decode("ascii"),
             "features": base64.b64encode(features.tobytes()).decode("ascii")}
 
 
 def export(shards, out, fmt: str, distributions: bool = False, progress: bool = True) -> Dict:
-    """Write every complete sample of SHARDS to OUT (a new file) in `fmt`; returns the summary counts."""
+    """Write every complete sample of SHARDS to OUT (a new file) in `fmt`; returns the summary counts
+    (`skipped_samples`: "shard: key: reason" of each sample left out; `warnings`: other lines to show)."""
     if fmt not in FORMATS:
         raise ValueError(f"{fmt!r}: export formats are {', '.join(FORMATS)}")
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out}: exists; remove it or choose another name")
     shard_files(shards)  # FileNotFoundError before anything is written
-    total = sum(int(v) for v in _sizes(shards).values()) or None
+    warnings: List[str] = []
+    total = _total(shards, warnings)
     temporary = out.with_name(f".{out.name}.partial")
     problems: List[str] = []
-    names: set = set()
-    exported = skipped = 0
+    skipped: List[str] = []
     started = time.time()
     bar = tqdm(samples(shards, problems), total=total, unit="sample", disable=not progress, desc=f"export {fmt}")
     h5py = require_h5py() if fmt == "h5" else None
     try:
         with (h5py.File(temporary, "w") if h5py else open(temporary, "w", newline="")) as handle:
-            writer = None if h5py else csv.DictWriter(handle, delimiter="\t", fieldnames=BUTD_FIELDNAMES)
-            for key, sample in bar:
-                meta = sample.get("json") if isinstance(sample.get("json"), dict) else {}
-                name = _name(key, meta, "/" if h5py else "\t\r\n")
-                usable = "bad" not in sample and all(m in sample for m in NEEDED) and {"width", "height"} <= set(meta)
-                if not usable or name in names:
-                    skipped += 1  # damaged or incomplete, or a second sample of the same image
-                    continue
-                names.add(name)
-                if h5py:
-                    _write_h5(handle, name, sample, distributions)
-                else:
-                    writer.writerow(_tsv_row(name, sample))
-                exported += 1
+            if h5py:
+                write = functools.partial(_write_h5, handle, distributions=distributions)
+            else:
+                write = functools.partial(_write_tsv_row, csv.DictWriter(handle, delimiter="\t",
+                                                                          fieldnames=BUTD_FIELDNAMES))
+            exported = _write_all(bar, write, "/" if h5py else "\t\r\n", skipped)
         os.replace(temporary, out)
     finally:
         bar.close()
         if temporary.exists():
             temporary.unlink()
     elapsed = time.time() - started
-    return dict(format=fmt, out=str(out), exported=exported, skipped=skipped, unreadable_shards=problems,
-                seconds=round(elapsed, 3), samples_per_second=round(exported / elapsed, 1) if elapsed else 0.0)
+    return dict(format=fmt, out=str(out), exported=exported, skipped=len(skipped), skipped_samples=skipped,
+                unreadable_shards=problems, warnings=warnings, seconds=round(elapsed, 3),
+                samples_per_second=round(exported / elapsed, 1) if elapsed else 0.0)
 
 
-def _sizes(shards) -> Dict[str, int]:
+def _write_all(samples_in: Iterable, write: Callable, forbidden: str, skipped: List[str]) -> int:
+    """write(name, sample, (width, height)) for each sample that can be exported, once per image;
+    each other one goes to `skipped` as "shard: key: reason". -> how many were written."""
+    names: set = set()
+    for shard, key, sample in samples_in:
+        try:
+            size = checked(sample)
+        except BadRecord as error:
+            skipped.append(f"{shard}: {key}: {error}")
+            continue
+        name = _name(key, sample["json"], forbidden)
+        if name in names:
+            skipped.append(f"{shard}: {key}: a second sample of image {name!r} (the first one is exported)")
+            continue
+        names.add(name)
+        write(name, sample, size)
+    return len(names)
+
+
+def _total(shards, warnings: List[str]) -> Optional[int]:
+    """Samples listed in SHARDS/sizes.json, for the progress bar; a sizes.json that is no object of
+    sample counts is one warning (the export goes on without a total)."""
     path = Path(shards) / "sizes.json"
+    if not path.is_file():
+        return None
     try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except ValueError:
-        return {}
+        return sum(read_sizes(path).values()) or None
+    except ValueError as error:
+        warnings.append(f"{error}; the progress bar has no total")
+        return None

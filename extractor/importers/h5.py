@@ -10,12 +10,13 @@ obj_id / attr_id. Files written by `vilbert-export --format h5 --distributions` 
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, List, Optional
 
 import numpy as np
 
-from .driver import BadRecord, Entry, Record, pick
+from .driver import BadRecord, Entry, Record, one_line_reason, per_file, pick
 
 NAME = "h5"
 SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -39,23 +40,55 @@ def _is_hdf5(path: Path) -> bool:
 
 
 def files(src) -> List[Path]:
+    """SRC itself when it is an HDF5 file, or every *.h5 / *.hdf5 file directly inside the folder SRC
+    (those that are no HDF5 file, or cannot be read, each become a line in errors.jsonl)."""
     src = Path(src)
     if src.is_file():
         return [src] if _is_hdf5(src) else []
     if src.is_dir():
-        return sorted(p for p in src.iterdir() if p.is_file() and p.suffix in (".h5", ".hdf5") and _is_hdf5(p))
+        return sorted(p for p in src.iterdir() if p.is_file() and p.suffix in (".h5", ".hdf5"))
     return []
 
 
 def matches(src) -> bool:
-    return bool(files(src))
+    return any(_is_hdf5(path) for path in files(src))
+
+
+def _require_signature(path: Path) -> None:
+    with open(path, "rb") as handle:  # PermissionError, ... : the file's one-line reason
+        head = handle.read(len(SIGNATURE))
+    if head != SIGNATURE:
+        raise BadRecord("empty (0 bytes)" if not head else "not an HDF5 file (no HDF5 signature at its start)")
+
+
+@contextmanager
+def _opened(path: Path):
+    """The open volta HDF5 file; BadRecord / OSError with the reason when it is none (or cut short)."""
+    h5py = require_h5py()
+    _require_signature(path)
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as error:  # a truncated or damaged file
+        raise BadRecord(f"not a readable HDF5 file ({error})") from None
+    try:
+        if isinstance(handle.get("features"), h5py.Dataset):
+            raise BadRecord("one `features` array for all images (the layout of bottom-up-attention-vqa and "
+                            "vilbert-multi-task's H5 reader), not volta's group per image; not supported")
+        yield handle
+    finally:
+        handle.close()
 
 
 def count(src) -> Optional[int]:
+    """Records in the files that open; a single-file SRC that does not is refused whole (ValueError)."""
     total = 0
     for path in files(src):
-        with require_h5py().File(path, "r") as handle:
-            total += len(handle)
+        try:
+            with _opened(path) as handle:
+                total += len(_names(handle))
+        except (OSError, ValueError) as error:
+            if Path(src).is_file():
+                raise ValueError(f"{path}: {one_line_reason(error)}") from None
     return total
 
 
@@ -70,13 +103,28 @@ def decode(group) -> Record:
                   attr_prob=item.get("attr_prob"), attrs_id=item.get("attr_id"))
 
 
+def _names(handle) -> List[str]:
+    try:
+        return list(handle)
+    except RuntimeError as error:  # h5py's "Link iteration failed (bad local heap signature)": a damaged index
+        raise BadRecord(f"its list of images does not read ({error})") from None
+
+
+def _file_entries(path: Path) -> Iterator[Entry]:
+    with _opened(path) as handle:
+        for name in _names(handle):
+            image_id = name.decode("utf-8", "backslashreplace") if isinstance(name, bytes) else name  # not UTF-8
+            yield Entry(image_id, f"{path}:{image_id}", lambda name=name: _decode_damaged(handle, name))
+
+
+def _decode_damaged(handle, name: str) -> Record:
+    """decode(handle[name]), a damaged group's RuntimeError as BadRecord (OSError is logged as it is)."""
+    try:
+        return decode(handle[name])
+    except RuntimeError as error:
+        raise BadRecord(f"the group does not read ({error})") from None
+
+
 def entries(src) -> Iterator[Entry]:
-    h5py = require_h5py()
-    for path in files(src):
-        with h5py.File(path, "r") as handle:
-            if isinstance(handle.get("features"), h5py.Dataset):
-                raise ValueError(f"{path}: one `features` array for all images (the layout of bottom-up-attention-vqa "
-                                 "and vilbert-multi-task's H5 reader), not volta's group per image; not supported")
-            for name in handle:
-                where = f"{path}:{name}"
-                yield Entry(name, where, lambda name=name: decode(handle[name]))
+    require_h5py()  # ImportError now, not a line per file
+    return per_file(files(src), _file_entries)

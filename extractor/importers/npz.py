@@ -47,17 +47,27 @@ def count(src) -> Optional[int]:
     return len(files(src))
 
 
+def _header_dtype(handle) -> Optional[np.dtype]:
+    """The dtype in the .npy header at the start of `handle` (None: a format version numpy does not write)."""
+    version = np.lib.format.read_magic(handle)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(handle)[2]
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(handle)[2]
+    return None
+
+
+def _holds_objects(archive: zipfile.ZipFile, name: str) -> bool:
+    with archive.open(f"{name}.npy") as handle:
+        dtype = _header_dtype(handle)
+    return dtype is not None and dtype.hasobject
+
+
 def _read_info(archive: zipfile.ZipFile, where: str) -> Optional[dict]:
     """The `info` member's dict via the restricted unpickler, None when it names anything else."""
     with archive.open("info.npy") as handle:
-        version = np.lib.format.read_magic(handle)
-        if version == (1, 0):
-            _, _, dtype = np.lib.format.read_array_header_1_0(handle)
-        elif version == (2, 0):
-            _, _, dtype = np.lib.format.read_array_header_2_0(handle)
-        else:
-            return None
-        if not dtype.hasobject:
+        dtype = _header_dtype(handle)
+        if dtype is None or not dtype.hasobject:
             return None
         try:
             info = restricted_loads(handle.read(), f"{where}:info")
@@ -67,19 +77,33 @@ def _read_info(archive: zipfile.ZipFile, where: str) -> Optional[dict]:
     return info if isinstance(info, dict) else None
 
 
+def _array(arrays, name: str) -> np.ndarray:
+    """Member `name` with allow_pickle=False; an object array (a pickle) is refused unread, saying so."""
+    if _holds_objects(arrays.zip, name):
+        raise BadRecord(f"{name} holds pickled Python objects (an object array): refused, never unpickled "
+                        "(only `info` is read, through the restricted unpickler)")
+    return arrays[name]
+
+
+def _read(path: Path) -> tuple:
+    """(features, boxes, width, height, info) of one file; info None when it names more than plain data."""
+    with np.load(path, allow_pickle=False) as arrays:
+        names = set(arrays.files)
+        missing = [n for n in ("x", "bbox", "image_h", "image_w") if n not in names]
+        if missing:
+            raise BadRecord(f"no {', '.join(missing)} in the file (it holds {', '.join(sorted(names))}); "
+                            "made by an extract mode that saves no features or no image size")
+        features, boxes = _array(arrays, "x"), _array(arrays, "bbox")
+        height, width = as_int(_array(arrays, "image_h"), "image_h"), as_int(_array(arrays, "image_w"), "image_w")
+        if "num_bbox" in names and as_int(_array(arrays, "num_bbox"), "num_bbox") != len(features):
+            raise BadRecord(f"num_bbox {as_int(arrays['num_bbox'], 'num_bbox')} but {len(features)} feature rows")
+        info = _read_info(arrays.zip, str(path)) if "info" in names else {}
+    return features, boxes, width, height, info
+
+
 def decode(path: Path) -> Record:
     try:
-        with np.load(path, allow_pickle=False) as arrays:
-            names = set(arrays.files)
-            missing = [n for n in ("x", "bbox", "image_h", "image_w") if n not in names]
-            if missing:
-                raise BadRecord(f"no {', '.join(missing)} in the file (it holds {', '.join(sorted(names))}); "
-                                "made by an extract mode that saves no features or no image size")
-            features, boxes = arrays["x"], arrays["bbox"]
-            height, width = as_int(arrays["image_h"], "image_h"), as_int(arrays["image_w"], "image_w")
-            if "num_bbox" in names and as_int(arrays["num_bbox"], "num_bbox") != len(features):
-                raise BadRecord(f"num_bbox {as_int(arrays['num_bbox'], 'num_bbox')} but {len(features)} feature rows")
-            info = _read_info(arrays.zip, str(path)) if "info" in names else {}
+        features, boxes, width, height, info = _read(path)
     except (zipfile.BadZipFile, zlib.error, EOFError) as error:
         raise BadRecord(f"not a readable .npz ({type(error).__name__}: {error})") from None
     notes = (_INFO_NOTE,) if info is None else ()

@@ -24,7 +24,7 @@ import numpy as np
 
 from common.safe_load import restricted_loads
 
-from .driver import BadRecord, Entry, Record, as_int, b64_array, optional, pick
+from .driver import BadRecord, Entry, Record, as_int, b64_array, optional, pick, unreadable_file
 
 NAME = "vilbert-lmdb"
 KEYS_RECORD = b"keys"
@@ -47,20 +47,58 @@ def matches(src) -> bool:
     return _is_lmdb(Path(src))
 
 
+def _data_file(src: Path) -> Path:
+    return src / "data.mdb" if src.is_dir() else src
+
+
 def _open(src: Path):
+    """The LMDB read-only; ValueError naming its data file and the reason when it is none."""
     if not _is_lmdb(src):
         raise ValueError(f"{src}: not an LMDB (a folder with data.mdb, or a .mdb file)")
-    return _lmdb().open(str(src), readonly=True, lock=False, readahead=False, meminit=False,
+    lmdb, data = _lmdb(), _data_file(src)
+    try:
+        if data.stat().st_size == 0:
+            raise ValueError(f"{data}: empty (0 bytes), not an LMDB")
+        env = lmdb.open(str(src), readonly=True, lock=False, readahead=False, meminit=False,
                         subdir=src.is_dir(), max_readers=4)
+    except (lmdb.Error, OSError) as error:  # lmdb.InvalidError: "File is not an LMDB file", ...
+        raise ValueError(f"{data}: not a readable LMDB ({_lmdb_reason(error, src)})") from None
+    _refuse_cut_short(env, data)
+    return env
+
+
+def _refuse_cut_short(env, data: Path) -> None:
+    """ValueError for a data file shorter than the pages its header counts (a copy or download cut
+    short): lmdb would read past its end through the memory map, and the process would die of SIGBUS."""
+    needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    size = data.stat().st_size
+    if size < needed:
+        env.close()
+        raise ValueError(f"{data}: cut short ({size} bytes of the {needed} its LMDB header counts)")
+
+
+def _lmdb_reason(error: Exception, src: Path) -> str:
+    """lmdb's message without the path it starts with ("SRC: MDB_INVALID: ..."), or an OSError's strerror."""
+    text = getattr(error, "strerror", None) or str(error)
+    return text[len(f"{src}: "):] if text.startswith(f"{src}: ") else text
 
 
 def count(src) -> Optional[int]:
-    env = _open(Path(src))
+    lmdb, env = _lmdb(), _open(Path(src))
     try:
         with env.begin() as txn:
             return env.stat()["entries"] - (txn.get(KEYS_RECORD) is not None)
+    except lmdb.Error as error:
+        raise ValueError(f"{_data_file(Path(src))}: not a readable LMDB ({_lmdb_reason(error, src)})") from None
     finally:
         env.close()
+
+
+def _get(txn, key: bytes) -> Optional[bytes]:
+    try:
+        return txn.get(key)
+    except _lmdb().Error as error:  # a damaged page
+        raise BadRecord(f"the LMDB record does not read ({type(error).__name__}: {error})") from None
 
 
 def decode(data: Optional[bytes], where: str) -> Record:
@@ -90,17 +128,25 @@ def decode(data: Optional[bytes], where: str) -> Record:
 
 def entries(src) -> Iterator[Entry]:
     src = Path(src)
-    env = _open(src)
+    lmdb, env = _lmdb(), _open(src)
     try:
         with env.begin(buffers=False) as txn:
             if txn.get(b"__keys__") is not None:
                 raise ValueError(f"{src}: a tensorpack LMDBSerializer file (volta's h5_to_td-lmdb.py), whose "
                                  "records tensorpack serialized; import the .h5 it was made from (--format h5)")
-            for key in txn.cursor().iternext(keys=True, values=False):
-                if key == KEYS_RECORD:
-                    continue
-                image_id = key.decode("utf-8", "backslashreplace")
-                where = f"{src}:{image_id}"
-                yield Entry(image_id, where, lambda key=key, where=where: decode(txn.get(key), where))
+            try:
+                yield from _records(src, txn)
+            except lmdb.Error as error:  # a damaged B-tree part way: the records listed so far are imported
+                reason = f"not a readable LMDB past this point ({_lmdb_reason(error, src)})"
+                yield unreadable_file(_data_file(src), BadRecord(reason))
     finally:
         env.close()
+
+
+def _records(src: Path, txn) -> Iterator[Entry]:
+    for key in txn.cursor().iternext(keys=True, values=False):
+        if key == KEYS_RECORD:
+            continue
+        image_id = key.decode("utf-8", "backslashreplace")
+        where = f"{src}:{image_id}"
+        yield Entry(image_id, where, lambda key=key, where=where: decode(_get(txn, key), where))

@@ -171,3 +171,33 @@ def read_shards(folder: Path) -> dict[str, dict]:
                 assert member not in samples.setdefault(key, {}), f"{key}.{member} twice"
                 samples[key][member] = value
     return samples
+
+
+def deny_reading(monkeypatch, module, *paths) -> None:
+    """`module`'s open() of `paths` fails with EACCES, as for a file this user may not read (chmod 000
+    does not stop root, whom the tests may run as)."""
+    import builtins
+    import errno
+
+    denied = {os.path.realpath(path) for path in paths}
+
+    def guarded_open(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and os.path.realpath(file) in denied:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+        return builtins.open(file, *args, **kwargs)
+
+    monkeypatch.setattr(module, "open", guarded_open, raising=False)
+
+
+def rewrite_sample(shard: Path, key: str, members: dict) -> None:
+    """Replace members (name -> bytes) of sample `key` in the shard, keeping every other member as it is."""
+    import io
+    import tarfile
+
+    with tarfile.open(shard) as archive:
+        kept = [(info, archive.extractfile(info).read()) for info in archive]
+    with tarfile.open(shard, "w") as archive:
+        for info, data in kept:
+            data = members.get(info.name[len(key) + 1:], data) if info.name.startswith(f"{key}.") else data
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
