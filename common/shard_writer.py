@@ -49,8 +49,14 @@ def _fsync_dir(path: Path) -> None:
 
 def shard_keys(path: Path) -> Set[str]:
     """Sample keys in a shard (member name up to the first dot)."""
+    return shard_contents(path)[0]
+
+
+def shard_contents(path: Path) -> tuple[Set[str], Set[str]]:
+    """(sample keys, keys of the samples with a caption member KEY.txt) in a shard."""
     with tarfile.open(path, "r:") as archive:
-        return {name.split(".", 1)[0] for name in archive.getnames()}
+        names = archive.getnames()
+    return {n.split(".", 1)[0] for n in names}, {n[:-4] for n in names if n.endswith(".txt") and "." not in n[:-4]}
 
 
 def read_error_sources(errors_path: Path) -> Set[str]:
@@ -124,23 +130,26 @@ class ShardWriter:
         self._remove_own_partials()
         complete = self._complete_shards()
         self.done_keys: Set[str] = set()
+        self.captioned_keys: Set[str] = set()  # done samples that hold a caption (KEY.txt)
         self.damaged: list[str] = []  # complete shards that did not read, set aside as NAME.damaged
         self.sizes_repaired: Optional[str] = None  # why sizes.json was not usable (rewritten from the shards)
         sizes = {}
         for name, path in complete.items():
             try:
-                keys = shard_keys(path)
+                keys, captioned = shard_contents(path)
             except (tarfile.TarError, OSError, EOFError) as error:
                 self._set_aside(path, error)
                 continue
             self.done_keys |= keys
+            self.captioned_keys |= captioned
             sizes[name] = len(keys)
         for path in self._other_prefixes_shards():  # a re-run under another --prefix: no duplicates
             try:
-                keys = shard_keys(path)
+                keys, captioned = shard_contents(path)
             except (tarfile.TarError, OSError, EOFError):
                 continue  # its own writer sets it aside
             self.done_keys |= keys
+            self.captioned_keys |= captioned
             sizes[path.name] = len(keys)  # every complete shard recounted: a broken sizes.json is made whole
         self._update_sizes(sizes)
         self.error_sources = read_error_sources(self.errors_path)

@@ -69,6 +69,16 @@ def _refuse_when_nothing_extracted(records, inputs, problems, writer, out) -> No
                                    f"unreadable (see {log})")
 
 
+def _warn_about_captions_of_done_images(records, writer, out) -> None:
+    """A re-run skips the images already in OUT's shards, and shards are not rewritten: captions given
+    now for images extracted without one are not added. Say so, with the count and the way out."""
+    missing = [r.key for r in records if r.caption and r.key in writer.done_keys and r.key not in writer.captioned_keys]
+    if missing:
+        click.echo(f"warning: {len(missing)} image(s) already in {out} were extracted without a caption and keep "
+                   f"none (the shards are not rewritten), e.g. {missing[0]!r}; to train on their captions, extract "
+                   "them into a new OUT", err=True)
+
+
 def _warn_about_captions(records, captions_tsv) -> None:
     """Training needs captions: say so before hours of extraction produce shards it would skip."""
     missing = sum(1 for record in records if not record.caption)
@@ -268,6 +278,7 @@ def _run(writer, detector, records, problems, config, rank, world, out, min_boxe
         click.echo(f"warning: {out}/{name}; set aside as .damaged, its images are extracted again", err=True)
     if writer.sizes_repaired:
         click.echo(f"warning: {writer.sizes_repaired}; rewritten from the complete shards", err=True)
+    _warn_about_captions_of_done_images(records, writer, out)
     for path, reason in problems:
         click.echo(f"warning: {path}: {reason}", err=True)
         if rank == 0 and path not in writer.error_sources:  # once, also over resumed runs

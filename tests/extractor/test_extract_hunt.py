@@ -95,3 +95,22 @@ def test_a_broken_sizes_json_in_out_is_named_and_rewritten_from_the_shards(tmp_p
         assert json.loads((out / "sizes.json").read_text()) == counts
         warning = [line for line in capsys.readouterr().err.splitlines() if "sizes.json" in line]
         assert len(warning) == 1 and str(out / "sizes.json") in warning[0] and "rewritten" in warning[0]
+
+
+def test_captions_given_on_a_re_run_for_images_done_without_one_are_a_warning(tmp_path, capsys):
+    images = write_images(tmp_path / "images", 3, captions=False)
+    out = tmp_path / "out"
+    assert main([str(images), str(out), *TINY])["done"] == 3  # no captions: warned, extracted
+    capsys.readouterr()
+    tsv = tmp_path / "captions.tsv"
+    tsv.write_text("a red square\timg000.jpg\na blue circle\timg001.jpg\n")
+    again = main([str(images), str(out), *TINY, "--captions", str(tsv)])
+    assert (again["done"], again["skipped"]) == (0, 3)
+    err = capsys.readouterr().err
+    assert "warning: 2 image(s) already in" in err and "extracted without a caption and keep none" in err
+    assert "'img000'" in err and "into a new OUT" in err
+    fresh = tmp_path / "fresh"  # the way out the warning gives: a new OUT holds the captions
+    assert main([str(images), str(fresh), *TINY, "--captions", str(tsv)])["done"] == 3
+    capsys.readouterr()
+    assert main([str(images), str(fresh), *TINY, "--captions", str(tsv)])["skipped"] == 3
+    assert "keep none" not in capsys.readouterr().err  # captioned already: nothing to warn about
