@@ -197,15 +197,16 @@ def test_demo_refuses_sizes_out_of_range_before_doing_anything(tmp_path, option,
 
 
 @pytest.mark.extended
-def test_demo_runs_vlbert_end_to_end(tmp_path, capsys):
-    """--arch vlbert: vlbert-tiny pretrained with VL-BERT's objective, no zero-shot retrieval (VL-BERT's
-    pretraining has no alignment), the referring task through VL-BERT's region head."""
+def test_demo_runs_vlbert_end_to_end_and_pretraining_helps_referring(tmp_path, capsys):
+    """--arch vlbert at the demo's full size: vlbert-tiny pretrained with VL-BERT's objective (no zero-shot
+    retrieval: VL-BERT's pretraining has no alignment), then the referring task through VL-BERT's region head
+    with a short fine-tuning (100 steps), against the untrained model fine-tuned the same way. Measured on
+    2026-12-01 (seed 0): masked word 73 %, masked RoI 72 %, referring 93 % against 33 % (chance 25 %)."""
     from pipelines.demo import main
     from vilbert import load_pretrained
 
     out = tmp_path / "demo"
-    summary = main(["--out", str(out), "--arch", "vlbert", "--train-scenes", "24", "--test-scenes", "12",
-                    "--steps", "6", "--batch-size", "16", "--refer-steps", "4", "--visualize", "2"])
+    summary = main(["--out", str(out), "--arch", "vlbert", "--refer-steps", "100", "--visualize", "2"])
     text = capsys.readouterr().out
     assert "model: vlbert-tiny" in text and "masked-RoI classification accuracy" in text
     assert "zero-shot retrieval" not in text.split("== summary")[1]
@@ -214,7 +215,9 @@ def test_demo_runs_vlbert_end_to_end(tmp_path, capsys):
     model = load_pretrained(Path(summary["paths"]["checkpoint"]))
     assert model.config.arch == "vlbert" and model.checkpoint_metadata["train_config"]["objective"] == "vlbert"
     held_out = summary["train"]["held_out"]
-    assert 0 <= held_out["mlm_accuracy"] <= 1 and 0 <= held_out["mrc_accuracy"] <= 1
-    assert summary["refer"]["count"] == 36 and summary["refer"]["upper_bound"] == 1.0
+    assert held_out["mlm_accuracy"] >= 0.5 and held_out["mrc_accuracy"] >= 0.5, held_out
+    refer, control = summary["refer"], summary["untrained_control"]["refer"]
     assert summary["chance"]["refer"] == 0.25  # 3 objects and the whole image
+    assert refer["upper_bound"] == 1.0 and refer["accuracy"] >= 0.75 and control["accuracy"] <= 0.5, (refer, control)
+    assert refer["accuracy"] - control["accuracy"] >= 0.3
     assert len(list(Path(summary["paths"]["grounding_pictures"]).glob("*.png"))) == 2
