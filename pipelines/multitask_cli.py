@@ -4,12 +4,13 @@ the tasks of a config file (pipelines/tasks/multitask.py has the file's fields a
 Writes OUT/TASK/metrics.json (each validation of the task) and OUT/TASK/predictions_SPLIT.json,
 OUT/finetuned/ (the final model with every task's head; `vilbert-eval --task TASK --checkpoint
 OUT/finetuned` evaluates it), OUT/checkpoints/ (re-run the same command to resume) and
-OUT/results.json, and prints a table of the tasks at the end. One process (no torchrun).
+OUT/results.json, and prints a table of the tasks at the end. Under torchrun (`torchrun
+--nproc_per_node 8 -m pipelines.multitask_cli CONFIG ...`) it trains with DDP, each process reading its
+share of every task's batch, and validates and evaluates in shares; rank 0 writes.
 """
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from common.outputs import writable_folder
 from pipelines.eval_cli import check_fit, load_model
 from pipelines.tasks import TASKS
 from pipelines.tasks.base import TaskOptions, autocast, write_json
-from pipelines.train.trainer import resolve_device
+from pipelines.train.trainer import resolve_device, setup_distributed, teardown_distributed
 
 
 def build_tasks(config, config_path: Path, out: Path, device: str) -> list:
@@ -83,24 +84,29 @@ def summary_table(results: dict) -> str:
 @click.option("--official-config", type=click.Path(exists=True, dir_okay=False),
               help="Official config JSON for --official-checkpoint (default: the vilbert-base preset).")
 @click.option("--preset", help="Start from a randomly initialised preset name or config JSON (smoke tests).")
-@click.option("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available).")
+@click.option("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available; under torchrun "
+                                               "cuda is each process's LOCAL_RANK GPU).")
 @click.option("--workers", type=click.IntRange(0), help="DataLoader processes per task (default: the config's).")
 def cli(config_path, out, checkpoint, official_checkpoint, official_config, preset, device, workers):
     """Train one model on the tasks of CONFIG (YAML or JSON: a `tasks` list of {task, data, features,
-    ...} and shared settings; docs/tasks.md), vilbert-multi-task's train_tasks.py schedule."""
+    ...} and shared settings; docs/tasks.md), vilbert-multi-task's train_tasks.py schedule. Under
+    torchrun: DDP, batch sizes over all processes."""
     from pipelines.tasks.multitask import ConfigError, add_task_tokens, load_config
     from pipelines.tasks.multitask_train import MultiTaskTrainer
     from pipelines.train.checkpoints import save_model_dir
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise click.ClickException("vilbert-multitask runs in one process; torchrun is not supported")
     if len([x for x in (checkpoint, official_checkpoint, preset) if x]) != 1:
         raise click.UsageError("give exactly one of --checkpoint, --official-checkpoint or --preset")
     try:
-        device = str(resolve_device(check_device(device), 0))
+        device = check_device(device)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--device") from None
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    info = setup_distributed(device)  # NCCL on GPU, gloo on CPU; one process outside torchrun
+    try:
+        device = str(resolve_device(device, info.local_rank))
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--device") from None
+    logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING, format="%(asctime)s %(message)s")
     out = Path(out)
     try:
         config = load_config(config_path)
@@ -118,34 +124,41 @@ def cli(config_path, out, checkpoint, official_checkpoint, official_config, pres
         fit_model(model, tasks, source)
         model.to(device)
         t0 = time.time()
-        trainer = MultiTaskTrainer(model, tasks, config, out, torch.device(device))
+        trainer = MultiTaskTrainer(model, tasks, config, out, torch.device(device), info)
         trainer.resume()
         results = {"config": str(config_path), "model": source, **trainer.run()}
-        save_model_dir(model, out / "finetuned", {"tasks": [t.name for t in tasks], "from": source,
-                                                  "iterations": results["iterations"]})
+        if info.is_main:
+            save_model_dir(model, out / "finetuned", {"tasks": [t.name for t in tasks], "from": source,
+                                                      "iterations": results["iterations"]})
         for task in tasks:
             r = results["tasks"][task.name]
             official = getattr(task, "shown_task_id", task.official_task_id)  # vcr: 5/6
             r["task_token"] = (task.opts.task_token if task.opts.task_token is not None else official) \
                 if model.config.task_specific_tokens else None
             r["splits"] = {}
-            for split in task.opts.splits:  # with the final model
+            for split in task.opts.splits:  # with the final model, all processes in shares
                 with autocast(task.opts):
                     metrics, preds = task.evaluate(model, split)
                 r["splits"][split] = metrics
-                write_json(out / task.name / f"predictions_{split}.json", preds)
+                if info.is_main:
+                    write_json(out / task.name / f"predictions_{split}.json", preds)
         results["seconds"] = round(time.time() - t0, 1)
-        write_json(out / "results.json", results)
+        if info.is_main:
+            write_json(out / "results.json", results)
     except (FileNotFoundError, ValueError, KeyError, FloatingPointError) as e:
         raise click.ClickException(str(e.args[0] if isinstance(e, KeyError) and e.args else e)) from e
-    click.echo(summary_table(results))
+    if info.is_main:
+        click.echo(summary_table(results))
     return results
 
 
 def main(argv=None):
     """As every CLI's: with argv, returns the results (a mistake raises click's exception); without,
     reads sys.argv and exits with the status."""
-    return cli.main(args=argv, prog_name="vilbert-multitask", standalone_mode=argv is None)
+    try:
+        return cli.main(args=argv, prog_name="vilbert-multitask", standalone_mode=argv is None)
+    finally:
+        teardown_distributed()
 
 
 if __name__ == "__main__":

@@ -6,10 +6,21 @@ batch of a pass filled up from its start, a batch's random draws and dropout see
 the task's stream. So a task's k-th batch is the same whatever the other tasks do, and a run resumed
 from OUT/checkpoints/ continues exactly where it was killed (weights, optimizer, schedule, each task's
 batches consumed, losses, validations and plateau states are saved after each epoch, every
-`save_every` iterations and at the end). One process (no torchrun).
+`save_every` iterations and at the end).
+
+Under torchrun every task's batch is shared as in single-task fine-tuning: micro-batch m of process r
+reads slot `m x processes + r` of the batch (its items, random draws and dropout seed those of the
+same slot in one process), so a step reads the same items whatever the number of processes. One DDP
+module (`TaskLosses`: the model and every task's loss) carries every task's step; its
+`find_unused_parameters` lets the heads of the other tasks (no gradient in this task's step) stay
+out of the all-reduce, their gradients None as in one process, so AdamW leaves them untouched. The
+tasks step together in every process (the schedule and the plateau states are the same
+everywhere: a validation's metrics are those rank 0 gathered); losses are averaged over the
+processes; rank 0 writes metrics, predictions and checkpoints.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -17,11 +28,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from pipelines.train.checkpoints import newest_resumable, rng_state, save_checkpoint, set_rng_state
 from pipelines.train.optim import build_optimizer, build_scheduler
+from pipelines.train.trainer import DistInfo, wrap_model
 
 from .base import Task, autocast, log, write_json
+from .distributed import mean_over_processes
 from .finetune import StepBatches, TaskLoss, make_plan, micro_seed
 from .loading import batch_loader
 from .multitask import (
@@ -42,11 +56,34 @@ def task_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
+class TaskLosses(torch.nn.Module):
+    """Every task's loss on the one model: `forward(t, batch)` is task t's (finetune.TaskLoss), so that
+    a single DDP wrap (one set of all-reduce buckets) serves all the tasks' steps."""
+
+    def __init__(self, model, tasks: list[Task]):
+        super().__init__()
+        self.model, self.steps = model, torch.nn.ModuleList(TaskLoss(model, t) for t in tasks)
+
+    def forward(self, t: int, batch: dict) -> torch.Tensor:
+        return self.steps[t](batch)
+
+
+def from_rank0(obj):
+    """Rank 0's `obj` in every process (itself in one process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 class MultiTaskTrainer:
-    def __init__(self, model, tasks: list[Task], config: MultiTaskConfig, out: Path, device: torch.device):
+    def __init__(self, model, tasks: list[Task], config: MultiTaskConfig, out: Path, device: torch.device,
+                 info: DistInfo | None = None):
         self.model, self.tasks, self.config, self.out, self.device = model, tasks, config, Path(out), device
+        self.info = info or DistInfo()
         self.items = [t.train_items() for t in tasks]
-        plans = [make_plan(t.opts, len(items), 1) for t, items in zip(tasks, self.items)]
+        plans = [make_plan(t.opts, len(items), self.info.world_size) for t, items in zip(tasks, self.items)]
         self.per_epoch = iterations_per_epoch([p.steps_per_epoch for p in plans])
         self.total = total_iterations(self.per_epoch, config.epochs, config.train_iterations)
         # a task takes at most one batch an iteration: its stream is planned to the end of the run
@@ -63,7 +100,7 @@ class MultiTaskTrainer:
         self.losses: list[list] = [[] for _ in tasks]  # per task: [iteration, loss] of each of its batches
         self.history: list[list] = [[] for _ in tasks]
         self.root = self.out / "checkpoints"
-        self._saved_at, self._loaders, self._step_fns = -1, None, [TaskLoss(model, t) for t in tasks]
+        self._saved_at, self._loaders, self._step_fn = -1, None, None
 
     def settings(self) -> dict:
         """What a resumed run must share with the run it continues."""
@@ -107,15 +144,18 @@ class MultiTaskTrainer:
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> dict:
-        c = self.config
+        c, rank = self.config, self.info.rank
         for t, task in enumerate(self.tasks):
             p = self.plans[t]
-            log.info("%s: %d items, %d batches of %d an epoch (%d x %d), lr %.2e, loss x %.3g", task.name, p.items,
-                     p.steps_per_epoch, p.batch, p.micro, p.accumulation, self.lrs[t], self.scales[t])
+            log.info("%s: %d items, %d batches of %d an epoch (%d x %d x %d processes), lr %.2e, loss x %.3g",
+                     task.name, p.items, p.steps_per_epoch, p.batch, p.micro, p.accumulation, p.world, self.lrs[t],
+                     self.scales[t])
         log.info("multi-task: %d iterations of %d tasks, %d an epoch, AdamW at lr %.2e", self.total, len(self.tasks),
                  self.per_epoch, self.base_lr)
+        # after resume(): DDP starts every process from rank 0's weights, which are the checkpoint's everywhere
+        self._step_fn = wrap_model(TaskLosses(self.model, self.tasks), self.info, self.device, True)
         pin = self.device.type == "cuda"
-        self._loaders = [batch_loader(StepBatches(task, self.items[t], self.plans[t], self.seeds[t], 0,
+        self._loaders = [batch_loader(StepBatches(task, self.items[t], self.plans[t], self.seeds[t], rank,
                                                   self.consumed[t]), task, c.workers, pin)
                          for t, task in enumerate(self.tasks)]
         batches = [iter(loader) for loader in self._loaders]
@@ -158,19 +198,22 @@ class MultiTaskTrainer:
         return self.summary()
 
     def task_step(self, t: int, batches) -> torch.Tensor:
-        """One optimizer step on the next batch of task t (its micro-batches accumulated), its loss times
-        the task's scale -> the unscaled loss (on the device)."""
+        """One optimizer step on the next batch of task t (its micro-batches accumulated, then all-reduced
+        over the processes), its loss times the task's scale -> this process's unscaled loss (on the
+        device)."""
         task, p, c = self.tasks[t], self.plans[t], self.config
+        ddp = self._step_fn if isinstance(self._step_fn, torch.nn.parallel.DistributedDataParallel) else None
         total = torch.zeros((), device=self.device)
         for m in range(p.accumulation):
             batch = task.to_device(next(batches))
-            seed = micro_seed(self.seeds[t], self.consumed[t], m)
+            seed = micro_seed(self.seeds[t], self.consumed[t], m * p.world + self.info.rank)  # the slot's seed
             torch.default_generator.manual_seed(seed)
             if self.device.type == "cuda":
                 torch.cuda.manual_seed(seed)
-            with autocast(task.opts):
-                loss = self._step_fns[t](batch)
-            (loss * (self.scales[t] / p.accumulation)).backward()
+            with ddp.no_sync() if ddp is not None and m < p.accumulation - 1 else contextlib.nullcontext():
+                with autocast(task.opts):
+                    loss = self._step_fn(t, batch)
+                (loss * (self.scales[t] / p.accumulation)).backward()
             total += loss.detach().float()
         if c.clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.clip_grad)
@@ -182,7 +225,7 @@ class MultiTaskTrainer:
     def _settle(self, pending: list) -> list:
         if not pending:
             return []
-        values = torch.stack([loss for _, _, loss in pending]).tolist()
+        values = mean_over_processes(torch.stack([loss for _, _, loss in pending])).tolist()  # one host sync
         for (t, it, _), v in zip(pending, values):
             if not math.isfinite(v):
                 raise FloatingPointError(f"{self.tasks[t].name}: loss became {v} in iteration {it + 1}; the "
@@ -195,7 +238,8 @@ class MultiTaskTrainer:
         return sum(recent) / len(recent) if recent else float("nan")
 
     def validate(self, t: int) -> None:
-        """Evaluate task t's val_split, feed its plateau controller, write OUT/TASK/metrics.json."""
+        """Evaluate task t's val_split (all processes, in shares), feed its plateau controller with rank
+        0's metrics (every process pauses alike), write OUT/TASK/metrics.json (rank 0)."""
         task = self.tasks[t]
         for loader in self._loaders or ():
             if hasattr(loader, "pause"):  # the batch-building threads idle while the main thread evaluates
@@ -203,6 +247,7 @@ class MultiTaskTrainer:
         with autocast(task.opts):
             metrics, predictions = task.evaluate(self.model, task.opts.val_split)
         self.model.train()
+        metrics = from_rank0(metrics)  # gathered alike in every process; rank 0's decides, to the bit
         value = metrics.get(task.metric)
         if not isinstance(value, (int, float)):
             raise ValueError(f"{task.name}: val_split {task.opts.val_split}: evaluation gives no {task.metric!r} "
@@ -216,6 +261,8 @@ class MultiTaskTrainer:
         self.history[t].append(record)
         log.info("%s: epoch %.2f %s %s %.4f%s", task.name, record["epoch"], task.opts.val_split, task.metric, value,
                  " (plateau: now trained every %d iterations)" % self.config.train_iter_gap if paused else "")
+        if not self.info.is_main:
+            return
         folder = Path(task.opts.out)
         write_json(folder / "metrics.json", {"task": task.name, "val_split": task.opts.val_split,
                                              "metric": task.metric, "history": self.history[t]})
@@ -223,6 +270,8 @@ class MultiTaskTrainer:
 
     def save(self) -> None:
         self._saved_at = self.iteration
+        if not self.info.is_main:
+            return
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "iteration": self.iteration, "consumed": self.consumed, "losses": self.losses,
                  "history": self.history, "plateau": [p.state() for p in self.plateaus], "rng": rng_state(),
@@ -242,5 +291,5 @@ class MultiTaskTrainer:
                 "train_loss_first": sum(values[:k]) / k if values else None,
                 "train_loss_last": sum(values[-k:]) / k if values else None,
                 "metric": task.metric, "val_split": task.opts.val_split, "history": self.history[t]}
-        return {"iterations": self.total, "iterations_per_epoch": self.per_epoch,
+        return {"iterations": self.total, "iterations_per_epoch": self.per_epoch, "processes": self.info.world_size,
                 "epochs": round(self.total / self.per_epoch, 4), "base_lr": self.base_lr, "tasks": tasks}
