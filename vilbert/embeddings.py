@@ -92,8 +92,10 @@ class VLBertEmbeddings(nn.Module):
     """VL-BERT's input: [text T][visual elements R][END], each element the sum of a token, a visual
     feature, a segment and a sequence-position embedding, then LayerNorm and dropout.
 
-    * text: word embedding + the whole image's visual feature (visual element 0) through the gated
-      LayerNorm `text_visual_norm`; segment = its token type; position = its index.
+    * text: word embedding + a visual element's visual feature through the gated LayerNorm
+      `text_visual_norm`: the whole image's (element 0), or with `text_visual_index` the element each
+      word refers to (VL-BERT's VCR: `_collect_obj_reps` of the words' object tags); segment = its
+      token type; position = its index.
     * visual element: the [IMG] token (or, for a masked region, the mask token) + its visual feature
       through `object_visual_norm`; segment = the visual type (the row after the text types); every
       visual element has the same position, the number of real words.
@@ -142,6 +144,7 @@ class VLBertEmbeddings(nn.Module):
         image_mask: torch.Tensor,  # (B, R) bool
         masked_regions: torch.Tensor | None = None,  # (B, R) bool: appearance replaced by mask_feature
         text_only: torch.Tensor | None = None,  # (B,) bool: words see text_only_visual, not the image
+        text_visual_index: torch.Tensor | None = None,  # (B, T) long: the element each word carries; None = 0
     ) -> tuple[torch.Tensor, torch.Tensor]:
         (B, T), R = input_ids.shape, image_feat.shape[1]
         if T + 2 > self.position_embeddings.num_embeddings:
@@ -152,7 +155,10 @@ class VLBertEmbeddings(nn.Module):
             image_feat = torch.where(masked_regions[..., None], self.mask_feature.to(image_feat.dtype), image_feat)
             token = torch.where(masked_regions[..., None], self.mask_token, token)
         visual = self.region_embedding(image_feat, image_loc)  # (B, R, D)
-        word_visual = visual[:, :1]  # (B, 1, D) the whole image, for every word
+        if text_visual_index is None:
+            word_visual = visual[:, :1]  # (B, 1, D) the whole image, for every word
+        else:
+            word_visual = visual.gather(1, text_visual_index[..., None].expand(-1, -1, visual.shape[-1]))  # (B, T, D)
         if text_only is not None:
             word_visual = torch.where(text_only[:, None, None], self.text_only_visual, word_visual)
         words = self.word_embeddings(input_ids) + self.text_visual_norm(word_visual)  # (B, T, D)

@@ -148,6 +148,8 @@ class VLBertModel(nn.Module):
     Outputs: text and visual hidden states, `pooled_text` = VL-BERT's pooler (BERT's, tanh) on [CLS],
     `pooled_image` = the same pooler on the whole-image element (for the fused task heads; VL-BERT
     itself pools only [CLS]), `end` = the END element's hidden state.
+    `text_visual_index` (B, T): the visual element whose feature each word carries (default 0, the
+    whole image; VL-BERT's VCR gives a word naming an object that object's element).
     """
 
     def __init__(self, config: ViLBertConfig):
@@ -173,6 +175,7 @@ class VLBertModel(nn.Module):
         task_ids: torch.Tensor | None = None,  # VL-BERT has no task tokens: must be None
         masked_regions: torch.Tensor | None = None,  # (B, R) bool, regions whose appearance is masked
         text_only: torch.Tensor | None = None,  # (B,) bool, rows without an image
+        text_visual_index: torch.Tensor | None = None,  # (B, T) long, the visual element each word carries
     ) -> BackboneOutput:
         if task_ids is not None:
             raise ValueError("VL-BERT has no task-specific tokens: task_ids must be None")
@@ -183,7 +186,7 @@ class VLBertModel(nn.Module):
         if text_only is not None:
             image_mask = image_mask & ~text_only[:, None]
         x, mask = self.embeddings(input_ids, token_type_ids, text_mask, image_feat, image_loc, image_mask,
-                                  masked_regions, text_only)  # (B, T+R+1, D)
+                                  masked_regions, text_only, text_visual_index)  # (B, T+R+1, D)
         mask = key_padding_mask(mask)
         for layer in self.layers:
             x = layer(x, mask)

@@ -36,6 +36,15 @@ vilbert-extract gives `img_fn`: its path without the extension, other characters
 features weighted by their counts (N_det + 1 and N_gt + 1), then the detected regions, then the
 ground-truth ones; within `--max-regions` the ground-truth regions are kept first.
 
+A VL-BERT model reads VCR as the official VL-BERT code prepares it (`pipelines.tasks.vcr_vlbert`:
+its 13 names, "and" between the objects of one reference, one tokenization, its layout and
+truncation), and its regions as the official VL-BERT VCR boxes: the whole image ([IMG], the same
+mean as above), then the ground-truth regions in the order of `objects` (no detections; without
+`--gt-boxes` the detections, as for ViLBERT). Each word piece naming an object carries that
+object's region (`text_visual_index`: the region of object k is element 1 + k); a word of no
+object, or of an object whose region `--max-regions` cut or that `--gt-boxes` does not give,
+carries the whole image (element 0). Its head: Dropout + Linear on the pooled [CLS], BCE per choice.
+
 Metrics (val): q2a, qa2r (the rationale given the right answer) and q2ar (both right), as
 `script/VCR_Q_AR_evaluation.py`; a question's pick is its first highest-scoring choice. A split
 without labels (test) is answered, not scored: each question's answer probabilities and its
@@ -64,6 +73,7 @@ from .vcr_data import (  # noqa: F401 (image_key: part of this module's interfac
     object_words,
     read_names_table,
 )
+from .vcr_vlbert import WORD_BUDGET, first_name, person_names, vlbert_rows
 
 SUBTASKS = ("q2a", "qa2r")
 
@@ -93,6 +103,12 @@ class VCRTask(Task):
                         "adds the annotated boxes of the objects the text refers to)")
         self._train = None
 
+    def prepare(self, model) -> None:
+        super().prepare(model)
+        if self.arch == "vlbert" and self.gt_store is None:
+            log.warning("vcr on a VL-BERT without --gt-boxes: no object has a region, so every word carries the "
+                        "whole image (the official VL-BERT gives an object's words its box)")
+
     @property
     def head_name(self) -> str:
         """ViLBERT: the official vil_logit, shared by retrieval and VCR; VL-BERT: its own VCR head."""
@@ -110,9 +126,17 @@ class VCRTask(Task):
 
     # -- text ------------------------------------------------------------------------------
     def names(self, item: dict, subtask: str) -> list[str]:
-        """The words of the item's objects for one sub-task: the same in every epoch and run (seed)."""
+        """The words of the item's objects for one sub-task: the same in every epoch and run (seed);
+        a VL-BERT's from the official 13 names, the people in turn from a drawn first one."""
         rng = np.random.default_rng([self.opts.seed, zlib.crc32(item["id"].encode()), SUBTASKS.index(subtask)])
+        if self.arch == "vlbert":
+            return person_names(item["objects"], first_name(rng))
         return object_names(item["objects"], self.names_table, rng)
+
+    @property
+    def word_budget(self) -> int:
+        """VL-BERT: the words of a row, [CLS] and the two [SEP] not counted (official 64)."""
+        return max(2, self.opts.max_seq_length - 3) if self.length_given else WORD_BUDGET
 
     def token_ids(self, words: list[str]) -> list[int]:
         """Words -> ids as the official loader: tokenized, word pieces joined by spaces, tokenized again."""
@@ -126,10 +150,13 @@ class VCRTask(Task):
         ids = [self.tokenizer.cls_token_id, *first, self.tokenizer.sep_token_id, *second, self.tokenizer.sep_token_id]
         return ids, [0] * (len(first) + 2) + [1] * (len(second) + 1)
 
-    def inputs(self, item: dict, subtask: str, answer: int | None = None) -> list[tuple[list[int], list[int]]]:
+    def inputs(self, item: dict, subtask: str, answer: int | None = None) -> list[tuple[list[int], ...]]:
         """The 4 (ids, segments) of a question: its answers (q2a), or its rationales after the
-        answer `answer` (qa2r; default its right answer)."""
+        answer `answer` (qa2r; default its right answer). A VL-BERT's: (ids, segments, tags), its
+        own text (`vcr_vlbert.vlbert_rows`)."""
         names = self.names(item, subtask)
+        if self.arch == "vlbert":
+            return vlbert_rows(self.tokenizer, item, subtask, answer, names, self.word_budget)
         first = object_words(item["question"], names)
         if subtask == "q2a":
             choices = item["answers"]
@@ -143,40 +170,55 @@ class VCRTask(Task):
     # -- regions ---------------------------------------------------------------------------
     def regions(self, key: str) -> tuple[np.ndarray, np.ndarray]:
         """-> features (R, F), locations (R, 5): [IMG], detected, ground-truth (see the module doc)."""
+        return self.regions_and_objects(key)[:2]
+
+    def regions_and_objects(self, key: str) -> tuple[np.ndarray, np.ndarray, int, int]:
+        """-> features (R, F), locations (R, 5), the element of object 0's ground-truth region and how
+        many objects have theirs (object k < that count is element first + k). A VL-BERT: no detections
+        when there are ground-truth regions (the official VCR boxes are the whole image and the objects)."""
         r = self.store.get(key)
         if self.gt_store is None:
             n = self.opts.max_regions - 1
-            return with_img_token(r.features[:n], r.boxes[:n], r.width, r.height)
+            return (*with_img_token(r.features[:n], r.boxes[:n], r.width, r.height), 1, 0)
         g = self.gt_store.get(key)
         n_det, n_gt = len(r.features), len(g.features)
         img = (r.features.mean(0) * (n_det + 1) + g.features.mean(0) * (n_gt + 1)) / (n_det + n_gt + 2)
         keep_gt = min(self.opts.max_regions - 1, n_gt)
-        keep_det = min(self.opts.max_regions - keep_gt, n_det + 1) - 1  # ([IMG] counts)
+        keep_det = 0 if self.arch == "vlbert" else min(self.opts.max_regions - keep_gt, n_det + 1) - 1  # ([IMG] counts)
         feats = np.concatenate([img[None], r.features[:keep_det], g.features[:keep_gt]]).astype(np.float32)
         loc = np.concatenate([np.array([[0, 0, 1, 1, 1]], np.float32),
                               locations(r.boxes[:keep_det], r.width, r.height),
                               locations(g.boxes[:keep_gt], g.width, g.height)])
-        return feats, loc
+        return feats, loc, 1 + keep_det, keep_gt
 
     # -- batches ---------------------------------------------------------------------------
     def make_batch(self, entries: list[tuple[dict, str, int | None]]) -> dict:
         """entries: (item, subtask, answer or None) -> 4 rows each, an entry's rows consecutive:
         input_ids / token_type_ids / attention_mask (4E, T), image tensors (4E, R, ...),
-        qa2r (4E,) bool, labels (E,) (-1 when unlabelled)."""
+        qa2r (4E,) bool, labels (E,) (-1 when unlabelled); a VL-BERT's also text_visual_index
+        (4E, T): the visual element of each word (its object's region, else 0, the whole image)."""
         rows = [row for item, subtask, answer in entries for row in self.inputs(item, subtask, answer)]
-        T = max(len(ids) for ids, _ in rows)
+        T = max(len(row[0]) for row in rows)
         pad = self.tokenizer.pad_token_id or 0
         input_ids = torch.full((len(rows), T), pad, dtype=torch.long)
         segments = torch.zeros(len(rows), T, dtype=torch.long)
         mask = torch.zeros(len(rows), T, dtype=torch.long)
-        for k, (ids, seg) in enumerate(rows):
+        for k, (ids, seg, *_) in enumerate(rows):
             input_ids[k, :len(ids)] = torch.tensor(ids)
             segments[k, :len(seg)] = torch.tensor(seg)
             mask[k, :len(ids)] = 1
         keys = [item["key"] for item, _, _ in entries]
         unique = sorted(set(keys))
-        feat, loc, image_mask = pad_regions([self.regions(k) for k in unique])  # (U, R, F), (U, R, 5), (U, R)
+        layouts = [self.regions_and_objects(k) for k in unique]
+        feat, loc, image_mask = pad_regions([(f, lc) for f, lc, _, _ in layouts])  # (U, R, F), (U, R, 5), (U, R)
         index = torch.tensor([unique.index(k) for k in keys]).repeat_interleave(CHOICES)  # (4E,)
+        extra = {}
+        if self.arch == "vlbert":  # tag t > 0 = object t - 1: its region's element, if it has one
+            visual = torch.zeros(len(rows), T, dtype=torch.long)  # (4E, T)
+            for k, (*_, tags) in enumerate(rows):
+                _, _, first, n_objects = layouts[index[k]]
+                visual[k, :len(tags)] = torch.tensor([first + t - 1 if 0 < t <= n_objects else 0 for t in tags])
+            extra["text_visual_index"] = visual
         labels = []
         for item, subtask, _ in entries:
             label = item["answer_label" if subtask == "q2a" else "rationale_label"]
@@ -184,7 +226,7 @@ class VCRTask(Task):
         qa2r = torch.tensor([subtask == "qa2r" for _, subtask, _ in entries]).repeat_interleave(CHOICES)
         return {"input_ids": input_ids, "token_type_ids": segments, "attention_mask": mask,
                 "image_feat": feat[index], "image_loc": loc[index], "image_mask": image_mask[index],
-                "qa2r": qa2r, "labels": torch.tensor(labels)}
+                "qa2r": qa2r, "labels": torch.tensor(labels), **extra}
 
     def backbone(self, model, batch):
         ids = batch["input_ids"]
@@ -194,8 +236,9 @@ class VCRTask(Task):
                 task_ids = torch.full((ids.shape[0], 1), self.opts.task_token, dtype=torch.long, device=ids.device)
             else:
                 task_ids = torch.where(batch["qa2r"], self.qa2r_task_id, self.official_task_id)[:, None].long()
+        extra = {"text_visual_index": batch["text_visual_index"]} if "text_visual_index" in batch else {}
         return model.backbone(ids, batch["image_feat"], batch["image_loc"], batch["token_type_ids"],
-                              batch["attention_mask"], batch["image_mask"], task_ids)
+                              batch["attention_mask"], batch["image_mask"], task_ids, **extra)
 
     def scores(self, model, batch) -> torch.Tensor:
         """(E, 4) one score per choice."""

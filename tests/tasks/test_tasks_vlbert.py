@@ -109,9 +109,12 @@ def test_vcr_on_vlbert_scores_each_choice_from_cls(tmp_path):
     root = tmp_path / "vcr"
     data = make_vcr(root, n_questions=(16, 8))
     d = {"root": root, "data": data, "vocab": write_vocab(root, extra=[])}
-    out = tmp_path / "run"
-    assert run_cli("vcr", d, out, "--checkpoint", str(vlbert_checkpoint(tmp_path / "m")), "--train-steps", "2",
-                   "--batch-size", "4") == 0
-    assert load_pretrained(out / "finetuned").task_heads.spec == {"vcr": ("cls_linear", 1)}
-    metrics = json.loads((out / "results.json").read_text())["splits"]["val"]
-    assert metrics["scored"] == 8 and 0 <= metrics["q2ar"] <= metrics["q2a"] <= 1
+    ckpt = vlbert_checkpoint(tmp_path / "m")
+    # VL-BERT's own text; with --gt-boxes its regions are the whole image and the objects' boxes, and a
+    # word naming an object carries that object's region; without, the detections and the whole image
+    for name, gt in (("run", []), ("grounded", ["--gt-boxes", str(root / "gt_features")])):
+        out = tmp_path / name
+        assert run_cli("vcr", d, out, "--checkpoint", str(ckpt), "--train-steps", "2", "--batch-size", "4", *gt) == 0
+        assert load_pretrained(out / "finetuned").task_heads.spec == {"vcr": ("cls_linear", 1)}
+        metrics = json.loads((out / "results.json").read_text())["splits"]["val"]
+        assert metrics["scored"] == 8 and 0 <= metrics["q2ar"] <= metrics["q2a"] <= 1
