@@ -16,7 +16,7 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
-test-extended: $(VENV)/.installed  # the longer proofs: further seeds, the VL-BERT demo (CI runs them after `make test`)
+test-extended: $(VENV)/.installed  # the longer proofs (pyproject.toml's `extended` marker); CI runs them after `make test`
 	$(PY) -m pytest -q -m extended
 
 lint: $(VENV)/.installed

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .base import log, read_json, write_json
 from .classification import SentenceImagesTask
+from .distributed import is_main
 from .vqa import load_answer_list
 
 
@@ -73,7 +74,8 @@ class GQATask(SentenceImagesTask):
                              "from (pass --answers)")
         self.labels = tuple(answers)
         self.index = {a: i for i, a in enumerate(self.labels)}
-        write_json(Path(opts.out) / "answers.json", list(self.labels))
+        if is_main():  # under torchrun one process writes it
+            write_json(Path(opts.out) / "answers.json", list(self.labels))
         log.info("gqa: %d answers", len(self.labels))
 
     def load_split(self, split: str) -> list[dict]:

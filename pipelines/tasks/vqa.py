@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import Task, batched, log, read_json, write_json
+from .distributed import is_main
 from .features import check_features, image_batch
 from .refer_pickle import load_plain_pickle
 from .text import encode, encode_with_mask_slot
@@ -140,7 +141,8 @@ class VQATask(Task):
                 raise ValueError(f"{self.data}: no answer is given by {x.get('min_answer_count') or 9} training "
                                  "questions (lower --min-answer-count, or pass --answers)")
         self.index = {a: i for i, a in enumerate(self.answers)}  # exact strings, as the released targets
-        write_json(Path(opts.out) / "answers.json", self.answers)
+        if is_main():  # under torchrun one process writes it
+            write_json(Path(opts.out) / "answers.json", self.answers)
         log.info("vqa: %d answers", len(self.answers))
 
     def load_train(self) -> list[dict]:

@@ -201,6 +201,28 @@ def test_the_final_model_holds_every_head_and_vilbert_eval_reads_it(two, trained
     assert evaluated["accuracy"] == results["tasks"]["refcoco+"]["history"][-1]["accuracy"]
 
 
+def test_each_task_does_as_well_as_its_single_task_run_of_the_same_steps(two, trained, tmp_path):
+    """Each task of the multi-task run against vilbert-eval fine-tuning it alone for as many steps as the
+    task took in the multi-task run, with the same batch and the learning rate the multi-task optimizer ran
+    at (the smallest task lr: under AdamW the loss scale hardly changes a step), from the same checkpoint."""
+    results = json.loads((trained / "results.json").read_text())
+    multi = {name: r["history"][-1]["accuracy"] for name, r in results["tasks"].items()}
+    single = {}
+    for name, data, root, batch, extra in (
+            ("vqa", two["vqa"], two["root"] / "vqa", 16, ["--answers", str(trained / "vqa" / "answers.json")]),
+            ("refcoco+", two["ref"], two["root"] / "ref", 32, [])):
+        steps = results["tasks"][name]["batches"]  # fewer than the 120 iterations if the task plateaued
+        assert 30 <= steps <= 120
+        d = {**two, "data": data, "root": root}
+        assert run_cli(name, d, tmp_path / name, "--checkpoint", str(two["ckpt"]), "--train-steps", str(steps),
+                       "--lr", str(results["base_lr"]), "--batch-size", str(batch), "--split", "val", "--no-save",
+                       *extra) == 0
+        single[name] = json.loads((tmp_path / name / "results.json").read_text())["splits"]["val"]["accuracy"]
+    print("\nmulti-task", multi, "single-task", single)
+    # within noise: 24 VQA questions (1 question = 0.042) and 40 expressions (0.025)
+    assert all(multi[name] >= single[name] - 0.1 for name in multi), (multi, single)
+
+
 KILLED = """
 import os, sys
 sys.path.insert(0, {tests!r})

@@ -27,7 +27,7 @@ def test_coattention_learns_what_text_alone_cannot():
 
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_vlbert_reads_the_colour_of_the_named_shape_from_the_regions():
     """Colours are uniform and independent of the words, so text alone gets 25 % at best.
     (VL-BERT's alignment accuracy stays on its plateau for this budget; see docs/model.md.)"""

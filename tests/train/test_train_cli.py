@@ -145,10 +145,12 @@ def test_help_and_usage_errors(corpus, tmp_path, capsys):
         main(args(corpus, tmp_path / "y", "--set", "v_feature_size=2048"))
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_alignment_rises_well_above_chance_on_synthetic_shards(tmp_path):
     """Negatives are other scenes' captions ("a blue star" for an image without one); about 1 in 5
-    of them happens to fit the image as well, so ~90 % is the ceiling and 50 % is chance."""
+    of them happens to fit the image as well, so ~90 % is the ceiling and 50 % is chance. (The longest
+    test, 1,500 steps through shards: in `make test-extended`, which .ci/run runs; the in-memory proof of
+    tests/train/test_learning.py stays in `make test`.)"""
     task = SyntheticTask(feature_size=64)
     write_shards(task, tmp_path / "train", 2000, seed=0, shard_size=500)
     write_shards(task, tmp_path / "val", 500, seed=1, shard_size=500)
