@@ -115,6 +115,29 @@ def micro_seed(seed: int, step: int, slot: int) -> int:
     return int(np.random.SeedSequence([seed, step, slot]).generate_state(2, np.uint64)[0] >> 1)
 
 
+def resume_from(root: Path, keys, device, model, optimizer, scheduler, settings: dict, made: str):
+    """Load the newest usable checkpoint in `root` into model, optimizer and scheduler, once it is
+    shown to be made with `settings` and the model's config (else one ValueError naming what differs)
+    -> (its path, its training state), or None when there is none."""
+    found = newest_resumable(root, keys, device, log)
+    if found is None:
+        return None
+    ckpt, saved, state = found
+    now = {**settings, **{f"model {k}": v for k, v in model.config.to_dict().items()}}
+    then = {**state["settings"], **{f"model {k}": v for k, v in saved.config.to_dict().items()}}
+    differ = [f"{k}: {then.get(k)!r} then, {now.get(k)!r} now" for k in sorted(set(now) | set(then))
+              if then.get(k) != now.get(k)]
+    if differ:
+        raise ValueError(f"{ckpt}: {made} with other settings than this run's (" + "; ".join(differ[:6])
+                         + "); re-run the same command to resume, or choose another --out")
+    model.load_state_dict(saved.state_dict())
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr
+    return ckpt, state
+
+
 class TaskLoss(torch.nn.Module):
     """model + task.loss as one module, so that DDP (and torch.compile) see the whole step."""
 
@@ -149,22 +172,11 @@ class FineTuner:
     # -- resume ------------------------------------------------------------------------------
     def resume(self) -> bool:
         """Continue from the newest usable checkpoint in OUT/checkpoints, if there is one."""
-        found = newest_resumable(self.root, STATE_KEYS, self.device, log)
+        found = resume_from(self.root, STATE_KEYS, self.device, self.model, self.optimizer, self.scheduler,
+                            self.settings(), "fine-tuned")
         if found is None:
             return False
-        ckpt, saved, state = found
-        now = {**self.settings(), **{f"model {k}": v for k, v in self.model.config.to_dict().items()}}
-        then = {**state["settings"], **{f"model {k}": v for k, v in saved.config.to_dict().items()}}
-        differ = [f"{k}: {then.get(k)!r} then, {now.get(k)!r} now" for k in sorted(set(now) | set(then))
-                  if then.get(k) != now.get(k)]
-        if differ:
-            raise ValueError(f"{ckpt}: fine-tuned with other settings than this run's (" + "; ".join(differ[:6])
-                             + "); re-run the same command to resume, or choose another --out")
-        self.model.load_state_dict(saved.state_dict())
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
-            group["lr"] = lr
+        ckpt, state = found
         self.step, self.losses, self.history, self.best = state["step"], state["losses"], state["history"], \
             state["best"]
         self._saved_at = self.step

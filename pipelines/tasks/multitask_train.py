@@ -30,13 +30,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipelines.train.checkpoints import newest_resumable, rng_state, save_checkpoint, set_rng_state
+from pipelines.train.checkpoints import rng_state, save_checkpoint, set_rng_state
 from pipelines.train.optim import build_optimizer, build_scheduler
 from pipelines.train.trainer import DistInfo, wrap_model
 
 from .base import Task, autocast, log, write_json
 from .distributed import mean_over_processes
-from .finetune import StepBatches, TaskLoss, make_plan, micro_seed
+from .finetune import StepBatches, TaskLoss, make_plan, micro_seed, resume_from
 from .loading import batch_loader
 from .multitask import (
     MultiTaskConfig,
@@ -117,22 +117,11 @@ class MultiTaskTrainer:
 
     # -- resume ------------------------------------------------------------------------------
     def resume(self) -> bool:
-        found = newest_resumable(self.root, STATE_KEYS, self.device, log)
+        found = resume_from(self.root, STATE_KEYS, self.device, self.model, self.optimizer, self.scheduler,
+                            self.settings(), "trained")
         if found is None:
             return False
-        ckpt, saved, state = found
-        now = {**self.settings(), **{f"model {k}": v for k, v in self.model.config.to_dict().items()}}
-        then = {**state["settings"], **{f"model {k}": v for k, v in saved.config.to_dict().items()}}
-        differ = [f"{k}: {then.get(k)!r} then, {now.get(k)!r} now" for k in sorted(set(now) | set(then))
-                  if then.get(k) != now.get(k)]
-        if differ:
-            raise ValueError(f"{ckpt}: trained with other settings than this run's (" + "; ".join(differ[:6])
-                             + "); re-run the same command to resume, or choose another --out")
-        self.model.load_state_dict(saved.state_dict())
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
-            group["lr"] = lr
+        ckpt, state = found
         self.iteration, self.consumed = state["iteration"], list(state["consumed"])
         self.losses, self.history = state["losses"], state["history"]
         for plateau, s in zip(self.plateaus, state["plateau"]):
