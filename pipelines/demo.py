@@ -110,7 +110,8 @@ def run_pipeline(out: Path, sample: Path, config: str, weights: Path | None, tra
                     "--checkpoint", checkpoint, "--tokenizer", vocab, "--train-steps", 0, "--out", retrieval_out,
                     "--device", eval_device, "--no-save"])
     refer_out = out / "eval" / "refer"
-    stages.run("eval: referring expressions (refer head fine-tuned on training scenes)", "vilbert-eval",
+    tuned = f"refer head fine-tuned on training scenes, {refer_steps} steps" if refer_steps else "refer head untrained"
+    stages.run(f"eval: referring expressions ({tuned})", "vilbert-eval",
                ["--task", "refcoco+", "--data", data / "refer", "--features", both, "--checkpoint", checkpoint,
                 "--tokenizer", vocab, "--train-steps", refer_steps, "--lr", 1e-3, "--batch-size", 32,
                 "--split", "val", "--out", refer_out, "--visualize", visualize, "--images", data / "images" / "test",
@@ -146,15 +147,17 @@ def run_pipeline(out: Path, sample: Path, config: str, weights: Path | None, tra
         "retrieval": retrieval,
         "refer": refer["splits"]["val"],
         "untrained_control": controls,
-        "chance": {"alignment": 0.5, "retrieval_r1_text_to_image": 1 / n_test,
-                   "refer": 1 / 4 if arch == "vlbert" else 1 / 3},  # VL-BERT: the whole image is a candidate too
+        "chance": ({"alignment": 0.5, "retrieval_r1_text_to_image": 1 / n_test, "refer": 1 / 3} if zero_shot
+                   else {"refer": 1 / 4}),  # VL-BERT: no alignment; the whole image is a referring candidate too
         "seconds": {**stages.timings, "total": round(time.perf_counter() - t_start, 1)},
         "paths": {
-            "data": str(data), "shards": str(shards), "box_previews": str(shards / "test" / "preview"),
+            "data": str(data), "shards": str(shards),
+            "box_previews": str(shards / "test" / "preview") if visualize else None,
             "checkpoint": str(checkpoint), "metrics": str(run_dir / "metrics.csv"),
             "tensorboard": str(run_dir / "tensorboard"), "loss_curves": str(run_dir / "loss_curves.png"),
             "retrieval": str(retrieval_out) if zero_shot else None, "refer": str(refer_out),
-            "grounding_pictures": str(refer_out / "visualize" / "val"), "log": str(out / "demo.log"),
+            "grounding_pictures": str(refer_out / "visualize" / "val") if visualize else None,
+            "log": str(out / "demo.log"),
         },
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

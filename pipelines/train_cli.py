@@ -261,8 +261,8 @@ def cli(shards, out, preset, arch, overrides, bert, tokenizer, objective, text_c
             click.echo(f"skipped updates: {skipped} of {steps} steps had a non-finite loss or gradient "
                        "(each is logged above with its batch keys)", err=True)
         if last:
-            click.echo(f"step {trainer.step}: loss {last['loss']:.4f}, "
-                       f"alignment accuracy {last['align_accuracy']:.3f}, "
+            aligned = "" if trainer.cfg.objective == "vlbert" else f"alignment accuracy {last['align_accuracy']:.3f}, "
+            click.echo(f"step {trainer.step}: loss {last['loss']:.4f}, {aligned}"
                        f"MLM accuracy {last['mlm_accuracy']:.3f}"
                        + "".join(f", {name} {last[key]:.3f}" for key, name in (
                            ("mlm_text_accuracy", "text-only MLM accuracy"), ("mrc_accuracy", "masked-RoI accuracy"))
@@ -275,6 +275,8 @@ def cli(shards, out, preset, arch, overrides, bert, tokenizer, objective, text_c
         with user_errors():
             eval_loader = make_loader(eval_cfg, train=False)
         result = trainer.evaluate(eval_loader)
+        if trainer.cfg.objective == "vlbert":  # no alignment in VL-BERT's objective: nothing to report of it
+            result = {k: v for k, v in result.items() if not k.startswith("align_")}
         if trainer.dist.is_main:
             (Path(out) / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
             if not result.get("samples"):

@@ -221,3 +221,16 @@ def test_demo_runs_vlbert_end_to_end_and_pretraining_helps_referring(tmp_path, c
     assert refer["upper_bound"] == 1.0 and refer["accuracy"] >= 0.75 and control["accuracy"] <= 0.5, (refer, control)
     assert refer["accuracy"] - control["accuracy"] >= 0.3
     assert len(list(Path(summary["paths"]["grounding_pictures"]).glob("*.png"))) == 2
+
+
+@pytest.mark.extended
+def test_demo_with_nothing_to_draw_lists_no_pictures_and_vlbert_reports_no_alignment(tmp_path, capsys):
+    from pipelines.demo import main
+
+    summary = main(["--out", str(tmp_path / "demo"), "--arch", "vlbert", "--steps", "1", "--refer-steps", "0",
+                    "--train-scenes", "2", "--test-scenes", "2", "--no-control", "--visualize", "0"])
+    text = capsys.readouterr().out
+    assert summary["paths"]["box_previews"] is None and summary["paths"]["grounding_pictures"] is None
+    assert "box previews" not in text.split("== summary")[1] and "refer head untrained" in text
+    assert not any(k.startswith("align_") for k in summary["train"]["held_out"])  # VL-BERT has no alignment
+    assert summary["chance"] == {"refer": 0.25}
