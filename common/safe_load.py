@@ -1,4 +1,4 @@
-"""Reading weight, state and pickle files without executing what they hold."""
+"""Reading weight, state and pickle files without executing what they hold, and only when they are regular files."""
 from __future__ import annotations
 
 import _codecs
@@ -6,10 +6,34 @@ import builtins
 import collections
 import importlib
 import io
+import os
 import pickle
 import re
+import stat
+from pathlib import Path
 
 import numpy as np
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def regular_file(path, what: str = "file") -> Path:
+    """`path` as a Path if it names a regular file (a symlink to one counts), checked before anything
+    opens it: opening a FIFO blocks until a writer comes, and a device or socket is no data file.
+    FileNotFoundError "PATH: WHAT not found" if nothing is there; ValueError "PATH: not a regular file
+    (a FIFO): expected WHAT" for anything else."""
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: {what} not found") from None
+    except OSError as error:  # a symlink loop, a name too long, a folder this user may not enter
+        raise ValueError(f"{path}: {what} cannot be read ({error.strerror or error})") from None
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _KINDS if test(mode)), "a special file")
+        raise ValueError(f"{path}: not a regular file ({kind}): expected {what}")
+    return path
 
 
 def refusal(path, error: Exception) -> str:

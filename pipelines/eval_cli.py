@@ -18,7 +18,15 @@ import click
 import torch
 
 from common.devices import check_device
-from common.outputs import writable_folder
+from common.outputs import check_out_outside, writable_folder
+from pipelines.eval_checks import (
+    check_fit,
+    check_model_options,
+    check_val_labels,
+    model_source,
+    plain_split,
+    run_lock,
+)
 from pipelines.tasks import TASKS
 from pipelines.tasks.base import TaskOptions, autocast, log, write_json
 from pipelines.tasks.distributed import barrier
@@ -75,19 +83,6 @@ class Epochs(click.ParamType):
         return epochs
 
 
-def check_fit(config, vocabulary: int, opts, source: str) -> None:
-    """ValueError before any work if the tokenizer does not fit the model; a --max-seq-length beyond
-    the model's positions is cut to them (texts are padded to the longest, so short ones never
-    noticed; a long one would have indexed past the position table)."""
-    if vocabulary > config.vocab_size:
-        raise ValueError(f"--tokenizer has {vocabulary} tokens, the model reads {config.vocab_size} (vocab_size of "
-                         f"{source}): use the tokenizer the model was trained with")
-    if opts.max_seq_length > config.max_position_embeddings:  # (a task token takes no position)
-        log.warning("--max-seq-length %d is longer than the %d positions of %s: texts are cut to %d tokens",
-                    opts.max_seq_length, config.max_position_embeddings, source, config.max_position_embeddings)
-        opts.max_seq_length = config.max_position_embeddings
-
-
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--task", "task_name", type=click.Choice(sorted(TASKS)), required=True, help="Downstream task.")
 @click.option("--data", type=click.Path(exists=True, file_okay=False), required=True,
@@ -125,7 +120,7 @@ def check_fit(config, vocabulary: int, opts, source: str) -> None:
 @click.option("--warmup", type=click.FloatRange(0, 1), default=0.1,
               help="Linear warmup over this fraction of the steps, then linear decay to 0 (official 0.1).")
 @click.option("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases/LayerNorm).")
-@click.option("--val-split", show_default=False,
+@click.option("--val-split", show_default=False, callback=plain_split,
               help="Validated after each epoch; the best epoch by the task's metric is kept in OUT/best and "
                    "evaluated. 'none' = no validation. Default with --epochs: "
               f"{_per_task(lambda t: t.val_split)}; with --train-steps: none.")
@@ -143,13 +138,13 @@ def check_fit(config, vocabulary: int, opts, source: str) -> None:
 @click.option("--max-seq-length", type=click.IntRange(3), help="Max tokens incl. [CLS]/[SEP]. Default: the official "
               f"per-task value ({_per_task(lambda t: getattr(t, 'shown_max_seq_length', t.default_max_seq_length))}).")
 @click.option("--max-regions", type=click.IntRange(2), default=101, help="Max visual positions incl. [IMG].")
-@click.option("--split", "splits", multiple=True, help="Evaluation split (repeatable). Default: "
+@click.option("--split", "splits", multiple=True, callback=plain_split, help="Evaluation split (repeatable). Default: "
               f"{_per_task(lambda t: '/'.join(t.default_splits))}.")
 @click.option("--task-token", type=int, help="Task token id for multi-task checkpoints (default: the "
               f"official id of the task: {_per_task(lambda t: getattr(t, 'shown_task_id', t.official_task_id))}).")
 @click.option("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available; under torchrun "
                                                "cuda is each process's LOCAL_RANK GPU).")
-@click.option("--seed", type=int, default=0, help="Random seed.")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, help="Random seed.")
 @click.option("--bf16", is_flag=True, help="bfloat16 autocast (CUDA only; ignored on CPU).")
 @click.option("--gt-boxes", "gt_features", type=click.Path(exists=True, file_okay=False),
               help="refcoco/+/g: shards of ground-truth-box regions (vilbert-extract --gt-boxes), mixed into training; "
@@ -182,7 +177,8 @@ def check_fit(config, vocabulary: int, opts, source: str) -> None:
               help="vqa, gqa: vocabulary size built from the train annotations.")
 @click.option("--min-answer-count", type=click.IntRange(1), default=9,
               help="vqa: a built vocabulary keeps answers given by at least this many training questions.")
-@click.option("--train-split", default="train", help="vqa, gqa: split(s) used for fine-tuning, e.g. train,val.")
+@click.option("--train-split", default="train", callback=plain_split,
+              help="vqa, gqa: split(s) used for fine-tuning, e.g. train,val.")
 @click.option("--save/--no-save", default=True,
               help="Save the last fine-tuned weights to OUT/finetuned; --no-save keeps no weights (OUT/checkpoints "
                    "and OUT/best are removed when the run is done).")
@@ -193,7 +189,10 @@ def cli(task_name, checkpoint, official_checkpoint, official_config, init_preset
         kw["device"] = check_device(kw["device"])
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
-    info = setup_distributed(kw["device"])
+    try:
+        info = setup_distributed(kw["device"])
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
     logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING, format="%(asctime)s %(message)s")
     kw["device"] = str(resolve_device(kw["device"], info.local_rank))
     torch.manual_seed(kw["seed"])
@@ -206,58 +205,72 @@ def cli(task_name, checkpoint, official_checkpoint, official_config, init_preset
         kw["val_split"] = ""
     try:
         writable_folder(out, "--out")  # before any fine-tuning, not after it
+        check_out_outside(out, {"--data": kw["data"], "--features": kw["features"], "--gt-boxes": extra["gt_features"],
+                                "--images": extra["images"]})
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
     opts = TaskOptions(data=Path(kw.pop("data")), features=Path(kw.pop("features")), out=out, compile=compile_model,
                        tokenizer=Path(kw.pop("tokenizer")), splits=tuple(kw.pop("splits")), extra=extra, **kw)
+    models = (checkpoint, official_checkpoint, official_config, init_preset)
     try:
-        task = TASKS[task_name](opts)
-        fine_tune = bool(opts.train_steps or opts.epochs)
-        if fine_tune:  # evaluation inputs checked before the fine-tuning, not after it
-            checked = [*(opts.splits or task.default_splits), *([opts.val_split] if opts.val_split else [])]
-            for split in dict.fromkeys(checked):
-                task.eval_inputs(split)
-        model, source = load_model(checkpoint, official_checkpoint, official_config, init_preset, opts.device)
-        check_fit(model.config, len(task.tokenizer), task.opts, source)
-        width = task.store.feature_size()
-        if width != model.config.v_feature_size:
-            raise ValueError(f"{opts.features}: region features are {width} wide, the model reads "
-                             f"{model.config.v_feature_size} (v_feature_size of {source}); extract them with "
-                             "the detector the model was pretrained on")
-        task.prepare(model)
-        model.to(opts.device)
-        t0 = time.time()
-        results = {"task": task_name, "model": source, "train_steps": 0, "splits": {}, "train_loss_first": None,
-                   "train_loss_last": None}
-        if fine_tune:
-            results.update(fine_tune_model(model, task, opts, info, source, save))
-        for split in opts.splits or task.default_splits:
-            with autocast(opts):
-                metrics, preds = task.evaluate(model, split)
-            results["splits"][split] = metrics
-            if info.is_main:
-                write_json(out / f"predictions_{split}.json", preds)
-                click.echo(f"{task_name} {split}: " + ", ".join(
-                    f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
-        results["seconds"] = round(time.time() - t0, 1)
-        if info.is_main:
-            write_json(out / "results.json", results)
-            if fine_tune and not save:  # --no-save keeps no weights: the run's are dropped once it is done
-                for folder in ("checkpoints", "best"):
-                    shutil.rmtree(out / folder, ignore_errors=True)
+        with run_lock(out, info):  # one run at a time in OUT
+            return run_task(task_name, opts, info, models, save)
     except (FileNotFoundError, ValueError, KeyError, FloatingPointError) as e:
         raise click.ClickException(str(e.args[0] if isinstance(e, KeyError) and e.args else e)) from e
+
+
+def run_task(task_name: str, opts: TaskOptions, info, models: tuple, save: bool) -> dict:
+    """The checks, the fine-tuning (when asked) and the evaluation of the splits -> the results."""
+    checkpoint, official_checkpoint, official_config, init_preset = models
+    out = opts.out
+    task = TASKS[task_name](opts)
+    fine_tune = bool(opts.train_steps or opts.epochs)
+    if fine_tune:  # evaluation inputs checked before the fine-tuning, not after it
+        checked = [*(opts.splits or task.default_splits), *([opts.val_split] if opts.val_split else [])]
+        for split in dict.fromkeys(checked):
+            task.eval_inputs(split)
+        check_val_labels(task, opts.val_split)
+    model, source = load_model(checkpoint, official_checkpoint, official_config, init_preset, opts.device)
+    check_fit(model.config, len(task.tokenizer), task.opts, source)
+    width = task.store.feature_size()
+    if width != model.config.v_feature_size:
+        raise ValueError(f"{opts.features}: region features are {width} wide, the model reads "
+                         f"{model.config.v_feature_size} (v_feature_size of {source}); extract them with "
+                         "the detector the model was pretrained on")
+    check_model_options(model, task, opts, fine_tune)
+    task.prepare(model)
+    model.to(opts.device)
+    t0 = time.time()
+    results = {"task": task_name, "model": source, "train_steps": 0, "splits": {}, "train_loss_first": None,
+               "train_loss_last": None}
+    if fine_tune:
+        settings_source = model_source(checkpoint, official_checkpoint, init_preset, official_config)
+        results.update(fine_tune_model(model, task, opts, info, source, save, settings_source))
+    for split in opts.splits or task.default_splits:
+        with autocast(opts):
+            metrics, preds = task.evaluate(model, split)
+        results["splits"][split] = metrics
+        if info.is_main:
+            write_json(out / f"predictions_{split}.json", preds)
+            click.echo(f"{task_name} {split}: " + ", ".join(
+                f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+    results["seconds"] = round(time.time() - t0, 1)
+    if info.is_main:
+        write_json(out / "results.json", results)
+        if fine_tune and not save:  # --no-save keeps no weights: the run's are dropped once it is done
+            for folder in ("checkpoints", "best"):
+                shutil.rmtree(out / folder, ignore_errors=True)
     return results
 
 
-def fine_tune_model(model, task, opts, info, source: str, save: bool) -> dict:
+def fine_tune_model(model, task, opts, info, source: str, save: bool, settings_source: str = "") -> dict:
     """Fine-tune (resuming from OUT/checkpoints), save OUT/finetuned, and leave the model holding
     the weights that are evaluated: the best validated epoch's (OUT/best), else the last ones."""
     from pipelines.tasks.finetune import FineTuner
     from pipelines.train.checkpoints import save_model_dir
     from vilbert import load_pretrained
 
-    tuner = FineTuner(model, task, opts, info, torch.device(opts.device))
+    tuner = FineTuner(model, task, opts, info, torch.device(opts.device), source=settings_source or source)
     tuner.resume()
     run = tuner.run()
     losses, plan = run["losses"], run["plan"]
@@ -268,8 +281,8 @@ def fine_tune_model(model, task, opts, info, source: str, save: bool) -> dict:
                "train_loss_last": sum(losses[-k:]) / k,  # and of the last 10%
                "history": run["history"], "best": run["best"], "evaluated": "last"}
     if save and info.is_main:
-        save_model_dir(model, Path(opts.out) / "finetuned",
-                       {"task": task.name, "train_steps": plan["total_steps"], "from": source})
+        save_model_dir(model, Path(opts.out) / "finetuned", {"task": task.name, "train_steps": plan["total_steps"],
+                                                             "from": source, **tuner.task_metadata()})
     if run["best"] is not None:
         barrier()  # OUT/best is written by rank 0
         model.load_state_dict(load_pretrained(Path(opts.out) / "best", map_location=opts.device).state_dict())

@@ -10,6 +10,7 @@ share of every task's batch, and validates and evaluates in shares; rank 0 write
 """
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -19,11 +20,33 @@ import click
 import torch
 
 from common.devices import check_device
-from common.outputs import writable_folder
+from common.outputs import check_out_outside, writable_folder
+from pipelines.eval_checks import model_source, run_lock
 from pipelines.eval_cli import check_fit, load_model
 from pipelines.tasks import TASKS
 from pipelines.tasks.base import TaskOptions, autocast, write_json
+from pipelines.tasks.multitask import val_split_of
+from pipelines.tasks.multitask_config import EXTRA_PATHS
 from pipelines.train.trainer import resolve_device, setup_distributed, teardown_distributed
+
+
+def _made_by_us(folder: Path) -> bool:
+    """Whether `folder` is an OUT/finetuned this command wrote (save_model_dir with its metadata)."""
+    try:
+        meta = json.loads((folder / "config.json").read_text()).get("metadata", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(meta, dict) and {"tasks", "from", "iterations"} <= set(meta)
+
+
+def inputs_of(config, checkpoint, official_checkpoint) -> dict:
+    """The paths a run reads, by the field or option that names them (OUT must lie outside them)."""
+    inputs = {"tokenizer": config.tokenizer, "--checkpoint": checkpoint, "--official-checkpoint": official_checkpoint}
+    for i, e in enumerate(config.tasks):
+        inputs.update({f"tasks[{i}].data": e.data, f"tasks[{i}].features": e.features,
+                       f"tasks[{i}].tokenizer": e.tokenizer,
+                       **{f"tasks[{i}].extra.{k}": e.extra.get(k) for k in EXTRA_PATHS}})
+    return {k: Path(v) for k, v in inputs.items() if v}
 
 
 def build_tasks(config, config_path: Path, out: Path, device: str) -> list:
@@ -31,7 +54,7 @@ def build_tasks(config, config_path: Path, out: Path, device: str) -> list:
     tasks = []
     for i, e in enumerate(config.tasks):
         cls = TASKS[e.task]
-        val = cls.val_split if e.val_split is None else ("" if e.val_split in ("none", "") else e.val_split)
+        val = val_split_of(e)
         opts = TaskOptions(data=e.data, features=e.features, out=out / e.task,
                            tokenizer=e.tokenizer or config.tokenizer,
                            max_seq_length=e.max_seq_length, max_regions=config.max_regions, batch_size=e.batch_size,
@@ -43,6 +66,9 @@ def build_tasks(config, config_path: Path, out: Path, device: str) -> list:
             task = cls(opts)
             for split in dict.fromkeys([*([val] if val else []), *e.splits]):  # checked before any training
                 task.eval_inputs(split)
+            if val and not getattr(task, "has_labels", lambda split: True)(val):
+                raise ValueError(f"val_split {val}: the split has no labels in {e.data}, so it cannot be validated "
+                                 "(its plateaus decided); validate on a labelled split, or val_split: none")
         except (FileNotFoundError, ValueError, KeyError) as error:
             message = error.args[0] if isinstance(error, KeyError) and error.args else error
             raise ValueError(f"{config_path}: tasks[{i}] ({e.task}): {message}") from None
@@ -50,9 +76,13 @@ def build_tasks(config, config_path: Path, out: Path, device: str) -> list:
     return tasks
 
 
-def fit_model(model, tasks: list, source: str) -> None:
-    """Tokenizers and region features that fit the model, then every task's head on it."""
-    for task in tasks:
+def fit_model(model, tasks: list, source: str, config_path: Path) -> None:
+    """Tokenizers, region features and task tokens that fit the model, then every task's head on it."""
+    for i, task in enumerate(tasks):
+        token, n = task.opts.task_token, model.config.num_task_tokens
+        if model.config.task_specific_tokens and token is not None and token >= n:
+            raise ValueError(f"{config_path}: tasks[{i}].task_token: {token} is not one of the model's {n} task "
+                             f"tokens (0..{n - 1}, num_task_tokens of {source})")
         check_fit(model.config, len(task.tokenizer), task.opts, source)
         width = task.store.feature_size()
         if width != model.config.v_feature_size:
@@ -92,8 +122,7 @@ def cli(config_path, out, checkpoint, official_checkpoint, official_config, pres
     ...} and shared settings; docs/tasks.md), vilbert-multi-task's train_tasks.py schedule. Under
     torchrun: DDP, batch sizes over all processes."""
     from pipelines.tasks.multitask import ConfigError, add_task_tokens, load_config
-    from pipelines.tasks.multitask_train import MultiTaskTrainer
-    from pipelines.train.checkpoints import save_model_dir
+    from pipelines.tasks.multitask_config import check_batch, check_out_paths
 
     if len([x for x in (checkpoint, official_checkpoint, preset) if x]) != 1:
         raise click.UsageError("give exactly one of --checkpoint, --official-checkpoint or --preset")
@@ -111,44 +140,65 @@ def cli(config_path, out, checkpoint, official_checkpoint, official_config, pres
     try:
         config = load_config(config_path)
         writable_folder(out, "--out")
+        try:
+            check_out_outside(out, inputs_of(config, checkpoint, official_checkpoint))
+        except ValueError as e:
+            raise ValueError(f"{config_path}: {e}") from None
+        check_out_paths(out, config, [val_split_of(e) for e in config.tasks], _made_by_us)
     except (ConfigError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     if workers is not None:
         config.workers = workers
     torch.manual_seed(config.seed)
     try:
-        tasks = build_tasks(config, Path(config_path), out, device)
-        model, source = load_model(checkpoint, official_checkpoint, official_config, preset, device)
-        if config.task_tokens:
-            add_task_tokens(model, config.seed)
-        fit_model(model, tasks, source)
-        model.to(device)
-        t0 = time.time()
-        trainer = MultiTaskTrainer(model, tasks, config, out, torch.device(device), info)
-        trainer.resume()
-        results = {"config": str(config_path), "model": source, **trainer.run()}
-        if info.is_main:
-            save_model_dir(model, out / "finetuned", {"tasks": [t.name for t in tasks], "from": source,
-                                                      "iterations": results["iterations"]})
-        for task in tasks:
-            r = results["tasks"][task.name]
-            official = getattr(task, "shown_task_id", task.official_task_id)  # vcr: 5/6
-            r["task_token"] = (task.opts.task_token if task.opts.task_token is not None else official) \
-                if model.config.task_specific_tokens else None
-            r["splits"] = {}
-            for split in task.opts.splits:  # with the final model, all processes in shares
-                with autocast(task.opts):
-                    metrics, preds = task.evaluate(model, split)
-                r["splits"][split] = metrics
-                if info.is_main:
-                    write_json(out / task.name / f"predictions_{split}.json", preds)
-        results["seconds"] = round(time.time() - t0, 1)
-        if info.is_main:
-            write_json(out / "results.json", results)
+        with run_lock(out, info, "vilbert-multitask"):  # rank 0 takes OUT's lock, every process hears
+            tasks = build_tasks(config, Path(config_path), out, device)
+            for i, task in enumerate(tasks):
+                check_batch(Path(config_path), i, task.opts.batch_size, task.opts.micro_batch_size, info.world_size)
+            model, source = load_model(checkpoint, official_checkpoint, official_config, preset, device)
+            if config.task_tokens:
+                add_task_tokens(model, config.seed)
+            fit_model(model, tasks, source, Path(config_path))
+            model.to(device)
+            results = train_and_evaluate(model, tasks, config, config_path, out, device, info, source,
+                                         model_source(checkpoint, official_checkpoint, preset, official_config))
     except (FileNotFoundError, ValueError, KeyError, FloatingPointError) as e:
         raise click.ClickException(str(e.args[0] if isinstance(e, KeyError) and e.args else e)) from e
     if info.is_main:
         click.echo(summary_table(results))
+    return results
+
+
+def train_and_evaluate(model, tasks, config, config_path, out: Path, device: str, info, source: str,
+                       weights: str) -> dict:
+    """Train (resuming from OUT/checkpoints), save OUT/finetuned, evaluate every task's splits, write
+    OUT/results.json -> the results."""
+    from pipelines.tasks.multitask_train import MultiTaskTrainer
+    from pipelines.train.checkpoints import save_model_dir
+
+    t0 = time.time()
+    trainer = MultiTaskTrainer(model, tasks, config, out, torch.device(device), info, weights)
+    trainer.resume()
+    results = {"config": str(config_path), "model": source, **trainer.run()}
+    if info.is_main:
+        save_model_dir(model, out / "finetuned", {"tasks": [t.name for t in tasks], "from": source,
+                                                  "iterations": results["iterations"],
+                                                  "task_settings": trainer.task_settings()})
+    for task in tasks:
+        r = results["tasks"][task.name]
+        official = getattr(task, "shown_task_id", task.official_task_id)  # vcr: 5/6
+        r["task_token"] = (task.opts.task_token if task.opts.task_token is not None else official) \
+            if model.config.task_specific_tokens else None
+        r["splits"] = {}
+        for split in task.opts.splits:  # with the final model, all processes in shares
+            with autocast(task.opts):
+                metrics, preds = task.evaluate(model, split)
+            r["splits"][split] = metrics
+            if info.is_main:
+                write_json(out / task.name / f"predictions_{split}.json", preds)
+    results["seconds"] = round(time.time() - t0, 1)
+    if info.is_main:
+        write_json(out / "results.json", results)
     return results
 
 

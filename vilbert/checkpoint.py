@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from common.safe_load import regular_file
+
 from .config import ViLBertConfig
 from .pretraining import ViLBert
 
@@ -57,10 +59,36 @@ def save_pretrained(model: ViLBert, directory: str | Path, metadata: dict | None
     return directory
 
 
+def nonfinite_tensors(state: dict) -> list[tuple[str, int, int]]:
+    """(name, non-finite values, values) of each floating tensor of `state` holding NaN or infinity."""
+    bad = []
+    for name, tensor in state.items():
+        if isinstance(tensor, torch.Tensor) and (tensor.is_floating_point() or tensor.is_complex()):
+            finite = torch.isfinite(tensor)
+            if not bool(finite.all()):
+                bad.append((name, int((~finite).sum()), tensor.numel()))
+    return bad
+
+
+def check_finite(state: dict, source) -> None:
+    """ValueError naming `source`, the tensors and the counts if a weight is NaN or infinite: such a
+    model scores every input NaN, and an argmax over NaN still looks like an answer."""
+    bad = nonfinite_tensors(state)
+    if bad:
+        shown = ", ".join(f"{name} ({n} of {total})" for name, n, total in bad[:5])
+        more = f" and {len(bad) - 5} more tensors" if len(bad) > 5 else ""
+        n = sum(n for _, n, _ in bad)
+        raise ValueError(f"{source}: {n} weight{'s' * (n != 1)} not finite (NaN or infinite) in {len(bad)} "
+                         f"tensor{'s' * (len(bad) != 1)}: {shown}{more}; the checkpoint is damaged (a diverged "
+                         "or corrupted run) and was not loaded")
+
+
 def read_checkpoint_config(directory: str | Path) -> dict:
     path = Path(directory) / CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found (expected a directory written by save_pretrained)")
+    try:
+        regular_file(path, "checkpoint config")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: not found (expected a directory written by save_pretrained)") from None
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as error:
@@ -75,12 +103,13 @@ def load_pretrained(directory: str | Path, map_location: str | torch.device = "c
     """Inverse of `save_pretrained`; strict (every tensor must match)."""
     doc = read_checkpoint_config(directory)
     model = ViLBert(ViLBertConfig.from_dict(doc["config"]), {k: tuple(v) for k, v in doc["task_heads"].items()})
-    path = Path(directory) / WEIGHTS_NAME
+    path = regular_file(Path(directory) / WEIGHTS_NAME, "checkpoint weights")
     try:
         state = load_file(str(path), device=str(map_location))
     except Exception as error:  # safetensors' own error type: truncated, not safetensors, unreadable
         raise ValueError(f"{path}: not a readable safetensors file ({str(error).strip() or type(error).__name__})"
                          ) from None
+    check_finite(state, path)
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as error:  # tensor shapes of another config
@@ -158,10 +187,14 @@ def load_bert_weights(model: ViLBert, bert_dir: str | Path) -> LoadReport:
     from transformers import BertForPreTraining
 
     bert_dir = Path(bert_dir)
+    for entry in sorted(bert_dir.iterdir()) if bert_dir.is_dir() else ():  # transformers would wait on a FIFO
+        if not entry.is_dir():
+            regular_file(entry, "a file of the BERT directory")
     if not (bert_dir / "config.json").is_file():
         raise FileNotFoundError(f"{bert_dir}: not a BERT directory (no config.json)")
     bert = BertForPreTraining.from_pretrained(str(bert_dir), local_files_only=True)
     source = bert.state_dict()
+    check_finite({k: v for k, v in source.items() if map_bert_key(k, model.config)}, bert_dir)
     ours = model.state_dict()
     report = LoadReport()
     with torch.no_grad():

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from common.safe_load import refusal
+from common.safe_load import refusal, regular_file
 
-from .checkpoint import BERT_EMBEDDING_RULES, BERT_LAYER_RULES, MLM_HEAD_RULES, LoadReport, apply_rules
+from .checkpoint import BERT_EMBEDDING_RULES, BERT_LAYER_RULES, MLM_HEAD_RULES, LoadReport, apply_rules, check_finite
 from .config import ViLBertConfig, load_preset
 from .official_vlbert import convert_official_vlbert_state_dict, is_official_vlbert_state
 from .pretraining import ViLBert
@@ -133,7 +133,7 @@ def _task_head_spec(state: dict) -> dict:
 
 def read_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """torch.load with weights_only=True; strips a DataParallel `module.` prefix."""
-    path = Path(path)
+    path = regular_file(path, "official checkpoint")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle.UnpicklingError and friends: refuse, don't execute
@@ -150,7 +150,8 @@ def read_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 def convert_official_state_dict(state: dict, config: ViLBertConfig,
                                 source: str = "checkpoint") -> tuple[ViLBert, LoadReport]:
     """Build a `ViLBert` holding the official weights. Raises on any unknown key, shape mismatch
-    or backbone tensor left unset."""
+    or backbone tensor left unset, and on a NaN or infinite weight (naming the official key)."""
+    check_finite({k: v for k, v in state.items() if not any(re.fullmatch(p, k) for p in UNUSED_PATTERNS)}, source)
     state = _fold_weight_norm(state)
     if "bert.embeddings.task_embeddings.weight" in state and not config.task_specific_tokens:
         config = ViLBertConfig.from_dict({**config.to_dict(), "task_specific_tokens": True,
@@ -201,5 +202,5 @@ def load_official_checkpoint(path: str | Path,
     if config is None:
         config = load_preset("vilbert-base")
     elif not isinstance(config, ViLBertConfig):
-        config = ViLBertConfig.from_official_json(config)
+        config = ViLBertConfig.from_official_json(regular_file(config, "official config JSON"))
     return convert_official_state_dict(state, config, source=str(path))

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from common.safe_load import refusal
+from common.safe_load import refusal, regular_file
 
-from .checkpoint import BERT_LAYER_RULES, LoadReport, apply_rules
+from .checkpoint import BERT_LAYER_RULES, LoadReport, apply_rules, check_finite
 from .config import ViLBertConfig, load_preset
 from .pretraining import ViLBert
 
@@ -85,7 +85,7 @@ def map_official_vlbert_key(key: str) -> tuple[str, str | None] | None:
 def read_official_vlbert_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The `state_dict` of an official `.model` file (or a bare state dict), read with
     torch.load(weights_only=True); the `module.` prefix is stripped."""
-    path = Path(path)
+    path = regular_file(path, "official VL-BERT checkpoint")
     try:
         doc = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle.UnpicklingError and friends: refuse, don't execute
@@ -138,6 +138,7 @@ def convert_official_vlbert_state_dict(state: dict, config: ViLBertConfig | None
         raise ValueError(f"{source}: an end-to-end VL-BERT checkpoint (it holds its own Fast R-CNN, "
                          "image_feature_extractor.backbone.*): its region features come from that network, "
                          "not from precomputed bottom-up features; only the precomputed-feature (prec) models convert")
+    check_finite({k: v for k, v in state.items() if not any(re.fullmatch(p, k) for p in UNUSED)}, source)
     config = config_from_state(state) if config is None else config
     if config.arch != "vlbert":
         raise ValueError(f"{source}: a VL-BERT checkpoint needs a config with arch 'vlbert', got {config.arch!r}")

@@ -7,6 +7,7 @@ name to the class. Adding a task means a new module and one dict entry; nothing 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.safe_load import regular_file
 from vilbert.task_heads import VLBERT_KINDS
 
 log = logging.getLogger("vilbert.eval")
@@ -111,7 +113,42 @@ class Task:
         (None: the task checked its splits when it was built)."""
         return None
 
+    def settings(self) -> dict:
+        """What this task's data fixes that a model fine-tuned on it depends on (VQA, GQA: the answer
+        vocabulary, whose order gives the head's outputs their meaning), JSON-serialisable. A resumed
+        run and a re-evaluation must have the same: fine-tuned checkpoints store it in their metadata
+        as {"task_settings": {name: settings()}}, and `prepare` compares it. Default: nothing."""
+        return {}
+
+    def has_labels(self, split: str) -> bool:
+        """Whether `split` has the labels `evaluate` scores (else it gives predictions only, as for
+        VQA test-dev or VCR test), read from the split's files; raises as `eval_inputs` does if the
+        split cannot be read. Default: always."""
+        return True
+
     # -- shared ---------------------------------------------------------------------------
+    def check_settings(self, model) -> None:
+        """ValueError if the model was fine-tuned on this task with other `settings()` (its
+        checkpoint metadata's "task_settings"); settings only one side knows are not compared."""
+        stored = (getattr(model, "checkpoint_metadata", None) or {})
+        stored = stored.get("task_settings") if isinstance(stored, dict) else None
+        theirs = stored.get(self.name) if isinstance(stored, dict) else None
+        if not isinstance(theirs, dict):
+            return
+        mine = self.settings()
+        differ = sorted(k for k in theirs.keys() & mine.keys() if theirs[k] != mine[k])
+        if not differ:
+            return
+        if "answers" in differ:
+            def vocab(s):
+                count = f"{s['answer_count']} answers, " if "answer_count" in s else ""
+                return f"{count}sha256 {str(s['answers'])[:12]}…"
+            raise ValueError(f"the model was fine-tuned on {self.name} with another answer vocabulary "
+                             f"({vocab(theirs)}; this run's: {vocab(mine)}): its answer head's outputs mean other "
+                             "answers; pass the answers.json of its run (--answers)")
+        shown = "; ".join(f"{k}: {theirs[k]!r} (this run: {mine[k]!r})" for k in differ)
+        raise ValueError(f"the model was fine-tuned on {self.name} with other settings: {shown}")
+
     def train_batch(self, rng: np.random.Generator) -> dict:
         """A batch of `batch_size` training items drawn with replacement."""
         items = self.train_items()
@@ -129,8 +166,10 @@ class Task:
         self.data = Path(self.opts.data)
 
     def prepare(self, model) -> None:
-        """Give the model this task's head (a fresh one unless it already has a matching one)."""
+        """Give the model this task's head (a fresh one unless it already has a matching one), after
+        checking that a model fine-tuned on this task was so with this task's `settings()`."""
         self.arch = model.config.arch
+        self.check_settings(model)
         spec = self.head()
         if spec is None:
             return
@@ -205,9 +244,35 @@ def write_json(path: Path, obj) -> Path:
     return path
 
 
+def answers_settings(answers) -> dict:
+    """A task's `settings()` for an answer vocabulary: the sha256 (hex) of the list as JSON
+    (json.dumps(list(answers)), default separators, ASCII) and its length."""
+    answers = list(answers)
+    return {"answers": hashlib.sha256(json.dumps(answers).encode("utf-8")).hexdigest(), "answer_count": len(answers)}
+
+
+def keep_answer_list(path: Path, answers) -> None:
+    """Write the answer vocabulary to `path` (OUT/answers.json), which a run's head depends on. One
+    already there from an earlier run in this --out is kept if it is the same list and refused otherwise:
+    overwriting it would leave that run's weights with another run's answers."""
+    answers = list(answers)
+    if path.exists() or path.is_symlink():
+        try:
+            before = json.loads(regular_file(path, "answer list").read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: an earlier run's answer list that cannot be read ({e}); "
+                             "choose another --out") from None
+        if before != answers:
+            n = len(before) if isinstance(before, list) else "?"
+            raise ValueError(f"{path}: an earlier run in this --out used another answer vocabulary ({n} answers, "
+                             f"this run {len(answers)}); pass --answers {path} to go on with it, or choose "
+                             "another --out")
+        return
+    write_json(path, answers)
+
+
 def read_json(path: Path, what: str):
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: {what} not found")
+    regular_file(path, what)  # "PATH: WHAT not found"; a FIFO would block the read
     try:
         return json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as e:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from .base import Task, batched
 from .features import check_features, image_batch
+from .metrics import check_finite_items
 from .text import encode
 
 
@@ -69,6 +70,9 @@ class SentenceImagesTask(Task):
         check_features(self.store, sorted({i for it in items for i in it["images"]}), split)
         return items
 
+    def has_labels(self, split: str) -> bool:
+        return any(self.scored(it) for it in self.load_split(split))
+
     def scored(self, item: dict) -> bool:
         """Whether the item counts in the accuracy (it has a gold label)."""
         return item["label"] is not None
@@ -85,10 +89,14 @@ class SentenceImagesTask(Task):
     def evaluate(self, model, split):
         items = self.eval_inputs(split)
         model.eval()
-        tops = self.map_chunks(list(batched(items, self.opts.eval_batch_size)), self.make_batch,
-                               lambda chunk, batch: self.logits(model, batch).argmax(1).tolist())  # (N,)
+        def run(chunk, batch):
+            logits = self.logits(model, batch)  # (B, labels)
+            return list(zip(logits.argmax(1).tolist(), torch.isfinite(logits).all(1).tolist()))
+
+        outputs = self.map_chunks(list(batched(items, self.opts.eval_batch_size)), self.make_batch, run)
+        check_finite_items([ok for _, ok in outputs], [it["id"] for it in items], f"{self.name} {split}")
         preds, correct, scored = [], 0, 0
-        for it, k in zip(items, tops):
+        for it, (k, _) in zip(items, outputs):
             preds.append(self.prediction(it, k))
             if self.scored(it):
                 scored += 1

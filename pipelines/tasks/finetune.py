@@ -150,8 +150,9 @@ class TaskLoss(torch.nn.Module):
 
 
 class FineTuner:
-    def __init__(self, model, task: Task, opts: TaskOptions, info: DistInfo, device: torch.device):
+    def __init__(self, model, task: Task, opts: TaskOptions, info: DistInfo, device: torch.device, source: str = ""):
         self.model, self.task, self.opts, self.info, self.device = model, task, opts, info, device
+        self.source = source  # the model the run starts from (vilbert-eval: the checkpoint, preset, ...)
         self.items = task.train_items()
         self.plan = make_plan(opts, len(self.items), info.world_size)
         self.optimizer = build_optimizer(model, opts.lr, opts.weight_decay)
@@ -161,13 +162,31 @@ class FineTuner:
         self._saved_at, self._batches, self._step_fn = -1, None, None
 
     def settings(self) -> dict:
-        """What a resumed run must share with the run it continues."""
+        """What a resumed run must share with the run it continues: the schedule, the task's
+        data-fixed settings (its answer list, ...), the task token the model reads and the model the
+        run started from."""
         o = self.opts
         return {"task": self.task.name, "lr": o.lr, "batch": self.plan.batch, "steps": self.plan.total_steps,
                 "steps_per_epoch": self.plan.steps_per_epoch, "items": self.plan.items, "warmup": o.warmup,
                 "weight_decay": o.weight_decay, "clip_grad": o.clip_grad, "seed": o.seed,
                 "max_seq_length": o.max_seq_length, "max_regions": o.max_regions, "val_split": o.val_split,
-                "head": list(self.task.head() or ())}
+                "head": list(self.task.head() or ()), "task_token": self.task_token(), "model": self.source,
+                **{f"task {k}": v for k, v in self.task_settings().items()}}
+
+    def task_settings(self) -> dict:
+        return dict(getattr(self.task, "settings", dict)() or {})
+
+    def task_token(self):
+        """The task token id the model reads (None: a model without task tokens reads none)."""
+        if not getattr(self.model.config, "task_specific_tokens", False):
+            return None
+        if self.opts.task_token is not None:
+            return self.opts.task_token
+        return getattr(self.task, "shown_task_id", self.task.official_task_id)
+
+    def task_metadata(self) -> dict:
+        """What every model directory of the run records, for a later evaluation to check."""
+        return {"task_settings": {self.task.name: self.task_settings()}}
 
     # -- resume ------------------------------------------------------------------------------
     def resume(self) -> bool:
@@ -288,7 +307,8 @@ class FineTuner:
             self.best = {"epoch": record["epoch"], "step": self.step, "split": o.val_split, "metric": metric,
                          "value": metrics[metric]}
             if self.info.is_main:
-                save_model_dir(self.model, Path(o.out) / "best", {"task": self.task.name, **self.best})
+                save_model_dir(self.model, Path(o.out) / "best", {"task": self.task.name, **self.best,
+                                                                   **self.task_metadata()})
 
     def save(self) -> None:
         self._saved_at = self.step
@@ -297,5 +317,5 @@ class FineTuner:
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "step": self.step, "rng": rng_state(), "losses": self.losses, "history": self.history,
                  "best": self.best, "settings": self.settings()}
-        save_checkpoint(self.root, self.step, self.model, state, {"task": self.task.name, "step": self.step},
-                        self.opts.keep_last)
+        save_checkpoint(self.root, self.step, self.model, state,
+                        {"task": self.task.name, "step": self.step, **self.task_metadata()}, self.opts.keep_last)

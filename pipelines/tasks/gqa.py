@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch.nn.functional as F
 
-from .base import log, read_json, write_json
+from .base import answers_settings, keep_answer_list, log, read_json
 from .classification import SentenceImagesTask
 from .distributed import is_main
 from .vqa import load_answer_list
@@ -29,7 +29,7 @@ from .vqa import load_answer_list
 def load_gqa_split(data: Path, split: str) -> list[dict]:
     """-> [{id, sentence (the question), images: [imageId], answer (str or None)}]"""
     names = [f"{split}_balanced_questions.json", f"{split}_questions.json"]
-    path = next((data / n for n in names if (data / n).is_file()), None)
+    path = next((data / n for n in names if (data / n).exists() or (data / n).is_symlink()), None)  # a FIFO: refused
     if path is None:
         raise FileNotFoundError(f"{data}: no {names[0]} or {names[1]} for split {split!r}")
     doc = read_json(path, "GQA questions")
@@ -75,8 +75,11 @@ class GQATask(SentenceImagesTask):
         self.labels = tuple(answers)
         self.index = {a: i for i, a in enumerate(self.labels)}
         if is_main():  # under torchrun one process writes it
-            write_json(Path(opts.out) / "answers.json", list(self.labels))
+            keep_answer_list(Path(opts.out) / "answers.json", self.labels)
         log.info("gqa: %d answers", len(self.labels))
+
+    def settings(self) -> dict:
+        return answers_settings(self.labels)
 
     def load_split(self, split: str) -> list[dict]:
         items = load_gqa_split(self.data, split)

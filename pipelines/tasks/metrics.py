@@ -83,6 +83,18 @@ def check_finite_scores(scores: torch.Tensor, caption_names=None, image_names=No
                          "check the features of those images (NaN or infinite values) and the model")
 
 
+def check_finite_items(finite, ids, where: str, what: str = "items") -> None:
+    """ValueError naming `where` (task and split) and how many of the items have a score that is NaN
+    or infinite (finite: one bool per item, ids: theirs): an argmax over such scores still picks
+    something, and an accuracy over those picks means nothing."""
+    finite = [bool(f) for f in finite]
+    bad = [i for i, ok in zip(ids, finite) if not ok]
+    if bad:
+        shown = ", ".join(repr(i) for i in bad[:5])
+        raise ValueError(f"{where}: {len(bad)} of {len(finite)} {what} have scores that are not finite (NaN or "
+                         f"infinite), e.g. {shown}: check the model's weights and the features of their images")
+
+
 def recall_at_k(scores, caption_image, ks=(1, 5, 10), caption_names=None, image_names=None) -> dict[str, float]:
     """Retrieval recall. scores: (C, I) caption x image similarity; caption_image: (C,) index of
     each caption's image. Text->image: the rank of the caption's image among all images.

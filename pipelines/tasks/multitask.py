@@ -16,18 +16,16 @@
 """
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from common.safe_load import regular_file
+
 from .base import log
-
-
-class ConfigError(ValueError):
-    """A bad multi-task config file: one line, naming the file and the field."""
+from .multitask_config import ENTRY_CHECKS, SHARED_CHECKS, ConfigError, check_extra, checked, parse
 
 
 @dataclass
@@ -74,107 +72,23 @@ class MultiTaskConfig:
 
 # -- reading the file ------------------------------------------------------------------------------
 
-def _number(lo=None, hi=None, integer=False, lo_open=False):
-    def check(v):
-        if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)):
-            return f"expected {'an integer' if integer else 'a number'}, got {v!r}"
-        if not math.isfinite(v) or (lo is not None and (v <= lo if lo_open else v < lo)) or \
-                (hi is not None and v > hi):
-            bounds = "finite" if lo is None else f"{'>' if lo_open else '>='} {lo}" if hi is None else \
-                f"in [{lo}, {hi}]"
-            return f"expected a number {bounds}, got {v!r}"
-    return check
-
-
-def _of(kind, name):
-    def check(v):
-        if not isinstance(v, kind) or (isinstance(v, bool) and kind is not bool):
-            return f"expected {name}, got {v!r}"
-    return check
-
-
-def _path(folder: bool):
-    def check(v):
-        if not isinstance(v, str) or not v:
-            return f"expected a path, got {v!r}"
-        p = Path(v)
-        if folder and not p.is_dir():
-            return f"folder not found: {v}"
-        if not p.exists():
-            return f"not found: {v}"
-    return check
-
-
-def _list_of(kind, name):
-    return lambda v: None if isinstance(v, list) and all(isinstance(x, kind) and not isinstance(x, bool)
-                                                         for x in v) else f"expected a list of {name}, got {v!r}"
-
-
-ENTRY_CHECKS = {"task": _of(str, "a task name"), "data": _path(True), "features": _path(True),
-                "tokenizer": _path(False), "batch_size": _number(1, integer=True),
-                "micro_batch_size": _number(1, integer=True), "lr": _number(0, lo_open=True),
-                "max_seq_length": _number(3, integer=True), "val_split": _of(str, "a split name"),
-                "splits": _list_of(str, "split names"), "task_token": _number(0, integer=True),
-                "extra": _of(dict, "a mapping of task options")}
-SHARED_CHECKS = {"tasks": _of(list, "a list of task entries"), "tokenizer": _path(False),
-                 "epochs": _number(0, lo_open=True), "train_iterations": _number(0, integer=True),
-                 "warmup": _number(0, 1), "weight_decay": _number(0), "clip_grad": _number(0),
-                 "train_iter_gap": _number(1, integer=True), "plateau_patience": _number(0, integer=True),
-                 "plateau_threshold": _number(0), "plateau_continue_threshold": _number(0),
-                 "plateau_cooldown": _number(0, integer=True),
-                 "plateau_reset_after_epochs": _list_of(int, "epoch numbers"), "task_tokens": _of(bool, "true/false"),
-                 "max_regions": _number(2, integer=True), "eval_batch_size": _number(1, integer=True),
-                 "seed": _number(integer=True), "workers": _number(0, integer=True),
-                 "save_every": _number(0, integer=True), "keep_last": _number(1, integer=True),
-                 "log_every": _number(1, integer=True), "bf16": _of(bool, "true/false")}
-PATHS = ("data", "features", "tokenizer")
-
-
-def _checked(doc: dict, checks: dict, cls, where: str, path: Path) -> dict:
-    names = [f.name for f in fields(cls)]
-    for key in doc:
-        if key not in checks:
-            raise ConfigError(f"{path}: {where}{key}: unknown field (the fields are {', '.join(names)})")
-    required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
-    for name in required:
-        if name not in doc:
-            raise ConfigError(f"{path}: {where}{name}: missing")
-    out = {}
-    for key, value in doc.items():
-        if value is None and key not in required:
-            continue
-        problem = checks[key](value)
-        if problem:
-            raise ConfigError(f"{path}: {where}{key}: {problem}")
-        out[key] = Path(value) if key in PATHS else value
-    return out
-
-
 def load_config(path) -> MultiTaskConfig:
     """The config in `path` (.json: JSON, else YAML), every field checked; ConfigError otherwise."""
     from . import TASKS
 
     path = Path(path)
     try:
+        regular_file(path, "multi-task config")  # a FIFO is refused, never waited on
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot be read ({e})") from None
-    try:
-        if path.suffix.lower() == ".json":
-            doc = json.loads(text)
-        else:
-            import yaml
-
-            doc = yaml.safe_load(text)
-    except Exception as e:  # json's and yaml's errors alike
-        mark = getattr(e, "problem_mark", None)  # yaml's: where it is, apart from what it is
-        first = f"{e.problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None and getattr(
-            e, "problem", None) else (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'} ({first})") \
-            from None
+    doc = parse(text, path)
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: expected a mapping with a 'tasks' list at the top, got {type(doc).__name__}")
-    shared = _checked(doc, SHARED_CHECKS, MultiTaskConfig, "", path)
+    shared = checked(doc, SHARED_CHECKS, MultiTaskConfig, "", path)
     if not shared["tasks"]:
         raise ConfigError(f"{path}: tasks: empty (give at least one task entry)")
     entries, seen = [], set()
@@ -182,17 +96,27 @@ def load_config(path) -> MultiTaskConfig:
         where = f"tasks[{i}]."
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: tasks[{i}]: expected a mapping (task, data, features, ...), got {raw!r}")
-        e = TaskEntry(**_checked(raw, ENTRY_CHECKS, TaskEntry, where, path))
+        e = TaskEntry(**checked(raw, ENTRY_CHECKS, TaskEntry, where, path))
         if e.task not in TASKS:
             raise ConfigError(f"{path}: {where}task: unknown task {e.task!r} (one of {', '.join(sorted(TASKS))})")
         if e.task in seen:
             raise ConfigError(f"{path}: {where}task: {e.task!r} is listed twice")
         seen.add(e.task)
+        e.extra = check_extra(e.task, e.extra, where, path)
         if e.tokenizer is None and shared.get("tokenizer") is None:
             raise ConfigError(f"{path}: {where}tokenizer: missing (give it in the entry or at the top level)")
         entries.append(e)
     shared["tasks"] = entries
     return MultiTaskConfig(**shared)
+
+
+def val_split_of(entry: TaskEntry) -> str:
+    """The split an entry is validated on: its val_split, the task's when not given, "" for none."""
+    from . import TASKS
+
+    if entry.val_split is None:
+        return TASKS[entry.task].val_split
+    return "" if entry.val_split in ("none", "") else entry.val_split
 
 
 # -- the schedule ----------------------------------------------------------------------------------

@@ -79,8 +79,9 @@ def from_rank0(obj):
 
 class MultiTaskTrainer:
     def __init__(self, model, tasks: list[Task], config: MultiTaskConfig, out: Path, device: torch.device,
-                 info: DistInfo | None = None):
+                 info: DistInfo | None = None, source: str = ""):
         self.model, self.tasks, self.config, self.out, self.device = model, tasks, config, Path(out), device
+        self.source = source  # the weights it starts from (the CLI's --checkpoint / --preset ...)
         self.info = info or DistInfo()
         self.items = [t.train_items() for t in tasks]
         plans = [make_plan(t.opts, len(items), self.info.world_size) for t, items in zip(tasks, self.items)]
@@ -113,7 +114,20 @@ class MultiTaskTrainer:
                             c.plateau_cooldown, list(c.plateau_reset_after_epochs)],
                 "max_seq_length": [t.opts.max_seq_length for t in self.tasks], "max_regions": c.max_regions,
                 "val_split": [t.opts.val_split for t in self.tasks],
-                "heads": [list(t.head() or ()) for t in self.tasks]}
+                "heads": [list(t.head() or ()) for t in self.tasks],
+                "task_tokens": [self.task_token(t) for t in self.tasks], "model": self.source,
+                "task_settings": self.task_settings()}
+
+    def task_token(self, task: Task):
+        """The task token id the model reads for `task` (None: a model without task tokens reads none)."""
+        if not getattr(getattr(self.model, "config", None), "task_specific_tokens", False):
+            return None
+        return task.opts.task_token if task.opts.task_token is not None else \
+            getattr(task, "shown_task_id", task.official_task_id)
+
+    def task_settings(self) -> dict:
+        """Each task's own settings (Task.settings(), where the task has it)."""
+        return {t.name: getattr(t, "settings", dict)() for t in self.tasks}
 
     # -- resume ------------------------------------------------------------------------------
     def resume(self) -> bool:
@@ -266,7 +280,8 @@ class MultiTaskTrainer:
                  "history": self.history, "plateau": [p.state() for p in self.plateaus], "rng": rng_state(),
                  "settings": self.settings()}
         save_checkpoint(self.root, self.iteration, self.model, state,
-                        {"tasks": [t.name for t in self.tasks], "iteration": self.iteration}, self.config.keep_last)
+                        {"tasks": [t.name for t in self.tasks], "iteration": self.iteration,
+                         "task_settings": self.task_settings()}, self.config.keep_last)
 
     def summary(self) -> dict:
         tasks = {}

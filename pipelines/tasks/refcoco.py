@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from .base import Task, batched, log, read_json
 from .distributed import is_main
 from .features import FeatureStore, check_features, pad_regions, with_img_token
-from .metrics import IOU_RULES, is_hit, rule_iou
+from .metrics import IOU_RULES, check_finite_items, is_hit, rule_iou
 from .refer_pickle import load_refs
 from .text import encode
 
@@ -205,16 +205,27 @@ class RefCOCOTask(Task):
         return (bce * valid).sum() / logits.shape[0]  # vilbert-multi-task: summed, per expression
 
     # -- evaluation ------------------------------------------------------------------------
-    @torch.no_grad()
-    def evaluate(self, model, split):
+    def has_labels(self, split: str) -> bool:
+        """Every ref has its box; a split without refs cannot be evaluated (the error of `evaluate`)."""
+        self.split_entries(split)
+        return True
+
+    def split_entries(self, split: str) -> list[dict]:
         entries = self.splits.get(split)
         if not entries:
             raise ValueError(f"{Path(self.opts.data)}: no refs in split {split!r} (have {sorted(self.splits)})")
+        return entries
+
+    @torch.no_grad()
+    def evaluate(self, model, split):
+        entries = self.split_entries(split)
         model.eval()
 
         def run(chunk, batch):
             first = self.first_candidate
-            top = self.region_logits(model, batch).argmax(1).cpu() - first  # (B,) among the candidates
+            logits = self.region_logits(model, batch)  # (B, R)
+            finite = (torch.isfinite(logits) | ~self.candidates(batch)).all(1).cpu()  # (B,) over the candidates
+            top = logits.argmax(1).cpu() - first  # (B,) among the candidates
             sizes, boxes = batch["image_mask"].sum(1).cpu(), batch["boxes"].cpu()
             out = []
             for i, e in enumerate(chunk):
@@ -222,13 +233,15 @@ class RefCOCOTask(Task):
                 ious = rule_iou(bx, [e["box"]], self.iou_rule)[:, 0]  # (N,)
                 pick = ious[top[i]]
                 out.append((bx[top[i]].tolist(), float(pick), bool(is_hit(pick, self.iou_rule)),
-                            bool(is_hit(ious, self.iou_rule).any())))
+                            bool(is_hit(ious, self.iou_rule).any()), bool(finite[i])))
             return out
 
         outputs = self.map_chunks(list(batched(entries, self.opts.eval_batch_size)),
                                   lambda chunk: self.make_batch(chunk, train=False), run)
+        check_finite_items([o[-1] for o in outputs], [e["sent_id"] for e in entries], f"{self.name} {split}",
+                           "expressions")
         preds, hits, reachable = [], 0, 0
-        for e, (box, iou, hit, can_hit) in zip(entries, outputs):
+        for e, (box, iou, hit, can_hit, _) in zip(entries, outputs):
             hits += hit
             reachable += can_hit
             preds.append({"sent_id": e["sent_id"], "ref_id": e["ref_id"], "image_id": e["image_id"],

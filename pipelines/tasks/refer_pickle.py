@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from common.safe_load import RestrictedUnpickler, UnsafePickle
+from common.safe_load import RestrictedUnpickler, UnsafePickle, regular_file
 
 
 class UnsafePickleError(UnsafePickle):
@@ -34,9 +34,7 @@ class _PlainDataUnpickler(RestrictedUnpickler):
 
 def load_plain_pickle(path: str | Path):
     """Unpickle `path`, admitting only builtin containers, strings and numbers."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found")
+    path = regular_file(path, "pickle")  # "PATH: pickle not found"; a FIFO would block the read
     data = path.read_bytes()
     try:
         return _PlainDataUnpickler(io.BytesIO(data), str(path)).load()

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.safe_load import regular_file
+
 from .base import Task, log, read_json
 from .distributed import gather_lists, rank_world, share
 from .features import check_features, image_batch
@@ -40,10 +42,10 @@ def karpathy_file(data: Path, name: str | None = None) -> Path | None:
     has none); several without a name is an error naming them (they unpack together)."""
     if name:
         path = data / name if not Path(name).is_absolute() else Path(name)
-        if not path.is_file():
+        if not (path.exists() or path.is_symlink()):
             raise FileNotFoundError(f"--karpathy-file {name}: no such file in {data}")
-        return path
-    found = sorted(p for p in data.glob("dataset_*.json") if p.is_file())
+        return regular_file(path, "Karpathy split file")
+    found = sorted(p for p in data.glob("dataset_*.json") if not p.is_dir())  # a FIFO among them: refused by read_json
     if len(found) > 1:
         raise ValueError(f"{data}: several Karpathy split files ({', '.join(p.name for p in found)}); "
                          "choose one with --karpathy-file")
@@ -54,7 +56,8 @@ def load_retrieval_split(data: Path, split: str, karpathy: str | None = None) ->
     """-> [(image id, [captions])], from SPLIT.jsonl / SPLIT.jsonline, else the Karpathy split file."""
     for name in (f"{split}.jsonl", f"{split}.jsonline"):
         path = data / name
-        if path.is_file() and not karpathy:
+        if (path.exists() or path.is_symlink()) and not karpathy:
+            regular_file(path, f"retrieval {split} split")  # a FIFO would block the read
             out = []
             for n, line in enumerate(path.read_text().splitlines(), 1):
                 if not line.strip():
@@ -153,10 +156,18 @@ class RetrievalTask(Task):
         return F.cross_entropy(scores, torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device))
 
     # -- evaluation --------------------------------------------------------------------------
-    def eval_inputs(self, split: str) -> list:
+    def split_images(self, split: str) -> list[tuple[str, list[str]]]:
         images = load_retrieval_split(self.data, split, self.opts.extra.get("karpathy_file"))
         if self.opts.extra.get("max_images"):
             images = images[: int(self.opts.extra["max_images"])]
+        return images
+
+    def has_labels(self, split: str) -> bool:
+        """A caption's own image is its label: a split of images without captions has none."""
+        return any(caps for _, caps in self.split_images(split))
+
+    def eval_inputs(self, split: str) -> list:
+        images = self.split_images(split)
         check_features(self.store, [i for i, _ in images], split)
         return images
 

@@ -14,12 +14,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from common.safe_load import regular_file
+
 from .classification import SentenceImagesTask
 
 
 def read_jsonl(path: Path, what: str) -> list[dict]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: {what} not found")
+    regular_file(path, what)  # "PATH: WHAT not found"; a FIFO would block the read
     rows = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():

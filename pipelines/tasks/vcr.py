@@ -62,7 +62,7 @@ import torch.nn.functional as F
 
 from .base import Task, log
 from .features import FeatureStore, locations, pad_regions, with_img_token
-from .metrics import vcr_accuracies
+from .metrics import check_finite_items, vcr_accuracies
 from .vcr_data import (  # noqa: F401 (image_key: part of this module's interface)
     CHOICES,
     NAMES_TABLE,
@@ -279,6 +279,9 @@ class VCRTask(Task):
                 raise KeyError(f"{store.folder}: no features for {len(missing)} {split} images, e.g. "
                                f"{missing[:5]} (keys of img_fn){broken}")
 
+    def has_labels(self, split: str) -> bool:
+        return any(it["answer_label"] is not None for it in load_vcr_split(self.data, split))
+
     def eval_inputs(self, split: str) -> list[dict]:
         items = load_vcr_split(self.data, split)
         self.check_regions(items, split)
@@ -322,6 +325,9 @@ class VCRTask(Task):
         # (N, 4) answer scores; (N, 4) rationale scores given the right answer, or (N, 4, 4) given each
         outputs = self.map_chunks(list(self.eval_chunks(items)), build, run)
         answer_probs, rationale_probs = [a for a, _ in outputs], [r for _, r in outputs]
+        unlabelled = [k for k, it in enumerate(items) if it["answer_label"] is None]  # the labelled: vcr_accuracies
+        check_finite_items([bool(torch.isfinite(answer_probs[k]).all() and torch.isfinite(rationale_probs[k]).all())
+                            for k in unlabelled], [items[k]["id"] for k in unlabelled], f"vcr {split}", "questions")
         labelled = [k for k, it in enumerate(items) if it["answer_label"] is not None]
         metrics = {"count": len(items), "scored": len(labelled)}
         if labelled:

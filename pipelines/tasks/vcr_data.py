@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common.safe_load import regular_file
+
 from .snli_ve import field, read_jsonl
 
 CHOICES = 4
@@ -26,9 +28,11 @@ def image_key(img_fn: str) -> str:
 
 def read_names_table(path: Path) -> list[str]:
     """The second column of every row but the header (the official reader keeps row[1] != "name")."""
-    if not path.is_file():
+    try:
+        regular_file(path, "names table")
+    except FileNotFoundError:
         raise FileNotFoundError(f"{path}: names table not found (VCR's people are named from it: "
-                                f"vilbert-multi-task's datasets/VCR/{NAMES_TABLE})")
+                                f"vilbert-multi-task's datasets/VCR/{NAMES_TABLE})") from None
     names = []
     with open(path, newline="", encoding="utf-8") as handle:
         for n, row in enumerate(csv.reader(handle), 1):
@@ -122,16 +126,14 @@ def gt_boxes_json(data: Path, splits=("train", "val", "test")) -> dict[str, list
     data = Path(data)
     boxes: dict[str, list] = {}
     for split in splits:
-        if not (data / f"{split}.jsonl").is_file():
-            continue
+        if not ((data / f"{split}.jsonl").exists() or (data / f"{split}.jsonl").is_symlink()):
+            continue  # absent; anything else there is read (and a FIFO refused) by load_vcr_split
         for item in load_vcr_split(data, split):
             if item["img_fn"] in boxes:
                 continue
             if not isinstance(item["metadata_fn"], str):
                 raise ValueError(f"{data / f'{split}.jsonl'}: question {item['id']} has no 'metadata_fn'")
-            path = data / "vcr1images" / item["metadata_fn"]
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: metadata of {item['img_fn']} not found")
+            path = regular_file(data / "vcr1images" / item["metadata_fn"], f"metadata of {item['img_fn']}")
             try:
                 meta = json.loads(path.read_text())
                 found = [[float(v) for v in b[:4]] for b in meta["boxes"]]

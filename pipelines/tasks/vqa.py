@@ -25,18 +25,24 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .base import Task, batched, log, read_json, write_json
+from common.safe_load import regular_file
+
+from .base import Task, answers_settings, batched, keep_answer_list, log, read_json
 from .distributed import is_main
 from .features import check_features, image_batch
+from .metrics import check_finite_items
 from .refer_pickle import load_plain_pickle
 from .text import encode, encode_with_mask_slot
 from .vqa_eval import answer_score, preprocess_answer, vqa_accuracy
 
 
 def _find(data: Path, split: str, kind: str) -> Path | None:
+    """The split's questions or annotations file, None if there is none; something else under its
+    name (a FIFO, a folder, a dangling link) is an error naming it, not a split without annotations."""
     official = "v2_OpenEnded_mscoco_{}{}_questions.json" if kind == "questions" else "v2_mscoco_{}{}_annotations.json"
     names = [official.format(split, year) for year in (2014, 2015)] + [f"{split}_{kind}.json"]
-    return next((data / n for n in names if (data / n).is_file()), None)
+    found = next((data / n for n in names if (data / n).exists() or (data / n).is_symlink()), None)
+    return None if found is None else regular_file(found, f"VQA {kind}")
 
 
 def _record(path: Path, k: int, record, fields: dict) -> None:
@@ -95,6 +101,7 @@ def load_vqa_split(data: Path, split: str, need_answers: bool = True) -> list[di
 
 
 def load_answer_list(path: Path) -> list[str]:
+    path = regular_file(path, "answer list")
     if path.suffix in (".p", ".pkl", ".pickle"):
         answers = load_plain_pickle(path)
     elif path.suffix == ".json":
@@ -142,7 +149,7 @@ class VQATask(Task):
                                  "questions (lower --min-answer-count, or pass --answers)")
         self.index = {a: i for i, a in enumerate(self.answers)}  # exact strings, as the released targets
         if is_main():  # under torchrun one process writes it
-            write_json(Path(opts.out) / "answers.json", self.answers)
+            keep_answer_list(Path(opts.out) / "answers.json", self.answers)
         log.info("vqa: %d answers", len(self.answers))
 
     def load_train(self) -> list[dict]:
@@ -184,6 +191,12 @@ class VQATask(Task):
         logits = self.logits(model, batch)  # (B, A)
         return F.binary_cross_entropy_with_logits(logits, batch["targets"], reduction="sum") / logits.shape[0]
 
+    def settings(self) -> dict:
+        return answers_settings(self.answers)
+
+    def has_labels(self, split: str) -> bool:
+        return any(it["answers"] for it in load_vqa_split(self.data, split, need_answers=False))
+
     def eval_inputs(self, split: str) -> list[dict]:
         items = load_vqa_split(self.data, split, need_answers=False)
         check_features(self.store, [it["image_id"] for it in items], split)
@@ -193,10 +206,15 @@ class VQATask(Task):
     def evaluate(self, model, split):
         items = self.eval_inputs(split)
         model.eval()
-        tops = self.map_chunks(list(batched(items, self.opts.eval_batch_size)), self.make_batch,
-                               lambda chunk, batch: self.logits(model, batch).argmax(1).tolist())  # (N,)
+        def run(chunk, batch):
+            logits = self.logits(model, batch)  # (B, A)
+            return list(zip(logits.argmax(1).tolist(), torch.isfinite(logits).all(1).tolist()))
+
+        outputs = self.map_chunks(list(batched(items, self.opts.eval_batch_size)), self.make_batch, run)
+        check_finite_items([ok for _, ok in outputs], [it["question_id"] for it in items], f"vqa {split}",
+                           "questions")
         preds, scores, by_type = [], [], {}
-        for it, k in zip(items, tops):
+        for it, (k, _) in zip(items, outputs):
             preds.append({"question_id": it["question_id"], "answer": self.answers[k]})
             if it["answers"]:
                 scores.append(vqa_accuracy(self.answers[k], it["answers"]))

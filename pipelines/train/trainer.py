@@ -90,11 +90,33 @@ class DistInfo:
 
 
 def setup_distributed(device: str) -> DistInfo:
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; NCCL on GPU, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK (and MASTER_ADDR/MASTER_PORT); NCCL on GPU, gloo on
+    CPU. A partial or malformed set (WORLD_SIZE without RANK, say) is one ValueError naming what is
+    wrong, before any process group is made."""
+    env = os.environ
+
+    def number(name: str, default: str | None = None) -> int:
+        value = env.get(name, default)
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"${name}={value!r} is not a whole number (torchrun sets it); run under torchrun, "
+                             "or unset WORLD_SIZE") from None
+
+    world = number("WORLD_SIZE", "1")
+    if world < 1:
+        raise ValueError(f"$WORLD_SIZE={world} is not a number of processes (torchrun sets it >= 1)")
     if world == 1:
         return DistInfo()
-    info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not env.get(name)]
+    if missing:
+        raise ValueError(f"WORLD_SIZE={world} is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                         "not: torchrun sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT together; "
+                         "run under torchrun, or unset WORLD_SIZE for one process")
+    rank, local_rank = number("RANK"), number("LOCAL_RANK", "0")
+    if not 0 <= rank < world:
+        raise ValueError(f"$RANK={rank} is not one of the {world} processes of WORLD_SIZE={world}")
+    info = DistInfo(rank, world, local_rank)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return info

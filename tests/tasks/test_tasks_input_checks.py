@@ -95,3 +95,21 @@ def test_sentence_ids_come_from_the_sentences_when_sent_ids_is_short(tmp_path):
     (data / "instances.json").write_text(json.dumps({"images": [{"id": 1, "width": 10, "height": 10}],
                                                      "annotations": [{"id": 1, "bbox": [1, 2, 3, 4]}]}))
     assert [e["sent_id"] for e in load_refer(data)["val"]] == [11, 12, None]
+
+
+def test_an_earlier_runs_answer_list_in_out_is_kept_or_the_run_refused(tmp_path):
+    from pipelines.tasks.vqa import VQATask
+
+    data = make_vqa(tmp_path, n_train=4, n_val=2)
+    answers = tmp_path / "answers.json"
+    answers.write_text(json.dumps(["red", "green", "blue", "yellow"]))
+    out = tmp_path / "out"
+    opts = dict(data=data, features=tmp_path / "features", out=out, tokenizer=write_vocab(tmp_path))
+    VQATask(TaskOptions(**opts, extra={"answers": answers}))
+    VQATask(TaskOptions(**opts, extra={"answers": answers}))  # the same list again: kept
+    assert json.loads((out / "answers.json").read_text()) == ["red", "green", "blue", "yellow"]
+    answers.write_text(json.dumps(["yellow", "blue", "green", "red"]))  # same size, other order
+    with pytest.raises(ValueError, match=r"answers.json: an earlier run in this --out used another answer "
+                                         r"vocabulary \(4 answers, this run 4\); pass --answers"):
+        VQATask(TaskOptions(**opts, extra={"answers": answers}))
+    assert json.loads((out / "answers.json").read_text()) == ["red", "green", "blue", "yellow"]  # not overwritten

@@ -226,8 +226,9 @@ def test_cli_help_shows_defaults_and_model_choice_is_checked(tmp_path, capsys):
     assert "3129 for vqa" in text and "--official-checkpoint" in text
     (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b"]))
     write_shards(tmp_path / "f", {"1": (np.zeros((2, 4), np.float32), np.zeros((2, 4), np.float32))})
-    (tmp_path / "test.jsonl").write_text('{"img_path": "1.jpg", "sentences": ["a"]}\n')
-    base = ["--task", "retrieval", "--data", str(tmp_path), "--features", str(tmp_path / "f"), "--out",
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "test.jsonl").write_text('{"img_path": "1.jpg", "sentences": ["a"]}\n')
+    base = ["--task", "retrieval", "--data", str(tmp_path / "d"), "--features", str(tmp_path / "f"), "--out",
             str(tmp_path / "o"), "--tokenizer", str(tmp_path / "vocab.txt")]
     status = exit_status(main, base)
     assert status == 2 and "exactly one of --checkpoint" in capsys.readouterr().err

@@ -1,0 +1,102 @@
+"""`vilbert-eval`'s checks before any work (a mistake is one line, found before hours of fine-tuning):
+the model fits the tokenizer and the text length, split names are plain names, the validation split
+has labels, options the model cannot use, and the lock on OUT (rank 0 takes it, every rank hears).
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import click
+
+from common.outputs import out_lock
+from pipelines.tasks.base import log
+
+
+def check_fit(config, vocabulary: int, opts, source: str) -> None:
+    """ValueError before any work if the tokenizer does not fit the model; a --max-seq-length beyond
+    the model's positions is cut to them (texts are padded to the longest, so short ones never
+    noticed; a long one would have indexed past the position table). VL-BERT's visual elements and
+    END take the two positions after the words: its texts are cut to max_position_embeddings - 2."""
+    if vocabulary > config.vocab_size:
+        raise ValueError(f"--tokenizer has {vocabulary} tokens, the model reads {config.vocab_size} (vocab_size of "
+                         f"{source}): use the tokenizer the model was trained with")
+    positions = config.max_position_embeddings
+    fits = positions - 2 if getattr(config, "arch", "vilbert") == "vlbert" else positions  # (a task token: none)
+    if opts.max_seq_length > fits:
+        why = ", 2 of them taken by VL-BERT's visual elements and END" if fits != positions else ""
+        log.warning("--max-seq-length %d does not fit the %d positions of %s%s: texts are cut to %d tokens",
+                    opts.max_seq_length, positions, source, why, fits)
+        opts.max_seq_length = fits
+
+
+def plain_split(ctx, param, value):
+    """A click callback: split names become file names in OUT (predictions_SPLIT.json), so each must be
+    a plain name, never a path."""
+    for name in (value if isinstance(value, tuple) else (value,)):
+        if name is None:
+            continue
+        for part in name.split(",") if param.name == "train_split" else (name,):
+            if not part or "/" in part or "\\" in part or "\0" in part or part.startswith(".") or ".." in part:
+                raise click.BadParameter(f"{name!r} is not a plain split name (no path separators, '..' or "
+                                         "leading '.')", ctx, param)
+    return value
+
+
+def model_source(checkpoint, official_checkpoint, preset, official_config=None) -> str:
+    """The model a run starts from, as its settings record it (paths absolute, so that the same model
+    named another way is the same source)."""
+    if checkpoint:
+        return f"checkpoint {Path(checkpoint).resolve()}"
+    if official_checkpoint:
+        config = f" (config {Path(official_config).resolve()})" if official_config else ""
+        return f"official checkpoint {Path(official_checkpoint).resolve()}{config}"
+    return f"randomly initialised {Path(preset).resolve() if Path(preset).is_file() else preset}"
+
+
+def check_val_labels(task, split: str) -> None:
+    """ValueError if the validation split has no labels (VQA test-dev, VCR test): validating on it
+    would fail only after the first epoch."""
+    if split and not getattr(task, "has_labels", lambda s: True)(split):
+        raise ValueError(f"--val-split {split}: the {task.name} split {split!r} has no labels in "
+                         f"{task.opts.data}, so it cannot pick the best epoch; validate on a labelled split, or "
+                         "--val-split none")
+
+
+def check_model_options(model, task, opts, fine_tune: bool) -> None:
+    """Options the model cannot honour: a --task-token on a model without task tokens (a warning:
+    it is ignored) or beyond its table (an error), and --score-head retrieval on a model without
+    that head when nothing is trained (it would score with a freshly initialised head)."""
+    if opts.task_token is not None and not model.config.task_specific_tokens:
+        log.warning("--task-token %d is ignored: the model has no task tokens (task_specific_tokens is off)",
+                    opts.task_token)
+    elif opts.task_token is not None and not 0 <= opts.task_token < model.config.num_task_tokens:
+        raise ValueError(f"--task-token {opts.task_token}: the model has task tokens 0 to "
+                         f"{model.config.num_task_tokens - 1} (num_task_tokens {model.config.num_task_tokens})")
+    heads = getattr(model.task_heads, "spec", {})
+    if opts.extra.get("score_head") == "retrieval" and "retrieval" not in heads:
+        if not fine_tune:
+            raise ValueError("--score-head retrieval: the model has no 'retrieval' head (it has "
+                             f"{sorted(heads) or 'none'}); evaluating would score with a random one: use "
+                             "--score-head alignment (or auto), or fine-tune one with --epochs / --train-steps")
+        log.warning("--score-head retrieval: the model has no 'retrieval' head; a new one is trained from scratch")
+
+
+@contextlib.contextmanager
+def run_lock(out: Path, info, command: str = "vilbert-eval"):
+    """out_lock on OUT for the run, taken by rank 0 only (the one that writes); under torchrun every
+    rank hears whether it was refused, so that all stop together instead of waiting on rank 0."""
+    from pipelines.tasks.distributed import gather_lists
+
+    with contextlib.ExitStack() as stack:
+        error = None
+        if info.is_main:
+            try:
+                stack.enter_context(out_lock(out, command))
+            except (ValueError, OSError) as e:
+                error = str(e)
+        if info.world_size > 1:
+            error = gather_lists([error])[0]  # rank 0's
+        if error:
+            raise ValueError(error)
+        yield
