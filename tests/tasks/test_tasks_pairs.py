@@ -124,7 +124,7 @@ def test_gqa_vocabulary_exact_match_and_submission_file(gqa, tmp_path):
     task = GQATask(options(gqa, tmp_path, batch_size=4))
     assert set(task.labels) == {"red", "green", "blue", "yellow", "yes", "no"} and task.head()[:2] == ("gqa", "answer")
     assert task.opts.max_seq_length == 26 and task.opts.lr == 4e-5
-    narrow = GQATask(options(gqa, tmp_path, extra={"num_answers": 2}))
+    narrow = GQATask(options(gqa, tmp_path / "narrow", extra={"num_answers": 2}))
     assert len(narrow.labels) == 2  # the two most frequent answers; the other questions score 0
     out = tmp_path / "out"
     assert run_cli("gqa", gqa, out, "--checkpoint", str(gqa["ckpt"]), "--train-steps", "2000", "--lr", "1e-3",
