@@ -252,21 +252,23 @@ def answers_settings(answers) -> dict:
 
 
 def keep_answer_list(path: Path, answers) -> None:
-    """Write the answer vocabulary to `path` (OUT/answers.json), which a run's head depends on. One
-    already there from an earlier run in this --out is kept if it is the same list and refused otherwise:
-    overwriting it would leave that run's weights with another run's answers."""
+    """Write the answer vocabulary to `path` (OUT/answers.json), which a fine-tuned head depends on. Where
+    OUT holds a fine-tuning run (finetuned/, best/ or checkpoints/), an answer list already there that
+    differs is refused, not overwritten: that run's weights go with it. An OUT of evaluations only gets
+    the new list."""
     answers = list(answers)
-    if path.exists() or path.is_symlink():
+    runs = [path.parent / name for name in ("finetuned", "best", "checkpoints") if (path.parent / name).exists()]
+    if runs and (path.exists() or path.is_symlink()):
         try:
             before = json.loads(regular_file(path, "answer list").read_text())
         except (OSError, ValueError) as e:
-            raise ValueError(f"{path}: an earlier run's answer list that cannot be read ({e}); "
+            raise ValueError(f"{path}: the answer list of the run in this --out cannot be read ({e}); "
                              "choose another --out") from None
         if before != answers:
             n = len(before) if isinstance(before, list) else "?"
-            raise ValueError(f"{path}: an earlier run in this --out used another answer vocabulary ({n} answers, "
-                             f"this run {len(answers)}); pass --answers {path} to go on with it, or choose "
-                             "another --out")
+            raise ValueError(f"{path}: the run in this --out ({runs[0].name}/) was fine-tuned with another answer "
+                             f"vocabulary ({n} answers, this run {len(answers)}); pass --answers {path} to go on "
+                             "with it, or choose another --out")
         return
     write_json(path, answers)
 

@@ -46,7 +46,7 @@ def test_a_resume_with_other_answers_task_token_or_model_is_refused(vqa, tmp_pat
     assert run_cli("vqa", vqa, out, *common, "--answers", str(a)) == 0
     capsys.readouterr()
     assert run_cli("vqa", vqa, out, *common, "--answers", str(b)) == 1  # OUT/answers.json is the first to say so
-    assert "answers.json: an earlier run in this --out used another answer vocabulary" in one_line(capsys)
+    assert "answers.json: the run in this --out (finetuned/) was fine-tuned with another answer" in one_line(capsys)
     (out / "answers.json").unlink()  # without it, the resume check still refuses the other head
     assert run_cli("vqa", vqa, out, *common, "--answers", str(b)) == 1
     assert "fine-tuned with other settings than this run's (task answers: " in one_line(capsys)

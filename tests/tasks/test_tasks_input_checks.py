@@ -109,7 +109,11 @@ def test_an_earlier_runs_answer_list_in_out_is_kept_or_the_run_refused(tmp_path)
     VQATask(TaskOptions(**opts, extra={"answers": answers}))  # the same list again: kept
     assert json.loads((out / "answers.json").read_text()) == ["red", "green", "blue", "yellow"]
     answers.write_text(json.dumps(["yellow", "blue", "green", "red"]))  # same size, other order
-    with pytest.raises(ValueError, match=r"answers.json: an earlier run in this --out used another answer "
-                                         r"vocabulary \(4 answers, this run 4\); pass --answers"):
+    (out / "finetuned").mkdir()  # once OUT holds a fine-tuned model, its answer list stays with it
+    with pytest.raises(ValueError, match=r"answers.json: the run in this --out \(finetuned/\) was fine-tuned with "
+                                         r"another answer vocabulary \(4 answers, this run 4\); pass --answers"):
         VQATask(TaskOptions(**opts, extra={"answers": answers}))
     assert json.loads((out / "answers.json").read_text()) == ["red", "green", "blue", "yellow"]  # not overwritten
+    (out / "finetuned").rmdir()  # evaluations only: the new list is written
+    VQATask(TaskOptions(**opts, extra={"answers": answers}))
+    assert json.loads((out / "answers.json").read_text()) == ["yellow", "blue", "green", "red"]
