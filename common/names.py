@@ -24,3 +24,10 @@ def inside(folder, relative: str):
     base = Path(folder).resolve()
     path = (base / str(relative)).resolve()
     return path if path == base or base in path.parents else None
+
+
+def plain_name(text) -> bool:
+    """Whether `text` (a split name, say) can be part of a file name in an output folder as it is: not
+    empty, no path separator or NUL, no '..', no leading '.'."""
+    return isinstance(text, str) and bool(text) and not any(c in text for c in "/\\\0") and ".." not in text \
+        and not text.startswith(".")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from common.names import plain_name
 from common.outputs import out_lock
 from pipelines.tasks.base import log
 
@@ -37,7 +38,7 @@ def plain_split(ctx, param, value):
         if name is None:
             continue
         for part in name.split(",") if param.name == "train_split" else (name,):
-            if not part or "/" in part or "\\" in part or "\0" in part or part.startswith(".") or ".." in part:
+            if not plain_name(part):
                 raise click.BadParameter(f"{name!r} is not a plain split name (no path separators, '..' or "
                                          "leading '.')", ctx, param)
     return value

@@ -9,6 +9,8 @@ import math
 from dataclasses import MISSING, fields
 from pathlib import Path
 
+from common.names import plain_name
+
 from .base import log
 
 
@@ -63,12 +65,6 @@ def _path(folder: bool, file: bool = False):
         if not p.exists():
             return f"not found: {v}"
     return check
-
-
-def plain_name(v) -> bool:
-    """A split name that can be part of a file name in OUT: no path separator, no '..', no leading '.'."""
-    return isinstance(v, str) and bool(v) and not any(c in v for c in "/\\\0") and ".." not in v \
-        and not v.startswith(".")
 
 
 def _split(v):
