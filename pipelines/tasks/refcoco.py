@@ -64,11 +64,12 @@ def load_instances(path: Path) -> tuple[dict, dict]:
     return boxes, images
 
 
-def load_refer(data: Path, refs_file: str = "refs(unc).p") -> dict[str, list[dict]]:
-    """-> {split: [entry]} with one entry per expression: expression, sent_id, ref_id, image_id, box (xyxy)."""
+def load_refer(data: Path, refs_file: str = "refs(unc).p", instances: tuple | None = None) -> dict[str, list[dict]]:
+    """-> {split: [entry]} with one entry per expression: expression, sent_id, ref_id, image_id, box (xyxy).
+    `instances`: what load_instances gave for data/instances.json, when it is read already."""
     refs = load_refs(data / refs_file)
     inst_path = data / "instances.json"
-    boxes, _ = load_instances(inst_path)
+    boxes, _ = instances or load_instances(inst_path)
     splits: dict[str, list[dict]] = {}
     for ref in refs:
         bbox = boxes.get(ref["ann_id"])
@@ -98,8 +99,9 @@ class RefCOCOTask(Task):
         super().__init__(opts)
         x = opts.extra
         self.refs_file = x.get("refs_file") or self.default_refs_file
-        self.splits = load_refer(Path(opts.data), self.refs_file)
-        _, self.images = load_instances(Path(opts.data) / "instances.json")
+        instances = load_instances(Path(opts.data) / "instances.json")  # read once: COCO's is large
+        self.splits = load_refer(Path(opts.data), self.refs_file, instances)
+        self.images = instances[1]
         self.load_common()
         self.gt_store = FeatureStore(x["gt_features"]) if x.get("gt_features") else None
         if x.get("eval_on_gt") and self.gt_store is None:
