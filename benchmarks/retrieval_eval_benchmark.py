@@ -42,7 +42,7 @@ from pipelines.tasks.base import Task, TaskOptions
 from pipelines.tasks.finetune import FineTuner
 from pipelines.tasks.pair_scoring import PairScorer
 from pipelines.tasks.vqa import VQATask
-from pipelines.train.trainer import DistInfo
+from pipelines.train.distributed import DistInfo
 from vilbert import ViLBert, load_preset
 
 from batches import make_batch, ours

@@ -19,6 +19,35 @@ def safe_name(text, max_length: int = 80) -> str:
     return f"{name}-{hashlib.sha1(text.encode('utf-8', 'surrogatepass')).hexdigest()[:10]}"
 
 
+def image_key(name: str) -> str:
+    """A sample key made from an image's name (its path under IMAGES without the extension):
+    'photos/a b.v2' -> 'photos_a_b_v2' (WebDataset splits keys at the first dot). A name with
+    characters outside ASCII also gets a short hash of itself ('猫' -> '_-4f1e…'), so that two such
+    names of the same length never share a key; ASCII names keep their keys of earlier runs."""
+    key = _UNSAFE.sub("_", name)
+    return key if name.isascii() else hashed_key(key, name)
+
+
+def hashed_key(key: str, name: str) -> str:
+    """`key` told apart from the other names it stands for: key-<10 hex digits of sha1(name)>."""
+    return f"{key}-{hashlib.sha1(name.encode('utf-8', 'surrogatepass')).hexdigest()[:10]}"
+
+
+_COCO_FILE = re.compile(r"(?:^|_)COCO_[A-Za-z]+\d{4}_(\d+)$")
+
+
+def coco_number(key: str) -> int | None:
+    """The image id a key or name stands for when it is one: a number ('42', '000042') or a COCO
+    file name, in a folder or not ('COCO_val2014_000000000042', 'val2014_COCO_val2014_000000000042'
+    -> 42); None for any other name, so that 'img_42' of another dataset never stands for COCO's 42."""
+    if not key.isascii():
+        return None
+    if key.isdigit():
+        return int(key)
+    m = _COCO_FILE.search(key)
+    return int(m.group(1)) if m else None
+
+
 def inside(folder, relative: str):
     """folder / relative when that stays inside folder (no absolute path, no '..' out of it), else None."""
     base = Path(folder).resolve()

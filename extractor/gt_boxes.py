@@ -101,13 +101,15 @@ class GroundTruthBoxes:
         """Match every box name to the one image it means, by key or path, a bare file name only
         when one image has it; ValueError naming the file and the images if a name is ambiguous."""
         by_key = {record.key: record for record in records}
+        by_name = {record.name: record for record in records if record.name}  # its path, without the extension
         by_base: Dict[str, list] = {}
         for record in records:
             by_base.setdefault(os.path.basename(_member(record)), []).append(record)
         self.name_of = {}
         for name in self.boxes_by_name:
             stem = os.path.splitext(name)[0]
-            record = by_key.get(name) or by_key.get(safe_key(stem)) or by_key.get(safe_key(name))
+            record = (by_key.get(name) or by_name.get(stem) or by_key.get(safe_key(stem))
+                      or by_key.get(safe_key(name)))
             if record is None:  # by file name alone ('train2014/x.jpg' for an image x.jpg), if only one has it
                 base = os.path.basename(name)
                 candidates = by_base.get(base, []) or by_base.get(base + ".jpg", [])

@@ -3,15 +3,14 @@ TSV), img2dataset tar shards (KEY.jpg / KEY.txt / KEY.json), or both. Produces a
 sorted list of records that can be split across ranks and read back from any process."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from common.names import hashed_key, image_key
 from extractor.images import IMAGE_EXTENSIONS
 
 
@@ -24,6 +23,7 @@ class InputRecord:
     size: int = -1
     caption: Optional[str] = None
     meta: Dict = field(default_factory=dict)
+    name: str = ""  # the name the key was made from (its path under IMAGES, without the extension)
 
     def read_bytes(self) -> bytes:
         with open(self.path, "rb") as handle:
@@ -34,13 +34,24 @@ class InputRecord:
 
 
 def safe_key(name: str) -> str:
-    """'photos/a b.v2' -> 'photos_a_b_v2': WebDataset splits keys at the first dot. A name with
-    characters outside ASCII also gets a short hash of itself ('猫' -> '_-4f1e…'), so that two such
-    names of the same length never share a key; ASCII names keep their keys of earlier runs."""
-    key = re.sub(r"[^A-Za-z0-9_-]", "_", name)
-    if name.isascii():
-        return key
-    return f"{key}-{hashlib.sha1(name.encode('utf-8', 'surrogatepass')).hexdigest()[:10]}"
+    """'photos/a b.v2' -> 'photos_a_b_v2', see `common.names.image_key`."""
+    return image_key(name)
+
+
+def unique_keys(records: List[InputRecord]) -> List[InputRecord]:
+    """Names that differ only in replaced characters ('a b', 'a_b', 'a.b') share a `safe_key`: in
+    such a group every name that is not its own key gets the key plus a short hash of the name
+    ('a b' -> 'a_b-…'), and the one that is (if any) keeps it. Only names that are the same without
+    their extensions ('a.jpg', 'a.png') still share a key (the later is logged as a duplicate)."""
+    groups: Dict[str, List[InputRecord]] = {}
+    for record in records:
+        groups.setdefault(record.key, []).append(record)
+    for key, group in groups.items():
+        if len({r.name for r in group}) > 1:
+            for record in group:
+                if record.name != key:
+                    record.key = hashed_key(key, record.name)
+    return records
 
 
 def read_caption_tsv(path: str) -> Dict[str, str]:
@@ -94,8 +105,8 @@ def _folder_records(root: Path, captions: Dict[str, str], exclude: Optional[Path
         sidecar = path.with_suffix(".txt")
         if caption is None and sidecar.is_file():
             caption = sidecar.read_text(encoding="utf-8", errors="replace").strip()
-        records.append(InputRecord(key=safe_key(str(relative.with_suffix(""))), source=str(path),
-                                   path=str(path), caption=caption))
+        name = str(relative.with_suffix(""))
+        records.append(InputRecord(key=safe_key(name), source=str(path), path=str(path), caption=caption, name=name))
     return records
 
 
@@ -140,7 +151,8 @@ def _tar_records(tar_path: Path, problems: Optional[List[Tuple[str, str]]] = Non
         problems.append((str(tar_path), reason))
     return [InputRecord(key=safe_key(os.path.join(folder, stem)), source=f"{tar_path}:{images[stem].name}",
                         path=str(tar_path), offset=images[stem].offset_data,
-                        size=images[stem].size, caption=texts.get(stem), meta=metas.get(stem, {}))
+                        size=images[stem].size, caption=texts.get(stem), meta=metas.get(stem, {}),
+                        name=os.path.join(folder, stem))
             for stem in order]
 
 
@@ -157,13 +169,13 @@ def discover_inputs(images: str, captions_tsv: Optional[str] = None, exclude: Op
     if root.is_file():
         if root.suffix != ".tar":
             raise ValueError(f"{images}: expected a folder of images or an img2dataset .tar shard")
-        return _tar_records(root, problems)
+        return unique_keys(_tar_records(root, problems))
     captions = read_caption_tsv(captions_tsv) if captions_tsv else {}
     records = _folder_records(root, captions, excluded, captions_tsv or "--captions")
     for tar_path in sorted(p for p in root.rglob("*.tar") if p.is_file() and not _is_under(p, excluded)):  # no FIFOs
         folder = tar_path.parent.relative_to(root).as_posix()
         records.extend(_tar_records(tar_path, problems, "" if folder == "." else folder))
-    return records
+    return unique_keys(records)
 
 
 IMG2DATASET_FIELDS = ("key", "url", "caption", "original_width", "original_height")

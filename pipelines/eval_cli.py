@@ -19,6 +19,7 @@ import torch
 
 from common.devices import check_device
 from common.outputs import check_out_outside, writable_folder
+from common.safe_load import regular_file
 from pipelines.eval_checks import (
     check_fit,
     check_model_options,
@@ -30,7 +31,7 @@ from pipelines.eval_checks import (
 from pipelines.tasks import TASKS
 from pipelines.tasks.base import TaskOptions, autocast, log, write_json
 from pipelines.tasks.distributed import barrier
-from pipelines.train.trainer import resolve_device, setup_distributed, teardown_distributed
+from pipelines.train.distributed import resolve_device, setup_distributed, teardown_distributed
 
 # task-specific options, passed to the task in TaskOptions.extra
 TASK_OPTIONS = ("gt_features", "refs_file", "eval_on_gt", "hard_targets", "iou_rule", "visualize", "images",
@@ -59,9 +60,10 @@ def load_model(checkpoint, official_checkpoint, official_config, preset, device)
     else:
         from vilbert import ViLBertConfig
 
-        if preset.endswith(".json") and not Path(preset).is_file():
-            raise FileNotFoundError(f"{preset}: config file not found")
-        config = ViLBertConfig.from_json(preset) if Path(preset).is_file() else load_preset(preset)
+        if preset.endswith(".json") or Path(preset).exists():  # a file (a FIFO, a folder: one line, no hang)
+            config = ViLBertConfig.from_json(regular_file(preset, "a model config JSON"))
+        else:
+            config = load_preset(preset)
         model = ViLBert(config)
         source = f"randomly initialised {preset}"
     return model.to(device), source
@@ -110,8 +112,8 @@ class Epochs(click.ParamType):
                    "sub-task, x4 choices, Q->A and QA->R each). Default: the official per-task value "
                    f"({_per_task(lambda t: t.default_batch_size)}).")
 @click.option("--micro-batch-size", type=click.IntRange(1), show_default=False,
-              help="Items per forward pass and process; gradients are accumulated up to --batch-size "
-                   "(default: --batch-size / processes).")
+              help="Items per forward pass and process; gradients are accumulated up to --batch-size, "
+                   "which must be a multiple of it x processes (default: --batch-size / processes).")
 @click.option("--eval-batch-size", type=click.IntRange(1), default=128,
               help="Evaluation batch size (vcr: input rows, 8 per question).")
 @click.option("--lr", type=click.FloatRange(0, min_open=True),

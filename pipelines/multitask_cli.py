@@ -27,7 +27,7 @@ from pipelines.tasks import TASKS
 from pipelines.tasks.base import TaskOptions, autocast, write_json
 from pipelines.tasks.multitask import val_split_of
 from pipelines.tasks.multitask_config import EXTRA_PATHS
-from pipelines.train.trainer import resolve_device, setup_distributed, teardown_distributed
+from pipelines.train.distributed import resolve_device, setup_distributed, teardown_distributed
 
 
 def _made_by_us(folder: Path) -> bool:

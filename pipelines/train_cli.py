@@ -23,12 +23,14 @@ from .data.shards import (
     ErrorCounter,
     RecipeMismatch,
     expand_shards,
+    read_recipe,
     refuse_without_class_targets,
     region_widths,
 )
 from .data.text_corpus import SEQ_LEN, TEXT_RATIO, TextCorpus, TextMixer, TextStream, expand_text_corpus
 from .train.checkpoints import list_checkpoints
-from .train.trainer import TrainConfig, Trainer, teardown_distributed
+from .train.distributed import teardown_distributed
+from .train.trainer import TrainConfig, Trainer
 
 log = logging.getLogger("vilbert.train")
 
@@ -56,15 +58,22 @@ def user_errors():
         raise click.ClickException(str(error)) from error
 
 
-def _check_eval_shards(eval_shards: str, widths: tuple[int, int], widths_source: str) -> None:
+def _check_eval_shards(eval_shards: str, data: PretrainingData, allow_mixed: bool) -> None:
     """--eval-shards that exist, carry class distributions and have the training shards' feature and
-    class-distribution widths (the held-out pass would skip every sample of other widths)."""
+    class-distribution widths (the held-out pass would skip every sample of other widths) and, unless
+    --allow-mixed-recipes, their feature recipe (numbers of other features would pass for these)."""
+    widths, widths_source = data.widths, data.widths_source
     try:
         urls = expand_shards(eval_shards)
         refuse_without_class_targets(urls)
         found, source = region_widths(urls)
+        recipe = None if allow_mixed else read_recipe(urls)
     except (FileNotFoundError, ValueError) as error:
         raise click.ClickException(f"--eval-shards: {error}") from error
+    if recipe is not None and recipe != data.recipe:
+        raise click.ClickException(f"--eval-shards: {eval_shards}: feature recipe {recipe}, but the training "
+                                   f"shards' is {data.recipe}: evaluate on features made the same way (or pass "
+                                   "--allow-mixed-recipes)")
     if tuple(found) != tuple(widths):
         raise click.ClickException(f"--eval-shards: {source}: region features {found[0]} wide and class "
                                    f"distributions {found[1]}, but the training shards' ({widths_source}) are "
@@ -112,7 +121,8 @@ OPTS = dict(show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=512,
               help="samples per optimizer step, all processes", **OPTS)
 @click.option("--micro-batch-size", type=click.IntRange(1), default=64,
-              help="samples per forward pass and process (gradient accumulation fills --batch-size)", **OPTS)
+              help="samples per forward pass and process; gradient accumulation fills --batch-size, which must be a "
+                   "multiple of it x processes", **OPTS)
 @click.option("--epochs", type=click.FloatRange(0, min_open=True), default=10.0, **OPTS)
 @click.option("--samples-per-epoch", type=click.IntRange(0), default=0,
               help="virtual epoch size; 0 = the shards' sizes.json", **OPTS)
@@ -182,7 +192,7 @@ def cli(shards, out, preset, arch, overrides, bert, tokenizer, objective, text_c
         raise click.ClickException(data.widths_source)
     width, width_source = data.widths[0], data.widths_source
     if eval_shards:
-        _check_eval_shards(eval_shards, data.widths, width_source)  # now, not after days of training
+        _check_eval_shards(eval_shards, data, allow_mixed_recipes)  # now, not after days of training
     if not bert and "vocab_size" not in model_overrides:
         model_overrides["vocab_size"] = data.tokenizer.vocab_size
     if model_overrides.setdefault("v_feature_size", width) != width:

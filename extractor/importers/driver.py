@@ -19,6 +19,7 @@ from typing import Callable, Dict, Iterable, Iterator, Optional
 
 import numpy as np
 
+from common.names import coco_number
 from common.shard_format import npy_bytes
 
 VG_CLASSES, VG_ATTRIBUTES = 1600, 400  # Visual Genome vocabularies; the shards add column 0 (background / none)
@@ -252,7 +253,7 @@ def recipe_header(fmt: str, source, carries: Carries) -> Dict:
 class Captions:
     """{name: caption} from a `caption<TAB>image-id-or-file-name` TSV, looked up by image id: the exact
     name, the file name without its extension, or (ids that are numbers, as BUTD's COCO ids) the
-    number a file name ends in ('COCO_val2014_000000000042.jpg' for 42)."""
+    COCO file name of that number ('COCO_val2014_000000000042.jpg' for 42), see `common.names.coco_number`."""
 
     def __init__(self, captions: Dict[str, str]):
         self.by_name: Dict[str, str] = {}
@@ -261,9 +262,8 @@ class Captions:
             stem = Path(name).name.rsplit(".", 1)[0] if "." in Path(name).name else Path(name).name
             for alias in (name, Path(name).name, stem):
                 self.by_name.setdefault(alias, caption)
-            digits = stem[len(stem.rstrip("0123456789")):]
-            if digits:
-                number = int(digits)
+            number = coco_number(stem)
+            if number is not None:
                 by_number[number] = caption if number not in by_number else None  # ambiguous: no caption
         self.by_number = {k: v for k, v in by_number.items() if v is not None}
 

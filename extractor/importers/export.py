@@ -186,6 +186,10 @@ def export(shards, out, fmt: str, distributions: bool = False, progress: bool = 
                 write = functools.partial(_write_tsv_row, csv.DictWriter(handle, delimiter="\t",
                                                                           fieldnames=BUTD_FIELDNAMES))
             exported = _write_all(bar, write, "/" if h5py else "\t\r\n", skipped)
+        if not exported:  # an empty file would pass for an export
+            why = f"all {len(skipped)} skipped, the first as {skipped[0]}" if skipped else "no complete sample"
+            why += f"; unreadable: {problems[0]}" if problems else ""
+            raise ValueError(f"{shards}: no sample could be exported ({why}); {out} was not written")
         os.replace(temporary, out)
     finally:
         bar.close()

@@ -10,6 +10,7 @@ obj_id / attr_id. Files written by `vilbert-export --format h5 --distributions` 
 """
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, List, Optional
@@ -31,10 +32,21 @@ def require_h5py():
     return h5py
 
 
+def _has_signature(handle) -> bool:
+    """The HDF5 signature at byte 0, or after a user block: at 512, 1024, 2048, ... (the spec's places)."""
+    end, offset = os.fstat(handle.fileno()).st_size, 0
+    while offset + len(SIGNATURE) <= end:
+        handle.seek(offset)
+        if handle.read(len(SIGNATURE)) == SIGNATURE:
+            return True
+        offset = 512 if offset == 0 else offset * 2
+    return False
+
+
 def _is_hdf5(path: Path) -> bool:
     try:
         with open(path, "rb") as handle:
-            return handle.read(8) == SIGNATURE
+            return _has_signature(handle)
     except OSError:
         return False
 
@@ -56,9 +68,10 @@ def matches(src) -> bool:
 
 def _require_signature(path: Path) -> None:
     with open(path, "rb") as handle:  # PermissionError, ... : the file's one-line reason
-        head = handle.read(len(SIGNATURE))
-    if head != SIGNATURE:
-        raise BadRecord("empty (0 bytes)" if not head else "not an HDF5 file (no HDF5 signature at its start)")
+        empty, signed = not handle.read(1), _has_signature(handle)
+    if not signed:
+        raise BadRecord("empty (0 bytes)" if empty else "not an HDF5 file (no HDF5 signature at its start "
+                                                         "nor after a user block)")
 
 
 @contextmanager

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common.safe_load import regular_file
+
 # The loader forks DataLoader workers after the tokenizer may have run in the parent.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -51,8 +53,11 @@ def load_tokenizer(path: str | os.PathLike):
     from transformers import BertTokenizerFast
 
     path = Path(path)
-    if path.is_file():
-        return _from_vocab_file(path)
+    if path.exists() and not path.is_dir():  # a FIFO or a device is one line, never "no such file"
+        return _from_vocab_file(regular_file(path, "a vocab.txt or a tokenizer directory"))
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+        if path.is_dir() and (path / name).exists():
+            regular_file(path / name, f"the tokenizer's {name}")
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such tokenizer directory or vocab file")
     if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():

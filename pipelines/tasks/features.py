@@ -2,8 +2,8 @@
 
 Shards are indexed once (member offsets inside each tar), then a sample's `.npy` members are read
 with a seek + `np.load(allow_pickle=False)`; nothing in a shard is unpickled. Dataset image ids
-(COCO's integer ids, Flickr30k's file stems) are matched to shard keys by exact key, or by the
-trailing digits of the key (`COCO_train2014_000000123456` -> 123456), see `FeatureStore.key_for`.
+(COCO's integer ids, Flickr30k's file stems) are matched to shard keys by exact key, or a COCO id by
+the number of a COCO file name (`COCO_train2014_000000123456` -> 123456), see `FeatureStore.key_for`.
 
 `regions()` returns what the model eats: position 0 is the [IMG] token (mean feature, location
 [0, 0, 1, 1, 1]) followed by the regions, with 5-d locations x1/W, y1/H, x2/W, y2/H, area/(WH).
@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import tarfile
 import threading
 import warnings
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.names import coco_number, hashed_key, image_key
 from common.shard_format import FINETUNING_MEMBERS
 
 
@@ -102,14 +102,14 @@ class FeatureStore:
         self.by_number: dict[int, str] = {}
         clashes = set()
         for key in self.members:
-            m = re.search(r"(\d+)$", key)
-            if m:
-                n = int(m.group(1))
+            n = coco_number(key)
+            if n is not None:
                 if n in self.by_number:
                     clashes.add(n)
                 self.by_number[n] = key
         for n in clashes:  # ambiguous numeric ids can only be looked up by exact key
             del self.by_number[n]
+        self.file_names: dict[str, str] = {}  # image id -> its file name (name_images)
         self.cache: OrderedDict[str, Regions] = OrderedDict()
         self.cache_size = cache_size
         self.info_checked: set[str] = set()  # keys whose JSON check_features found sound (read once)
@@ -134,15 +134,32 @@ class FeatureStore:
     def __len__(self) -> int:
         return len(self.members)
 
-    def key_for(self, image_id) -> str | None:
-        s = str(image_id)
+    def name_images(self, file_names: dict) -> None:
+        """The file names of image ids (COCO's instances.json `file_name`): an id is then found by the
+        key `vilbert-extract` gives its file first ('scene_000007.jpg' -> scene_000007 for id 7)."""
+        self.file_names.update({str(k): str(v) for k, v in file_names.items()})
+
+    def _key_of_name(self, s: str) -> str | None:
+        """The key of a name: itself, or the key `vilbert-extract` gives that name (a file name's
+        extension dropped; a hash added where the name shared its key with another)."""
         if s in self.members:
             return s
-        stem = re.sub(r"[^A-Za-z0-9_-]", "_", s.rsplit(".", 1)[0] if "." in s else s)
-        if stem in self.members:
-            return stem
-        m = re.search(r"(\d+)$", stem)
-        return self.by_number.get(int(m.group(1))) if m else None
+        name = s.rsplit(".", 1)[0] if "." in s.rpartition("/")[2] else s
+        key = image_key(name)
+        return next((k for k in (hashed_key(key, name), key) if k in self.members), None)
+
+    def key_for(self, image_id) -> str | None:
+        """The sample of an image id: by its key or name (`_key_of_name`), by its file name when
+        `name_images` gave one, or, for a number or a COCO file name, the one sample whose key is the
+        same COCO image ('COCO_train2014_000000123456' or '000000123456' for 123456)."""
+        s = str(image_id)
+        found = self._key_of_name(s)
+        if found is None and s in self.file_names:
+            found = self._key_of_name(self.file_names[s])
+        if found is None:
+            n = coco_number(image_key(s.rsplit(".", 1)[0] if "." in s.rpartition("/")[2] else s))
+            found = self.by_number.get(n) if n is not None else None
+        return found
 
     def __contains__(self, image_id) -> bool:
         return self.key_for(image_id) is not None

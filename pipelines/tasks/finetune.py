@@ -41,8 +41,8 @@ from pipelines.train.checkpoints import (
     save_model_dir,
     set_rng_state,
 )
+from pipelines.train.distributed import DistInfo, split_batch, wrap_model
 from pipelines.train.optim import build_optimizer, build_scheduler
-from pipelines.train.trainer import DistInfo, wrap_model
 
 from .base import Task, TaskOptions, autocast
 from .distributed import mean_over_processes
@@ -66,17 +66,8 @@ class Plan:
 def make_plan(opts: TaskOptions, items: int, world: int) -> Plan:
     if items == 0:
         raise ValueError(f"{opts.data}: no training items")
-    micro = opts.micro_batch_size or max(1, -(-opts.batch_size // world))
-    if micro * world > opts.batch_size:  # one pass per process would already be a larger batch than asked
-        given = f"--micro-batch-size {micro}" if opts.micro_batch_size else "one item"
-        raise ValueError(f"--batch-size {opts.batch_size} is smaller than {given} x {world} process(es) = "
-                         f"{micro * world} items a step: give a --batch-size of at least {micro * world}"
-                         + (" or a smaller --micro-batch-size" if opts.micro_batch_size else ""))
-    accumulation = max(1, round(opts.batch_size / (micro * world)))
-    batch = micro * accumulation * world
-    if batch != opts.batch_size:
-        log.warning("--batch-size %d is %d x %d x %d processes = %d items per step", opts.batch_size, micro,
-                    accumulation, world, batch)
+    micro, accumulation = split_batch(opts.batch_size, opts.micro_batch_size, world)
+    batch = opts.batch_size
     per_epoch = -(-items // batch)
     total = opts.train_steps or max(1, math.ceil(float(opts.epochs) * per_epoch))
     return Plan(items, world, micro, accumulation, batch, per_epoch, total)
@@ -125,11 +116,16 @@ def resume_from(root: Path, keys, device, model, optimizer, scheduler, settings:
     ckpt, saved, state = found
     now = {**settings, **{f"model {k}": v for k, v in model.config.to_dict().items()}}
     then = {**state["settings"], **{f"model {k}": v for k, v in saved.config.to_dict().items()}}
+    unrecorded = sorted(k for k in now if k not in then)  # settings that later versions began to record
     differ = [f"{k}: {then.get(k)!r} then, {now.get(k)!r} now" for k in sorted(set(now) | set(then))
-              if then.get(k) != now.get(k)]
+              if k not in unrecorded and then.get(k) != now.get(k)]
     if differ:
         raise ValueError(f"{ckpt}: {made} with other settings than this run's (" + "; ".join(differ[:6])
                          + "); re-run the same command to resume, or choose another --out")
+    if unrecorded:
+        log.warning("%s: made by an earlier version, which did not record %s: resuming without comparing them "
+                    "(give the same starting model, data and answers as the run it continues)", ckpt,
+                    ", ".join(unrecorded))
     model.load_state_dict(saved.state_dict())
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

@@ -10,8 +10,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from common.names import plain_name
-
-from .base import log
+from pipelines.train.distributed import split_batch
 
 
 class ConfigError(ValueError):
@@ -216,20 +215,11 @@ def parse(text: str, path: Path):
 
 
 def check_batch(path: Path, i: int, batch: int, micro: int | None, world: int) -> None:
-    """Task i's batch arithmetic as finetune.make_plan does it, in the config's words: refused when
-    one forward pass per process is already more than a step, a warning when the step is not the
-    batch size asked for."""
-    m = micro or max(1, -(-batch // world))
-    where = f"{path}: tasks[{i}].batch_size / micro_batch_size"
-    if m * world > batch:
-        given = f"micro_batch_size {m}" if micro else "one item"
-        raise ConfigError(f"{where}: batch_size {batch} is smaller than {given} x {world} process(es) = "
-                          f"{m * world} items a step: give a batch_size of at least {m * world}"
-                          + (" or a smaller micro_batch_size" if micro else ""))
-    accumulation = max(1, round(batch / (m * world)))
-    if m * accumulation * world != batch:
-        log.warning("%s: batch_size %d is not a multiple of %d x %d process(es): each step takes %d x %d x %d = %d "
-                    "items", where, batch, m, world, m, accumulation, world, m * accumulation * world)
+    """Task i's batch split as finetune.make_plan makes it (`split_batch`), refused in the config's words."""
+    try:
+        split_batch(batch, micro, world, names=("batch_size", "micro_batch_size"))
+    except ValueError as error:
+        raise ConfigError(f"{path}: tasks[{i}].batch_size / micro_batch_size: {error}") from None
 
 
 def written_paths(out: Path, config, val_splits: list) -> tuple[list, list]:

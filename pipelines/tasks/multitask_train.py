@@ -31,8 +31,8 @@ import torch
 import torch.distributed as dist
 
 from pipelines.train.checkpoints import rng_state, save_checkpoint, set_rng_state
+from pipelines.train.distributed import DistInfo, wrap_model
 from pipelines.train.optim import build_optimizer, build_scheduler
-from pipelines.train.trainer import DistInfo, wrap_model
 
 from .base import Task, autocast, log, write_json
 from .distributed import mean_over_processes

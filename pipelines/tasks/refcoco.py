@@ -104,6 +104,10 @@ class RefCOCOTask(Task):
         self.images = instances[1]
         self.load_common()
         self.gt_store = FeatureStore(x["gt_features"]) if x.get("gt_features") else None
+        file_names = {i: im["file_name"] for i, im in self.images.items() if isinstance(im.get("file_name"), str)}
+        for store in (self.store, self.gt_store):  # an id is found by its image's file name first
+            if store is not None:
+                store.name_images(file_names)
         if x.get("eval_on_gt") and self.gt_store is None:
             raise ValueError("eval_on_gt needs gt_features (shards extracted with vilbert-extract --gt-boxes)")
         self.soft = x.get("soft_targets", True)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from common.safe_load import regular_file
 from pipelines.data.tokenization import vocabulary_words
 
 
@@ -13,6 +14,11 @@ def load_tokenizer(path: str | Path, lower_case: bool = True):
     from transformers import BertTokenizerFast
 
     path = Path(path)
+    if path.exists() and not path.is_dir():  # a FIFO or a device is one line, never "no vocab.txt"
+        regular_file(path, "a vocab.txt or a tokenizer directory")
+    for name in ("vocab.txt", "tokenizer.json"):
+        if path.is_dir() and (path / name).exists():
+            regular_file(path / name, f"the tokenizer's {name}")
     folder = path.parent if path.is_file() and path.name == "vocab.txt" else path
     if path.is_file() and path.name != "vocab.txt":
         raise ValueError(f"{path}: a vocabulary file must be named vocab.txt (or pass its directory)")

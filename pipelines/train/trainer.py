@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -23,6 +22,7 @@ from vilbert import ViLBert, load_bert_weights, load_preset
 from vilbert.pretraining import default_capacity, predicted_positions
 
 from .checkpoints import newest_resumable, read_resumable, rng_state, save_checkpoint, set_rng_state
+from .distributed import resolve_device, setup_distributed, split_batch, wrap_model
 from .metrics import (
     LOSS_SUMS,
     STEP_SUMS,
@@ -78,82 +78,6 @@ class TrainConfig:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
 
 
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device: str) -> DistInfo:
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK (and MASTER_ADDR/MASTER_PORT); NCCL on GPU, gloo on
-    CPU. A partial or malformed set (WORLD_SIZE without RANK, say) is one ValueError naming what is
-    wrong, before any process group is made."""
-    env = os.environ
-
-    def number(name: str, default: str | None = None) -> int:
-        value = env.get(name, default)
-        try:
-            return int(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"${name}={value!r} is not a whole number (torchrun sets it); run under torchrun, "
-                             "or unset WORLD_SIZE") from None
-
-    world = number("WORLD_SIZE", "1")
-    if world < 1:
-        raise ValueError(f"$WORLD_SIZE={world} is not a number of processes (torchrun sets it >= 1)")
-    if world == 1:
-        return DistInfo()
-    missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not env.get(name)]
-    if missing:
-        raise ValueError(f"WORLD_SIZE={world} is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
-                         "not: torchrun sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT together; "
-                         "run under torchrun, or unset WORLD_SIZE for one process")
-    rank, local_rank = number("RANK"), number("LOCAL_RANK", "0")
-    if not 0 <= rank < world:
-        raise ValueError(f"$RANK={rank} is not one of the {world} processes of WORLD_SIZE={world}")
-    info = DistInfo(rank, world, local_rank)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return info
-
-
-def teardown_distributed() -> None:
-    """The process group set up by setup_distributed, destroyed before exit: under torchrun one left
-    to the interpreter's exit can abort the process ('terminate called without an active exception')."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def wrap_model(module: torch.nn.Module, info: DistInfo, device: torch.device, find_unused_parameters: bool,
-               compiled: bool = False, compile_mode: str = "default") -> torch.nn.Module:
-    """The module as a training step runs it: DDP over the processes (gradients kept in the
-    all-reduce buckets), then torch.compile when asked (mode "default" or e.g. "reduce-overhead")."""
-    if info.world_size > 1:
-        module = torch.nn.parallel.DistributedDataParallel(
-            module, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=find_unused_parameters,
-            gradient_as_bucket_view=True)  # gradients live in the all-reduce buckets: no copy, less memory
-    if compiled:
-        module = torch.compile(module, mode=None if compile_mode == "default" else compile_mode)
-    return module
-
-
-def resolve_device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        name = f"cuda:{local_rank}"
-    device = torch.device(name)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return device
-
-
 class Trainer:
     def __init__(self, config: TrainConfig, recipe: dict | None = None):
         self.cfg = config
@@ -166,9 +90,8 @@ class Trainer:
             precision = "bf16" if self.device.type == "cuda" else "fp32"
         self.precision = precision
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        per_step = config.micro_batch_size * self.dist.world_size
-        self.accumulation = max(1, round(config.batch_size / per_step))
-        self.effective_batch = self.accumulation * per_step
+        _, self.accumulation = split_batch(config.batch_size, config.micro_batch_size, self.dist.world_size)
+        self.effective_batch = config.batch_size
         self.ckpt_root = Path(config.out) / "checkpoints"
 
         torch.manual_seed(config.seed)

@@ -140,10 +140,11 @@ def write_npz(folder: Path, images: list[dict], mode: str = "caffe") -> Path:
     return folder
 
 
-def write_volta_h5(path: Path, images: list[dict]) -> Path:
+def write_volta_h5(path: Path, images: list[dict], userblock: int = 0) -> Path:
+    """volta's layout; `userblock` bytes (0, or a power of two >= 512) of text before the HDF5 data."""
     import h5py
 
-    with h5py.File(path, "w") as handle:
+    with h5py.File(path, "w", **({"userblock_size": userblock} if userblock else {})) as handle:
         for image in images:
             group = handle.create_group(image["image_id"])
             group["features"] = image["features"]
@@ -151,6 +152,9 @@ def write_volta_h5(path: Path, images: list[dict]) -> Path:
             group["attr_id"], group["attr_conf"] = image["attrs_id"], image["attrs_conf"]
             group["boxes"] = image["boxes"]
             group["img_w"], group["img_h"] = image["width"], image["height"]
+    if userblock:
+        with open(path, "r+b") as handle:  # what a tool may keep there: its own header
+            handle.write(b"made by a feature tool\n" * 4)
     return Path(path)
 
 

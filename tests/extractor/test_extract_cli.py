@@ -319,32 +319,6 @@ def test_a_concurrent_run_is_refused_and_a_damaged_shard_redone(tmp_path, capsys
     assert len(read_shards(out)) == 3
 
 
-def test_names_match_by_path_and_a_shared_file_name_is_an_error_not_a_guess(tmp_path):
-    import click
-
-    images = tmp_path / "images"
-    for sub in ("sub1", "sub2"):
-        (images / sub).mkdir(parents=True)
-        make_image(64, 48).save(images / sub / "dup.jpg")
-    (tmp_path / "by_path.tsv").write_text("a dog\tsub1/dup.jpg\na cat\tsub2/dup.jpg\n")
-    summary = main([str(images), str(tmp_path / "out"), *TINY, "--captions", str(tmp_path / "by_path.tsv")])
-    shards = read_shards(tmp_path / "out")
-    assert summary["done"] == 2 and shards["sub1_dup"]["txt"] == "a dog" and shards["sub2_dup"]["txt"] == "a cat"
-    (tmp_path / "by_name.tsv").write_text("a dog\thttp://x.org/dup.jpg\n")
-    with pytest.raises(click.ClickException, match="'dup.jpg' names 2 images under IMAGES"):
-        main([str(images), str(tmp_path / "o2"), *TINY, "--captions", str(tmp_path / "by_name.tsv")])
-    coco = {"images": [{"id": 1, "file_name": "dup.jpg", "width": 64, "height": 48}],
-            "annotations": [{"id": 1, "image_id": 1, "bbox": [0, 0, 30, 20]}]}
-    (tmp_path / "coco.json").write_text(json.dumps(coco))
-    with pytest.raises(click.ClickException, match=r"'dup.jpg' matches 2 images \(.*sub1/dup.jpg, .*sub2/dup.jpg\)"):
-        main([str(images), str(tmp_path / "o3"), *TINY, "--gt-boxes", str(tmp_path / "coco.json")])
-    coco["images"][0]["file_name"] = "sub2/dup.jpg"  # by its path: only that image gets the box
-    (tmp_path / "coco.json").write_text(json.dumps(coco))
-    summary = main([str(images), str(tmp_path / "o4"), *TINY, "--gt-boxes", str(tmp_path / "coco.json")])
-    assert (summary["done"], summary["failed"]) == (1, 1) and list(read_shards(tmp_path / "o4")) == ["sub2_dup"]
-    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
-
-
 def test_gt_boxes_of_another_image_size_are_refused_per_image(tmp_path):
     images = tmp_path / "images"
     images.mkdir()
@@ -370,19 +344,6 @@ def test_gt_boxes_of_another_image_size_are_refused_per_image(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps(coco))
     with pytest.raises(click.ClickException, match=r"bad.json: images\[0\] needs an 'id' and a 'file_name'"):
         main([str(images), str(tmp_path / "o2"), *TINY, "--gt-boxes", str(tmp_path / "bad.json")])
-
-
-def test_non_ascii_names_of_the_same_length_get_distinct_stable_keys(tmp_path):
-    from extractor.sources import safe_key
-
-    images = tmp_path / "images"
-    images.mkdir()
-    make_image(64, 48).save(images / "猫.jpg")
-    make_image(48, 64).save(images / "犬.jpg")
-    summary = main([str(images), str(tmp_path / "out"), *TINY])
-    keys = sorted(read_shards(tmp_path / "out"))
-    assert summary["done"] == 2 and len(keys) == 2 and keys == sorted([safe_key("猫"), safe_key("犬")])
-    assert safe_key("photos/a b.v2") == "photos_a_b_v2"  # ASCII names keep the keys of earlier runs
 
 
 def test_a_full_disk_is_one_line_and_the_rerun_resumes(tmp_path, monkeypatch):
@@ -564,17 +525,6 @@ def test_recipe_records_attributes_precision_and_seed_and_another_prefix_adds_no
             main([str(images), str(out), *TINY, "--seed", "7", *change])
     again = main([str(images), str(out), *TINY, "--seed", "7", "--prefix", "more"])
     assert (again["done"], again["skipped"]) == (0, 3) and sorted(read_shards(out)) == ["img000", "img001", "img002"]
-
-
-def test_a_local_file_name_with_a_question_mark_keeps_its_caption(tmp_path):
-    images = tmp_path / "images"
-    images.mkdir()
-    make_image(64, 48).save(images / "what?.jpg")
-    make_image(64, 48, seed=1).save(images / "photo.jpg")
-    (tmp_path / "captions.tsv").write_text("what is it\twhat?.jpg\na photo\thttp://x.org/photo.jpg?size=large\n")
-    main([str(images), str(tmp_path / "out"), *TINY, "--captions", str(tmp_path / "captions.tsv")])
-    samples = read_shards(tmp_path / "out")
-    assert samples["what_"]["txt"] == "what is it" and samples["photo"]["txt"] == "a photo"
 
 
 def test_non_finite_detector_outputs_are_logged_per_image_not_written(tmp_path, monkeypatch):

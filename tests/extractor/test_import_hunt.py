@@ -76,8 +76,21 @@ def test_an_empty_short_or_unreadable_h5_is_one_line_each(tmp_path, monkeypatch)
     summary = run(src, tmp_path / "out")
     assert (summary["done"], len(summary["unreadable_files"])) == (1, 3)
     reasons = {e["path"].rsplit("/", 1)[1]: e["reason"] for e in errors(tmp_path / "out")}
-    assert reasons == {"empty.h5": "empty (0 bytes)", "short.h5": "not an HDF5 file (no HDF5 signature at its start)",
+    assert reasons == {"empty.h5": "empty (0 bytes)", "short.h5": "not an HDF5 file (no HDF5 "
+                       "signature at its start nor after a user block)",
                        "locked.h5": "cannot be read (Permission denied)"}
+
+
+@pytest.mark.parametrize("userblock", [512, 2048])
+def test_an_h5_with_a_user_block_imports_as_without_one(tmp_path, userblock):
+    images = make_images(3, dim=8)
+    write_volta_h5(tmp_path / "plain.h5", images)
+    write_volta_h5(tmp_path / "blocked.h5", images, userblock=userblock)
+    assert (tmp_path / "blocked.h5").read_bytes()[:4] == b"made"  # the signature is not at byte 0
+    plain, blocked = run(tmp_path / "plain.h5", tmp_path / "a"), run(tmp_path / "blocked.h5", tmp_path / "b")
+    assert plain["done"] == blocked["done"] == 3 and blocked["failed"] == 0
+    a, b = read_shards(tmp_path / "a"), read_shards(tmp_path / "b")
+    assert sorted(a) == sorted(b) and all(np.array_equal(a[k]["features.npy"], b[k]["features.npy"]) for k in a)
 
 
 def test_a_data_mdb_that_is_not_an_lmdb_is_one_line(tmp_path):
@@ -256,3 +269,17 @@ def test_export_skips_a_bad_sample_naming_it_and_exports_the_rest(tmp_path, fmt)
     assert boxes.startswith(f"{shard}: {images[2]['image_id']}: boxes of shape ({rows}, 4), expected")
     run(tmp_path / f"out.{fmt}", tmp_path / "back", "--format", fmt)
     assert sorted(read_shards(tmp_path / "back")) == ids([images[0], images[3]])
+
+
+@pytest.mark.parametrize("fmt", ["butd-tsv", "h5"])
+def test_an_export_that_skips_every_sample_fails_and_writes_no_file(tmp_path, fmt):
+    images, shards = imported(tmp_path, 2)
+    shard = shards / "shard-000000.tar"
+    for image in images:
+        meta = dict(read_shards(shards)[image["image_id"]]["json"], width="64px")
+        rewrite_sample(shard, image["image_id"], {"json": json.dumps(meta).encode()})
+    with pytest.raises(click.ClickException, match=rf"^{shards}: no sample could be exported \(all 2 skipped, the "
+                                                   rf"first as {shard}: {images[0]['image_id']}: width '64px'") as e:
+        export(shards, tmp_path / f"out.{fmt}", "--format", fmt)
+    assert "\n" not in e.value.message and f"out.{fmt} was not written" in e.value.message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["feats.tsv", "shards"]  # no file, no .partial

@@ -4,7 +4,6 @@ arithmetic, task tokens), a re-run with other task tokens or other weights is re
 way in OUT is found up front, split names stay plain names, OUT outside the inputs and locked, and a
 user's own OUT/finetuned is never replaced."""
 import json
-import logging
 import re
 import shutil
 from pathlib import Path
@@ -120,7 +119,7 @@ def test_split_names_that_are_not_plain_names_are_refused(d, tmp_path):
     assert val_split_of(load_config(write(tmp_path / "none.yaml", doc(d, val_split="none"))).tasks[0]) == ""
 
 
-def test_the_batch_arithmetic_is_one_line_in_the_configs_words(tmp_path, caplog, d, capsys):
+def test_the_batch_arithmetic_is_one_line_in_the_configs_words(tmp_path, d, capsys):
     config = write(tmp_path / "micro.yaml", doc(d, batch_size=2, micro_batch_size=4))
     assert run(config, tmp_path / "o", ckpt=d["ckpt"]) == 1
     err = one_line(capsys)
@@ -131,12 +130,14 @@ def test_the_batch_arithmetic_is_one_line_in_the_configs_words(tmp_path, caplog,
     with pytest.raises(ConfigError, match=r"^cfg.yaml: tasks\[1\].batch_size / micro_batch_size: batch_size 2 is "
                                           "smaller than micro_batch_size 4 x 1 process"):
         check_batch(Path("cfg.yaml"), 1, 2, 4, 1)
-    with pytest.raises(ConfigError, match="batch_size 3 is smaller than one item x 4 process"):
+    with pytest.raises(ConfigError, match=r"batch_size 3 does not divide among 4 processes: give a multiple "
+                                          r"of 4 \(4\), or a micro_batch_size$"):
         check_batch(Path("cfg.yaml"), 0, 3, None, 4)
-    with caplog.at_level(logging.WARNING, logger="vilbert.eval"):
-        check_batch(Path("cfg.yaml"), 0, 5, 2, 1)  # as vilbert-eval's make_plan: a warning, 4 items a step
-    assert "cfg.yaml: tasks[0].batch_size / micro_batch_size: batch_size 5 is not a multiple of 2 x 1 process(es): " \
-           "each step takes 2 x 2 x 1 = 4 items" in caplog.text
+    with pytest.raises(ConfigError, match=r"^cfg.yaml: tasks\[0\].batch_size / micro_batch_size: batch_size 5 is not a "
+                                          r"multiple of micro_batch_size 2 x 1 process\(es\) = 2: give batch_size 4 or "
+                                          "6, or a micro_batch_size that divides it$"):
+        check_batch(Path("cfg.yaml"), 0, 5, 2, 1)  # it was a warning, and each step took 4 items
+    check_batch(Path("cfg.yaml"), 0, 8, 2, 2)
 
 
 def test_a_task_token_beyond_the_models_is_refused_before_training(d, tmp_path, capsys):

@@ -4,6 +4,7 @@ features and boxes, zero or negative image sizes, a KEY.json that is not an obje
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import numpy as np
 import pytest
@@ -39,13 +40,13 @@ def test_non_finite_features_or_boxes_are_refused_naming_the_shard_and_key(tmp_p
     nan[1, 2] = np.nan
     inf_box = BOXES.copy()
     inf_box[0, 3] = np.inf
-    store = _store(tmp_path, {"img_1": _sample(), "img_2": _sample(features=nan), "img_3": _sample(boxes=inf_box),
-                              "img_4": _sample(features=np.full((2, 4), 1e6))})  # 1e6: inf in float16
+    store = _store(tmp_path, {"0001": _sample(), "0002": _sample(features=nan), "0003": _sample(boxes=inf_box),
+                              "0004": _sample(features=np.full((2, 4), 1e6))})  # 1e6: inf in float16
     assert np.allclose(store.get(1).features, 1)
     shard = str(tmp_path / "feat-000000.tar")
     for image_id, what in ((2, "1 of its 8 feature values"), (3, "1 of its 8 box coordinates"),
                            (4, "8 of its 8 feature values")):
-        with pytest.raises(ValueError, match=rf"^{shard}: sample img_{image_id}: {what} are NaN or infinite"):
+        with pytest.raises(ValueError, match=rf"^{shard}: sample 000{image_id}: {what} are NaN or infinite"):
             store.get(image_id)
 
 
@@ -54,13 +55,13 @@ def test_non_finite_features_or_boxes_are_refused_naming_the_shard_and_key(tmp_p
     ({"height": "40"}, "image height '40',"), ({"width": None}, "image width None,"),
     ({"width": True}, "image width True,")])
 def test_zero_negative_or_non_integer_image_sizes_are_refused_before_any_work(tmp_path, info, said):
-    store = _store(tmp_path, {"img_1": _sample(), "img_2": _sample(info)})
+    store = _store(tmp_path, {"0001": _sample(), "0002": _sample(info)})
     shard = str(tmp_path / "feat-000000.tar")
-    with pytest.raises(ValueError, match=rf"^{shard}: sample img_2: {said} expected a whole number > 0$"):
+    with pytest.raises(ValueError, match=rf"^{shard}: sample 0002: {said} expected a whole number > 0$"):
         check_features(store, [1, 2], "val")  # up front: the JSON is read, not the arrays
-    with pytest.raises(ValueError, match=rf"{shard}: sample img_2: {said}"):
+    with pytest.raises(ValueError, match=rf"{shard}: sample 0002: {said}"):
         store.get(2)
-    assert store.get(1).width == 40 and _store(tmp_path / "w", {"img_5": _sample({"width": 40.0})}).get(5).width == 40
+    assert store.get(1).width == 40 and _store(tmp_path / "w", {"0005": _sample({"width": 40.0})}).get(5).width == 40
 
 
 @pytest.mark.parametrize("raw, said", [(b"[1, 2]", "is a JSON list, expected an object"),
@@ -68,34 +69,52 @@ def test_zero_negative_or_non_integer_image_sizes_are_refused_before_any_work(tm
                                        (b"null", "is a JSON NoneType, expected an object"),
                                        (b"{cut", "is not valid JSON")])
 def test_a_key_json_that_is_not_an_object_is_one_line_naming_shard_and_key(tmp_path, raw, said):
-    store = _store(tmp_path, {"img_7": _sample(raw_json=raw)})
+    store = _store(tmp_path, {"0007": _sample(raw_json=raw)})
     for call in (lambda: store.get(7), lambda: check_features(store, [7], "train")):
-        with pytest.raises(ValueError, match=rf"^{tmp_path / 'feat-000000.tar'}: sample img_7: its json member {said}"):
+        with pytest.raises(ValueError, match=rf"^{tmp_path / 'feat-000000.tar'}: sample 0007: its json member {said}"):
             call()
 
 
 def test_a_sample_is_checked_once_then_served_from_the_cache(tmp_path, monkeypatch):
-    store = _store(tmp_path, {"img_1": _sample()})
+    store = _store(tmp_path, {"0001": _sample()})
     reads = []
     original = store._checked_regions
     monkeypatch.setattr(store, "_checked_regions", lambda key: reads.append(key) or original(key))
-    assert store.get(1) is store.get("img_1") and reads == ["img_1"]
+    assert store.get(1) is store.get("0001") and reads == ["0001"]
+
+
+def _plan(tmp_path, batch, micro, world):
+    opts = TaskOptions(data=tmp_path, features=tmp_path, out=tmp_path, batch_size=batch, micro_batch_size=micro,
+                       epochs=1.0)
+    return make_plan(opts, 40, world)
 
 
 def test_a_batch_smaller_than_one_micro_batch_per_process_is_refused(tmp_path):
-    def plan(batch, micro, world):
-        opts = TaskOptions(data=tmp_path, features=tmp_path, out=tmp_path, batch_size=batch, micro_batch_size=micro,
-                           epochs=1.0)
-        return make_plan(opts, 40, world)
-
+    plan = partial(_plan, tmp_path)
     with pytest.raises(ValueError, match=r"^--batch-size 4 is smaller than --micro-batch-size 8 x 1 process\(es\) = 8 "
                                          "items a step: give a --batch-size of at least 8 or a smaller"):
         plan(4, 8, 1)
     with pytest.raises(ValueError, match="--batch-size 4 is smaller than --micro-batch-size 2 x 4 process"):
         plan(4, 2, 4)
-    with pytest.raises(ValueError, match="--batch-size 1 is smaller than one item x 2 process"):
+    with pytest.raises(ValueError, match=r"^--batch-size 1 does not divide among 2 processes: give a multiple of 2 "
+                                         r"\(2\), or a --micro-batch-size$"):
         plan(1, None, 2)
     assert (plan(8, 8, 1).batch, plan(8, 4, 1).accumulation, plan(8, None, 2).micro) == (8, 2, 4)
+    assert (plan(24, 4, 3).micro, plan(24, 4, 3).accumulation, plan(24, 4, 3).batch) == (4, 2, 24)
+
+
+def test_a_batch_that_micro_batches_and_processes_cannot_make_exactly_is_refused(tmp_path):
+    """It was a warning, and each step trained on another number of items (10 asked, 8 taken)."""
+    plan = partial(_plan, tmp_path)
+    with pytest.raises(ValueError, match=r"^--batch-size 10 is not a multiple of --micro-batch-size 4 x 1 "
+                                         r"process\(es\) = 4: give --batch-size 8 or 12, or a --micro-batch-size "
+                                         "that divides it$"):
+        plan(10, 4, 1)
+    with pytest.raises(ValueError, match=r"^--batch-size 12 is not a multiple of --micro-batch-size 4 x 2 .* 8 or 16"):
+        plan(12, 4, 2)
+    with pytest.raises(ValueError, match=r"^--batch-size 10 does not divide among 4 processes: give a multiple of 4 "
+                                         r"\(8 or 12\)"):
+        plan(10, None, 4)
 
 
 @pytest.fixture(scope="module")

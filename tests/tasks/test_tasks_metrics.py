@@ -173,25 +173,25 @@ def test_a_damaged_feature_shard_keeps_its_complete_samples_and_is_named_when_on
     from pipelines.tasks.features import check_features
 
     boxes = np.array([[0, 0, 10, 10]], np.float32)
-    folder = write_shards(tmp_path / "f", {f"img_{i}": (np.full((1, 4), i, np.float32), boxes) for i in range(6)},
+    folder = write_shards(tmp_path / "f", {f"000{i}": (np.full((1, 4), i, np.float32), boxes) for i in range(6)},
                           shard_size=3)
     second = sorted(folder.glob("*.tar"))[1]
     with tarfile.open(second) as archive:
-        cut = archive.getmember("img_4.features.npy").offset_data + 8
-    second.write_bytes(second.read_bytes()[:cut])  # img_3 whole, img_4 cut inside its features
+        cut = archive.getmember("0004.features.npy").offset_data + 8
+    second.write_bytes(second.read_bytes()[:cut])  # 0003 whole, 0004 cut inside its features
     with pytest.warns(UserWarning, match="not a readable tar shard"):
         store = FeatureStore(folder)
-    assert sorted(store.members) == ["img_0", "img_1", "img_2", "img_3"]
+    assert sorted(store.members) == ["0000", "0001", "0002", "0003"]
     assert np.allclose(store.get(3).features, 3)
     # a partial copy of a sample in a damaged shard does not hide its complete copy in another one
     first = sorted(folder.glob("*.tar"))[0]
     with tarfile.open(first) as archive:
-        cut = archive.getmember("img_0.features.npy").offset_data + 8
-    (folder / "zz-000000.tar").write_bytes(first.read_bytes()[:cut])  # img_0's json whole, features cut
+        cut = archive.getmember("0000.features.npy").offset_data + 8
+    (folder / "zz-000000.tar").write_bytes(first.read_bytes()[:cut])  # 0000's json whole, features cut
     with pytest.warns(UserWarning, match="zz-000000.tar: not a readable tar shard"):
         store = FeatureStore(folder)
     assert np.allclose(store.get(0).features, 0)
-    assert all(path.name != "zz-000000.tar" for path, _, _ in store.members["img_0"].values())
+    assert all(path.name != "zz-000000.tar" for path, _, _ in store.members["0000"].values())
     with pytest.raises(KeyError, match=r"no features for 1 val images, e.g. \[4\] \(unreadable shards: .*"
                                        + second.name):
         check_features(store, [3, 4], "val")
@@ -203,10 +203,10 @@ def test_feature_store_refuses_pickled_arrays(tmp_path):
     w = ShardWriter(str(tmp_path), "feat", 10)
     buf = io.BytesIO()
     np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    w.write("img_1", {"json": json.dumps({"width": 10, "height": 10}).encode(), "features.npy": buf.getvalue(),
+    w.write("0001", {"json": json.dumps({"width": 10, "height": 10}).encode(), "features.npy": buf.getvalue(),
                       "boxes.npy": npy(np.zeros((1, 4), np.float32))})
     w.close()
-    with pytest.raises(ValueError, match="img_1.features.npy is not a plain .npy"):
+    with pytest.raises(ValueError, match="0001.features.npy is not a plain .npy"):
         FeatureStore(tmp_path).get(1)
 
 
@@ -237,7 +237,7 @@ def test_cli_help_shows_defaults_and_model_choice_is_checked(tmp_path, capsys):
     status = exit_status(main, base + ["--init-preset", "vilbert-tiny"])  # reads 2048-wide features, the shards 4
     assert status == 1 and "region features are 4 wide, the model reads 2048" in capsys.readouterr().err
     status = exit_status(main, base + ["--init-preset", str(tmp_path / "missing.json")])
-    assert status == 1 and "missing.json: config file not found" in capsys.readouterr().err
+    assert status == 1 and "missing.json: a model config JSON not found" in capsys.readouterr().err
     (tmp_path / "broken.json").write_text('{"hidden_size": 64,\n}')
     status = exit_status(main, base + ["--init-preset", str(tmp_path / "broken.json")])
     assert status == 1 and "broken.json: not valid JSON" in capsys.readouterr().err

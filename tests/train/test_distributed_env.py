@@ -2,7 +2,7 @@
 malformed torchrun environment: one line naming what is missing or wrong, never a KeyError."""
 import pytest
 
-from pipelines.train.trainer import DistInfo, setup_distributed
+from pipelines.train.distributed import DistInfo, setup_distributed
 
 TORCHRUN = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 

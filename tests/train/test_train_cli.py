@@ -321,6 +321,17 @@ def test_eval_shards_of_another_width_are_one_line_before_training(corpus, tmp_p
         assert not (out / "checkpoints").exists() or not list_checkpoints(out / "checkpoints")  # nothing trained
 
 
+def test_eval_shards_of_another_recipe_with_the_same_widths_are_refused_before_training(corpus, tmp_path):
+    other = tmp_path / "other"
+    write_shards(SyntheticTask(feature_size=32, seed=5), other, 16, seed=2, shard_size=16)  # 32 and 1601 wide too
+    with pytest.raises(click.ClickException, match=rf"^--eval-shards: {other}: feature recipe .*, but the training "
+                                                   r"shards' is .*: evaluate on features made the same way") as e:
+        main(args(corpus, tmp_path / "run", "--max-steps", "3", "--eval-shards", str(other)))
+    assert "\n" not in e.value.message and not (tmp_path / "run" / "checkpoints").exists()
+    main(args(corpus, tmp_path / "mixed", "--max-steps", "2", "--eval-shards", str(other), "--allow-mixed-recipes"))
+    assert json.loads((tmp_path / "mixed" / "eval.json").read_text())["samples"] > 0
+
+
 @pytest.mark.parametrize("count", [-3, 2.5, "32", None])
 def test_a_sizes_json_count_that_is_not_a_whole_number_is_one_line_naming_the_file(corpus, tmp_path, count):
     shutil.copytree(corpus / "train", tmp_path / "train")
@@ -336,3 +347,12 @@ def test_a_batch_smaller_than_the_micro_batch_is_a_usage_error(corpus, tmp_path,
     with pytest.raises(click.UsageError, match="--batch-size 4 is smaller than --micro-batch-size 8"):
         main(args(corpus, tmp_path / "run", "--max-steps", "2", "--batch-size", "4"))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_batch_that_is_not_a_multiple_of_the_micro_batch_is_one_line_before_training(corpus, tmp_path):
+    """It trained on round(batch / micro) micro-batches a step without a word: 12 asked, 16 taken."""
+    with pytest.raises(click.ClickException, match=r"^--batch-size 12 is not a multiple of --micro-batch-size 8 x 1 "
+                                                   r"process\(es\) = 8: give --batch-size 8 or 16") as e:
+        main(args(corpus, tmp_path / "run", "--max-steps", "2", "--batch-size", "12"))
+    assert "\n" not in e.value.message
+    assert not (tmp_path / "run" / "checkpoints").exists() or not list_checkpoints(tmp_path / "run" / "checkpoints")
