@@ -31,6 +31,19 @@ def check_fit(config, vocabulary: int, opts, source: str) -> None:
         opts.max_seq_length = fits
 
 
+def check_feature_widths(task, config, source: str) -> None:
+    """The task's region features (its detections, and its ground-truth-box store when given) as wide
+    as the model reads: one line naming the folder, before any work."""
+    for store, option in ((task.store, "--features"), (getattr(task, "gt_store", None), "--gt-boxes")):
+        if store is None:
+            continue
+        width = store.feature_size()
+        if width != config.v_feature_size:
+            raise ValueError(f"{store.folder} ({option}): region features are {width} wide, the model reads "
+                             f"{config.v_feature_size} (v_feature_size of {source}); extract them with the "
+                             "detector the model was pretrained on")
+
+
 def plain_split(ctx, param, value):
     """A click callback: split names become file names in OUT (predictions_SPLIT.json), so each must be
     a plain name, never a path."""

@@ -21,6 +21,7 @@ from common.devices import check_device
 from common.outputs import check_out_outside, writable_folder
 from common.safe_load import regular_file
 from pipelines.eval_checks import (
+    check_feature_widths,
     check_fit,
     check_model_options,
     check_val_labels,
@@ -234,11 +235,7 @@ def run_task(task_name: str, opts: TaskOptions, info, models: tuple, save: bool)
         check_val_labels(task, opts.val_split)
     model, source = load_model(checkpoint, official_checkpoint, official_config, init_preset, opts.device)
     check_fit(model.config, len(task.tokenizer), task.opts, source)
-    width = task.store.feature_size()
-    if width != model.config.v_feature_size:
-        raise ValueError(f"{opts.features}: region features are {width} wide, the model reads "
-                         f"{model.config.v_feature_size} (v_feature_size of {source}); extract them with "
-                         "the detector the model was pretrained on")
+    check_feature_widths(task, model.config, source)
     check_model_options(model, task, opts, fine_tune)
     task.prepare(model)
     model.to(opts.device)

@@ -21,7 +21,7 @@ import torch
 
 from common.devices import check_device
 from common.outputs import check_out_outside, writable_folder
-from pipelines.eval_checks import model_source, run_lock
+from pipelines.eval_checks import check_feature_widths, model_source, run_lock
 from pipelines.eval_cli import check_fit, load_model
 from pipelines.tasks import TASKS
 from pipelines.tasks.base import TaskOptions, autocast, write_json
@@ -84,10 +84,7 @@ def fit_model(model, tasks: list, source: str, config_path: Path) -> None:
             raise ValueError(f"{config_path}: tasks[{i}].task_token: {token} is not one of the model's {n} task "
                              f"tokens (0..{n - 1}, num_task_tokens of {source})")
         check_fit(model.config, len(task.tokenizer), task.opts, source)
-        width = task.store.feature_size()
-        if width != model.config.v_feature_size:
-            raise ValueError(f"{task.opts.features}: region features are {width} wide, the model reads "
-                             f"{model.config.v_feature_size} (v_feature_size of {source})")
+        check_feature_widths(task, model.config, source)
         task.prepare(model)
 
 

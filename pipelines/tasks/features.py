@@ -110,6 +110,7 @@ class FeatureStore:
         for n in clashes:  # ambiguous numeric ids can only be looked up by exact key
             del self.by_number[n]
         self.file_names: dict[str, str] = {}  # image id -> its file name (name_images)
+        self.width: int | None = None  # the features' width, from the first sample checked (_check_width)
         self.cache: OrderedDict[str, Regions] = OrderedDict()
         self.cache_size = cache_size
         self.info_checked: set[str] = set()  # keys whose JSON check_features found sound (read once)
@@ -164,8 +165,10 @@ class FeatureStore:
     def __contains__(self, image_id) -> bool:
         return self.key_for(image_id) is not None
 
-    def _read(self, key: str, suffix: str) -> bytes:
+    def _read(self, key: str, suffix: str, limit: int | None = None) -> bytes:
+        """A member's bytes (its first `limit` bytes when given)."""
         path, offset, size = self.members[key][suffix]
+        size = size if limit is None else min(size, limit)
         if self._pid != os.getpid():  # forked without reopen(): never share a file position
             self.reopen()
         with self._lock:
@@ -190,6 +193,25 @@ class FeatureStore:
             return np.load(io.BytesIO(self._read(key, suffix)), allow_pickle=False)
         except ValueError as e:
             raise ValueError(f"{path}: member {key}.{suffix} is not a plain .npy array: {e}") from e
+
+    def _npy_shape(self, key: str, suffix: str) -> tuple:
+        """A member's array shape from its .npy header alone (a few hundred bytes, not the array)."""
+        path = self.members[key][suffix][0]
+        head = io.BytesIO(self._read(key, suffix, 4096))
+        try:
+            version = np.lib.format.read_magic(head)
+            reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            return reader(head)[0]
+        except (ValueError, SyntaxError, EOFError) as e:
+            raise ValueError(f"{path}: member {key}.{suffix} has no readable .npy header: {e}") from None
+
+    def _check_width(self, key: str, width: int) -> None:
+        """Every sample's features as wide as the first one checked (the model reads one width)."""
+        if self.width is None:
+            self.width = width
+        elif width != self.width:
+            raise ValueError(f"{self._shard_of(key)}: sample {key} has features {width} wide, the other samples of "
+                             f"{self.folder} {self.width}: keep the features of one extraction recipe per folder")
 
     def _shard_of(self, key: str) -> Path:
         return next(iter(self.members[key].values()))[0]
@@ -222,6 +244,7 @@ class FeatureStore:
         if feats.ndim != 2 or boxes.shape != (len(feats), 4) or len(feats) == 0:
             raise ValueError(f"{where} has features {feats.shape}, boxes {boxes.shape} "
                              "(expected (N, F) and (N, 4), N > 0)")
+        self._check_width(key, feats.shape[1])
         for what, array in (("feature values", feats), ("box coordinates", boxes)):
             finite = np.isfinite(array)
             if not finite.all():
@@ -245,7 +268,8 @@ class FeatureStore:
         return regions
 
     def feature_size(self) -> int:
-        return self.get(next(iter(self.members))).features.shape[1]
+        """The features' width: of the samples checked so far, else of the first sample."""
+        return self.width if self.width is not None else self.get(next(iter(self.members))).features.shape[1]
 
 
 def _positive_whole(value) -> bool:
@@ -269,8 +293,9 @@ def image_batch(store: FeatureStore, image_ids: list, max_regions: int) -> dict[
 
 
 def check_features(store: FeatureStore, image_ids: list, split: str) -> None:
-    """Before any work: every image has a sample, and its JSON (read, not its arrays) is an object
-    with a positive image size; the features and boxes are checked when a sample is first read."""
+    """Before any work: every image has a sample, its JSON is an object with a positive image size
+    and its features (by their .npy header, not the array) are as wide as the others'; the values
+    are checked when a sample is first read."""
     missing = [i for i in image_ids if i not in store]
     if missing:
         broken = f" (unreadable shards: {'; '.join(store.unreadable)})" if store.unreadable else ""
@@ -278,4 +303,7 @@ def check_features(store: FeatureStore, image_ids: list, split: str) -> None:
     for key in dict.fromkeys(store.key_for(i) for i in image_ids):
         if key not in store.info_checked:  # each split's evaluation checks again: read each JSON once
             store.sample_info(key)
+            shape = store._npy_shape(key, "features.npy")
+            if len(shape) == 2:  # another shape is refused, with the boxes', when the sample is read
+                store._check_width(key, int(shape[1]))
             store.info_checked.add(key)

@@ -119,17 +119,32 @@ def read_resumable(ckpt: Path, required: tuple[str, ...], map_location="cpu"):
         return f"{ckpt}: not a usable checkpoint ({type(error).__name__}: {reason})"
     missing = [k for k in required if not isinstance(state, dict) or k not in state]
     if missing:
-        return f"{ckpt}: not a usable checkpoint ({STATE_NAME} lacks {', '.join(missing)})"
+        reason = f"{ckpt}: not a usable checkpoint ({STATE_NAME} lacks {', '.join(missing)})"
+        return ForeignReason(reason) if isinstance(state, dict) else reason
     return ckpt, model, state
+
+
+class ForeignReason(str):
+    """read_resumable's reason for a whole checkpoint that another command wrote."""
+
+
+class ForeignCheckpoint(ValueError):
+    """A sound checkpoint of another command (vilbert-train, vilbert-eval, vilbert-multitask): not ours
+    to set aside."""
 
 
 def newest_resumable(root: Path, required: tuple[str, ...], map_location="cpu", log=None):
     """The newest complete checkpoint under root that can be resumed from, as read_resumable's
-    (ckpt, model, state), or None. A damaged one is logged and set aside as NAME.damaged."""
+    (ckpt, model, state), or None. A damaged one is logged and set aside as NAME.damaged; a whole one
+    of another command (its state lacks `required`) is ForeignCheckpoint, and left where it is."""
     for ckpt in reversed(list_checkpoints(root)):  # newest first
         found = read_resumable(ckpt, required, map_location)
         if not isinstance(found, str):
             return found
+        if isinstance(found, ForeignReason):  # whole, but another command's: leave it be
+            raise ForeignCheckpoint(f"{ckpt}: a checkpoint of another command's run ({found.split('(', 1)[1][:-1]}; "
+                                    "vilbert-train, vilbert-eval and vilbert-multitask each keep their own); it is "
+                                    "left as it is: give another output folder")
         if log is not None:
             log.warning("%s; set aside as %s.damaged, resuming from the checkpoint before it", found, ckpt.name)
         try:
