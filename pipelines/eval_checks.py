@@ -1,6 +1,7 @@
 """`vilbert-eval`'s checks before any work (a mistake is one line, found before hours of fine-tuning):
 the model fits the tokenizer and the text length, split names are plain names, the validation split
-has labels, options the model cannot use, and the lock on OUT (rank 0 takes it, every rank hears).
+has labels, options the model cannot use, what OUT already holds (`check_out_holds`), and the lock on
+OUT (rank 0 takes it, every rank hears).
 """
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import click
 
 from common.names import plain_name
 from common.outputs import out_lock
-from pipelines.tasks.base import log
+from pipelines.tasks.base import log, read_json
+
+FINE_TUNED = ("finetuned", "best", "checkpoints")  # what a fine-tuning run of vilbert-eval leaves in OUT
 
 
 def check_fit(config, vocabulary: int, opts, source: str) -> None:
@@ -94,6 +97,45 @@ def check_model_options(model, task, opts, fine_tune: bool) -> None:
                              f"{sorted(heads) or 'none'}); evaluating would score with a random one: use "
                              "--score-head alignment (or auto), or fine-tune one with --epochs / --train-steps")
         log.warning("--score-head retrieval: the model has no 'retrieval' head; a new one is trained from scratch")
+
+
+def check_out_holds(out: Path, task_name: str, fine_tune: bool, model_paths: dict) -> None:
+    """ValueError (one line) before any work when the run would destroy what OUT holds: another
+    command's run (vilbert-multitask's results.json, vilbert-train's metrics.csv), a results.json
+    that is not vilbert-eval's or is of another task, a fine-tuned run that an evaluation alone would
+    replace the results of, or a model to fine-tune (`model_paths`: option -> path) that lies where
+    fine-tuning writes (OUT/finetuned, OUT/best, OUT/checkpoints)."""
+    out = Path(out)
+    if (out / "metrics.csv").exists() or (out / "tensorboard").exists():
+        raise ValueError(f"{out}: holds a vilbert-train run (metrics.csv, tensorboard/); give another --out")
+    results = out / "results.json"
+    held = read_json(results, "results of an earlier run") if results.exists() else None
+    if held is not None:
+        if isinstance(held, dict) and isinstance(held.get("tasks"), dict) and "config" in held:
+            raise ValueError(f"{out}: holds a vilbert-multitask run ({results}); give another --out (its model: "
+                             f"--checkpoint {out / 'finetuned'})")
+        if not (isinstance(held, dict) and isinstance(held.get("task"), str) and isinstance(held.get("splits"), dict)):
+            raise ValueError(f"{results}: not the results of a vilbert-eval run, and this run would replace it; "
+                             "give another --out")
+        if held["task"] != task_name:
+            raise ValueError(f"{out}: holds a {held['task']} run ({results}), not {task_name}; give another --out")
+    fine_tuned = [name for name in FINE_TUNED if (out / name).exists()]
+    if not fine_tune and (fine_tuned or (held is not None and held.get("train_steps"))):
+        what = ", ".join([f"{n}/" for n in fine_tuned] + ([f"results.json of {held['train_steps']} steps"]
+                                                          if held is not None and held.get("train_steps") else []))
+        raise ValueError(f"{out}: holds a fine-tuned run ({what}); an evaluation alone would replace its results "
+                         f"and predictions: evaluate into another --out (the model: --checkpoint {out / 'best'} or "
+                         f"{out / 'finetuned'})")
+    if fine_tune:
+        base = out.resolve()
+        for option, path in model_paths.items():
+            if not path:
+                continue
+            where = Path(path).resolve()
+            for name in FINE_TUNED:
+                if where == base / name or (base / name) in where.parents:
+                    raise ValueError(f"{option} {path}: lies in {out / name}, which this fine-tuning writes over; "
+                                     "copy the model out of --out, or give another --out")
 
 
 @contextlib.contextmanager

@@ -9,7 +9,6 @@ pipelines.eval_cli ...`) it fine-tunes with DDP and evaluates each split in shar
 from __future__ import annotations
 
 import logging
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from pipelines.eval_checks import (
     check_feature_widths,
     check_fit,
     check_model_options,
+    check_out_holds,
     check_val_labels,
     model_source,
     plain_split,
@@ -216,6 +216,8 @@ def cli(task_name, checkpoint, official_checkpoint, official_config, init_preset
                        tokenizer=Path(kw.pop("tokenizer")), splits=tuple(kw.pop("splits")), extra=extra, **kw)
     models = (checkpoint, official_checkpoint, official_config, init_preset)
     try:
+        check_out_holds(out, task_name, bool(kw["train_steps"] or kw["epochs"]),
+                        {"--checkpoint": checkpoint, "--official-checkpoint": official_checkpoint})
         with run_lock(out, info):  # one run at a time in OUT
             return run_task(task_name, opts, info, models, save)
     except (FileNotFoundError, ValueError, KeyError, FloatingPointError) as e:
@@ -242,9 +244,11 @@ def run_task(task_name: str, opts: TaskOptions, info, models: tuple, save: bool)
     t0 = time.time()
     results = {"task": task_name, "model": source, "train_steps": 0, "splits": {}, "train_loss_first": None,
                "train_loss_last": None}
+    tuner = None
     if fine_tune:
         settings_source = model_source(checkpoint, official_checkpoint, init_preset, official_config)
-        results.update(fine_tune_model(model, task, opts, info, source, save, settings_source))
+        tuner, tuned = fine_tune_model(model, task, opts, info, source, save, settings_source)
+        results.update(tuned)
     for split in opts.splits or task.default_splits:
         with autocast(opts):
             metrics, preds = task.evaluate(model, split)
@@ -256,15 +260,15 @@ def run_task(task_name: str, opts: TaskOptions, info, models: tuple, save: bool)
     results["seconds"] = round(time.time() - t0, 1)
     if info.is_main:
         write_json(out / "results.json", results)
-        if fine_tune and not save:  # --no-save keeps no weights: the run's are dropped once it is done
-            for folder in ("checkpoints", "best"):
-                shutil.rmtree(out / folder, ignore_errors=True)
+        if tuner is not None and not save:  # --no-save keeps no weights: the run's are dropped once it is done
+            tuner.drop_weights()
     return results
 
 
-def fine_tune_model(model, task, opts, info, source: str, save: bool, settings_source: str = "") -> dict:
+def fine_tune_model(model, task, opts, info, source: str, save: bool, settings_source: str = ""):
     """Fine-tune (resuming from OUT/checkpoints), save OUT/finetuned, and leave the model holding
-    the weights that are evaluated: the best validated epoch's (OUT/best), else the last ones."""
+    the weights that are evaluated: the best validated epoch's (OUT/best), else the last ones.
+    -> (the FineTuner, the results of the fine-tuning)."""
     from pipelines.tasks.finetune import FineTuner
     from pipelines.train.checkpoints import save_model_dir
     from vilbert import load_pretrained
@@ -288,7 +292,7 @@ def fine_tune_model(model, task, opts, info, source: str, save: bool, settings_s
         results["evaluated"] = f"best: epoch {run['best']['epoch']:g}, {run['best']['split']} " \
                                f"{run['best']['metric']} {run['best']['value']:.4f}"
     model.eval()
-    return results
+    return tuner, results
 
 
 def main(argv=None):

@@ -437,3 +437,10 @@ def run_cli(task: str, d: dict, out: Path, *extra) -> int:
     args = ["--task", task, "--data", str(d["data"]), "--features", str(d["root"] / "features"),
             "--out", str(out), "--tokenizer", str(d["vocab"]), "--device", "cpu", "--workers", "0", *extra]
     return exit_status(main, args)
+
+
+def one_line_err(capsys) -> str:
+    """What a command wrote to stderr, asserted to be one line and no traceback."""
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err

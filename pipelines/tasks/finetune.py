@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -156,6 +157,7 @@ class FineTuner:
         self.step, self.losses, self.history, self.best = 0, [], [], None
         self.root = Path(opts.out) / "checkpoints"
         self._saved_at, self._batches, self._step_fn = -1, None, None
+        self.written: set[Path] = set()  # the checkpoints of this run (saved, or resumed from): --no-save drops them
 
     def settings(self) -> dict:
         """What a resumed run must share with the run it continues: the schedule, the task's
@@ -192,6 +194,7 @@ class FineTuner:
         if found is None:
             return False
         ckpt, state = found
+        self.written.add(Path(ckpt))
         self.step, self.losses, self.history, self.best = state["step"], state["losses"], state["history"], \
             state["best"]
         self._saved_at = self.step
@@ -313,5 +316,16 @@ class FineTuner:
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "step": self.step, "rng": rng_state(), "losses": self.losses, "history": self.history,
                  "best": self.best, "settings": self.settings()}
-        save_checkpoint(self.root, self.step, self.model, state,
-                        {"task": self.task.name, "step": self.step, **self.task_metadata()}, self.opts.keep_last)
+        self.written.add(save_checkpoint(self.root, self.step, self.model, state,
+                                         {"task": self.task.name, "step": self.step, **self.task_metadata()},
+                                         self.opts.keep_last))
+
+    def drop_weights(self) -> None:
+        """--no-save: the run's checkpoints and its OUT/best, nothing else of OUT (a file of the user's
+        in OUT/checkpoints, a checkpoint set aside as damaged, stay); OUT/checkpoints if then empty."""
+        for path in sorted(self.written):
+            shutil.rmtree(path, ignore_errors=True)
+        if self.best is not None:  # validated by this run (or by the run it resumed)
+            shutil.rmtree(Path(self.opts.out) / "best", ignore_errors=True)
+        with contextlib.suppress(OSError):
+            self.root.rmdir()  # only when empty

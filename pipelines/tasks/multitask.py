@@ -49,7 +49,7 @@ class MultiTaskConfig:
     tasks: list  # of TaskEntry
     tokenizer: Path | None = None  # BERT tokenizer directory or vocab.txt, for every task without its own
     epochs: float = 20.0  # train_tasks.py --num_train_epochs
-    train_iterations: int = 0  # instead of epochs: this many iterations
+    train_iterations: int = 0  # instead of epochs: this many iterations (>= 1 when given; 0: not given)
     warmup: float = 0.1  # --warmup_proportion, linear warmup then linear decay (--lr_scheduler warmup_linear)
     weight_decay: float = 0.01
     clip_grad: float = 0.0  # max gradient norm per optimizer step; 0 = none (train_tasks.py clips nothing)
@@ -89,6 +89,8 @@ def load_config(path) -> MultiTaskConfig:
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: expected a mapping with a 'tasks' list at the top, got {type(doc).__name__}")
     shared = checked(doc, SHARED_CHECKS, MultiTaskConfig, "", path)
+    if "epochs" in doc and "train_iterations" in doc:  # as vilbert-eval's --epochs / --train-steps
+        raise ConfigError(f"{path}: epochs and train_iterations: give one of them, not both")
     if not shared["tasks"]:
         raise ConfigError(f"{path}: tasks: empty (give at least one task entry)")
     entries, seen = [], set()

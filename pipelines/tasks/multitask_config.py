@@ -98,7 +98,7 @@ ENTRY_CHECKS = {"task": _of(str, "a task name"), "data": _path(True), "features"
                 "splits": _splits, "task_token": _number(0, 2 ** 31 - 1, integer=True),
                 "extra": _of(dict, "a mapping of task options")}
 SHARED_CHECKS = {"tasks": _of(list, "a list of task entries"), "tokenizer": _path(False),
-                 "epochs": _number(0, 10 ** 6, lo_open=True), "train_iterations": _number(0, 10 ** 12, integer=True),
+                 "epochs": _number(0, 10 ** 6, lo_open=True), "train_iterations": _number(1, 10 ** 12, integer=True),
                  "warmup": _number(0, 1), "weight_decay": _number(0, 1e3), "clip_grad": _number(0),
                  "train_iter_gap": _number(1, 10 ** 12, integer=True),
                  "plateau_patience": _number(0, 10 ** 9, integer=True),

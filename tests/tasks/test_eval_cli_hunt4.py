@@ -14,7 +14,7 @@ from pipelines.eval_checks import check_fit
 from pipelines.train.checkpoints import list_checkpoints
 from vilbert import ViLBert, load_preset, load_pretrained, save_pretrained
 
-from tasks_data import make_retrieval, make_vqa, run_cli, tiny_checkpoint, vocab_size, write_vocab
+from tasks_data import make_retrieval, make_vqa, one_line_err, run_cli, tiny_checkpoint, vocab_size, write_vocab
 
 STEPS = ("--train-steps", "2", "--batch-size", "16", "--min-answer-count", "1", "--val-split", "none")
 
@@ -30,11 +30,6 @@ def vqa(tmp_path_factory):
     return d
 
 
-def one_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1, err
-    return err
-
 
 def test_a_resume_with_other_answers_task_token_or_model_is_refused(vqa, tmp_path, capsys):
     out = tmp_path / "out"
@@ -46,15 +41,15 @@ def test_a_resume_with_other_answers_task_token_or_model_is_refused(vqa, tmp_pat
     assert run_cli("vqa", vqa, out, *common, "--answers", str(a)) == 0
     capsys.readouterr()
     assert run_cli("vqa", vqa, out, *common, "--answers", str(b)) == 1  # OUT/answers.json is the first to say so
-    assert "answers.json: the run in this --out (finetuned/) was fine-tuned with another answer" in one_line(capsys)
+    assert "answers.json: the run in this --out (finetuned/) was fine-tuned with another answer" in one_line_err(capsys)
     (out / "answers.json").unlink()  # without it, the resume check still refuses the other head
     assert run_cli("vqa", vqa, out, *common, "--answers", str(b)) == 1
-    assert "fine-tuned with other settings than this run's (task answers: " in one_line(capsys)
+    assert "fine-tuned with other settings than this run's (task answers: " in one_line_err(capsys)
     (out / "answers.json").write_text(json.dumps(answers))
     assert run_cli("vqa", vqa, out, *common, "--answers", str(a), "--task-token", "3") == 1
-    assert "task_token: 1 then, 3 now" in one_line(capsys)
+    assert "task_token: 1 then, 3 now" in one_line_err(capsys)
     assert run_cli("vqa", vqa, out, *common[2:], "--checkpoint", str(vqa["other"]), "--answers", str(a)) == 1
-    err = one_line(capsys)
+    err = one_line_err(capsys)
     assert f"model: 'checkpoint {vqa['tokens'].resolve()}' then" in err and str(vqa["other"].resolve()) in err
     # every model folder the run saved records the task's settings, for a later evaluation to check
     recorded = {"vqa": json.loads(json.dumps(task_settings(vqa, a)))}
@@ -82,7 +77,7 @@ def test_an_unlabelled_validation_split_is_refused_before_fine_tuning(vqa, tmp_p
     out = tmp_path / "out"
     assert run_cli("vqa", vqa, out, "--checkpoint", str(vqa["ckpt"]), "--epochs", "1", "--batch-size", "16",
                    "--min-answer-count", "1", "--val-split", "test-dev", "--split", "val") == 1
-    err = one_line(capsys)
+    err = one_line_err(capsys)
     assert "--val-split test-dev" in err and "has no labels" in err and "--val-split none" in err
     assert not (out / "checkpoints").exists()
 
@@ -140,7 +135,7 @@ def test_a_second_run_in_the_same_out_is_refused_naming_the_holder(vqa, tmp_path
     out = tmp_path / "out"
     with out_lock(out, "vilbert-eval"):
         assert run_cli("vqa", vqa, out, "--checkpoint", str(vqa["ckpt"]), *STEPS) == 1
-        err = one_line(capsys)
+        err = one_line_err(capsys)
         assert f"vilbert-eval (pid {os.getpid()} on " in err and "is running in this folder" in err
         assert not (out / "checkpoints").exists() and not (out / "answers.json").exists()
         with pytest.raises(ValueError, match="is running in this folder"):
@@ -168,10 +163,10 @@ def test_options_the_model_cannot_honour_are_warned_or_refused(vqa, tmp_path, ca
     assert caplog.text.count("--task-token 3 is ignored: the model has no task tokens") == 1
     assert run_cli("vqa", vqa, tmp_path / "t", "--checkpoint", str(vqa["tokens"]), "--min-answer-count", "1",
                    "--split", "val", "--task-token", "20") == 1
-    assert "--task-token 20: the model has task tokens 0 to 19" in one_line(capsys)
+    assert "--task-token 20: the model has task tokens 0 to 19" in one_line_err(capsys)
     root = tmp_path / "retrieval"
     d = {"root": root, "data": make_retrieval(root), "vocab": write_vocab(root)}
     assert run_cli("retrieval", d, tmp_path / "r", "--checkpoint", str(vqa["ckpt"]), "--score-head", "retrieval") == 1
-    err = one_line(capsys)
+    err = one_line_err(capsys)
     assert "--score-head retrieval: the model has no 'retrieval' head" in err
     assert not (tmp_path / "r").exists()
