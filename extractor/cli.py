@@ -48,6 +48,20 @@ def _refuse_images_inside_out(images, out) -> None:
                                    "write the features to a folder outside IMAGES")
 
 
+INPUT_FILES = (("weights", "detector weights (.pkl, .bin, .pth or .pt)"), ("captions", "a captions TSV"),
+               ("gt_boxes", "a ground-truth boxes JSON"), ("class_names", "a text file of class names"))
+
+
+def _check_input_files(**paths) -> None:
+    """Each input file given (`INPUT_FILES`' options) is a regular file, before anything opens it: a FIFO
+    would block the run forever. ValueError "PATH: not a regular file (a FIFO): expected WHAT"."""
+    from common.safe_load import regular_file
+
+    for option, what in INPUT_FILES:
+        if paths.get(option):
+            regular_file(paths[option], what)
+
+
 def _warn_about_rejected_boxes(boxes) -> None:
     """COCO annotations of no area (or not finite): say once, before the run, that their images are skipped."""
     if boxes is not None and boxes.rejected_by_name:
@@ -211,6 +225,7 @@ def extract(images, out, weights, config_name, attributes, recipe, backend, devi
     problems = []  # unreadable input shards: (path, reason)
     try:
         device = check_device(device)
+        _check_input_files(weights=weights, captions=captions, gt_boxes=gt_boxes, class_names=class_names)
         writable_folder(out, "OUT")
         boxes = GroundTruthBoxes.from_file(gt_boxes) if gt_boxes else None
         inputs = discover_inputs(images, captions, exclude=out, problems=problems)
@@ -294,10 +309,20 @@ def _run(writer, detector, records, problems, config, rank, world, out, min_boxe
     failures = f"failed {summary['failed']}" + (f", unreadable input shards {len(problems)}" if problems else "")
     if summary["failed"] or problems:
         failures += f" (see {os.path.join(out, 'errors.jsonl')})"
-    click.echo(f"done {summary['done']}, skipped {summary['skipped']}, {failures}; "
-               f"{summary['images_per_second']} images/s")
+    click.echo(f"done {summary['done']}, skipped {summary['skipped']}{_previously_failed(summary, out)}, "
+               f"{failures}; {summary['images_per_second']} images/s")
     click.echo(json.dumps(summary), err=True)
     return summary
+
+
+def _previously_failed(summary, out) -> str:
+    """The part of the summary line on the skipped images that failed in an earlier run: they are not
+    tried again until their lines leave errors.jsonl."""
+    count = summary.get("previously_failed", 0)
+    if not count:
+        return ""
+    return (f" (of which previously failed {count}, not retried: see {os.path.join(out, 'errors.jsonl')}; "
+            "delete their lines to retry)")
 
 
 def main(argv=None):

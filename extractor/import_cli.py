@@ -59,11 +59,21 @@ def import_features(src, out, fmt, captions, shard_size, prefix, quiet):
                               id_hint=getattr(module, "ID_HINT", ""))
     try:
         summary = _run(module, source, out, writer, settings)
+        _warn_when_no_caption_matched(summary, captions)
         _refuse_when_nothing_imported(summary, src, out)
         return summary
     except BaseException:  # a run that fails before it made anything leaves OUT as it found it
         undo_failed_start(out, before, _made_progress)
         raise
+
+
+def _warn_when_no_caption_matched(summary, captions) -> None:
+    """A --captions TSV none of whose lines names a record imported now: every sample is without KEY.txt,
+    which pretraining needs. Say so (vilbert-extract does too), with how names are matched."""
+    if captions and summary["done"] and not summary["captioned"]:
+        click.echo(f"warning: none of the {summary['done']} records imported matched a caption in {captions}: "
+                   "they are imported without one, and pretraining skips them (captions are matched by image id, "
+                   "file stem, or the number a file name ends in)", err=True)
 
 
 def _refuse_when_nothing_imported(summary, src, out) -> None:

@@ -1,6 +1,7 @@
 """The extraction loop: inputs -> parallel decoding -> batched detection -> selection -> shards."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -54,8 +55,17 @@ class DecodingDataset(Dataset):
         except ImageRejected as error:
             item["reason"] = str(error)
         except OSError as error:
-            item["reason"] = f"cannot read file: {error}"
+            item["reason"] = _unreadable(record.path, error)
         return item
+
+
+def _unreadable(path: str, error: OSError) -> str:
+    """Why an input file could not be read; a link to nothing says where it points."""
+    if os.path.islink(path) and not os.path.exists(path):
+        if error.errno == errno.ELOOP:
+            return f"a symbolic link loop (to {os.readlink(path)})"
+        return f"a dangling symbolic link (to {os.readlink(path)}, which does not exist)"
+    return f"cannot read file: {error}"
 
 
 def encode_sample(record: InputRecord, width: int, height: int, boxes: np.ndarray,
@@ -96,18 +106,23 @@ def select_regions(output: RegionOutputs, scale: float, width: int, height: int,
 
 
 def _plan(records: List[InputRecord], writer: ShardWriter):
-    """-> (records to extract, skipped count, failed count); duplicates are logged."""
-    seen, todo, skipped, failed = set(), [], 0, 0
+    """-> (records to extract, skipped count, failed count, previously failed count); duplicates are
+    logged. Skipped: already in OUT's shards, or failed in an earlier run (in errors.jsonl, not retried:
+    the previously failed ones, counted also on their own)."""
+    seen, todo, skipped, failed, previously_failed = set(), [], 0, 0, 0
     for record in records:
-        if record.key in writer.done_keys or record.source in writer.error_sources:
+        if record.key in writer.done_keys:
             skipped += 1
+        elif record.source in writer.error_sources:
+            skipped += 1
+            previously_failed += 1
         elif record.key in seen:
             writer.log_error(record.key, record.source, f"duplicate image key {record.key!r}")
             failed += 1
         else:
             seen.add(record.key)
             todo.append(record)
-    return todo, skipped, failed
+    return todo, skipped, failed, previously_failed
 
 
 def _given_boxes(gt_boxes: GroundTruthBoxes, record: InputRecord, pixels: np.ndarray):
@@ -170,6 +185,9 @@ class RecipeMismatch(ValueError):
     """OUT already holds shards made with another detector, weights or selection settings."""
 
 
+LATER_FIELDS = ("gt_boxes_sha256",)  # recorded in recipe.json since 2026-12-01
+
+
 def check_recipe(out_dir: Path, header: Dict) -> None:
     """Record the feature recipe in OUT/recipe.json on the first run; refuse to resume into OUT
     with a different one (shards of mixed recipes would silently poison training)."""
@@ -179,6 +197,8 @@ def check_recipe(out_dir: Path, header: Dict) -> None:
             previous = json.loads(path.read_text())
         except ValueError:
             previous = None
+        if isinstance(previous, dict):  # a field an earlier version did not record is not compared
+            header = {k: v for k, v in header.items() if k in previous or k not in LATER_FIELDS}
         if previous is not None and previous != header:
             changed = sorted(k for k in set(previous) | set(header) if previous.get(k) != header.get(k))
             raise RecipeMismatch(
@@ -195,7 +215,8 @@ def check_recipe(out_dir: Path, header: Dict) -> None:
 def run_extraction(detector: BottomUpDetector, records: List[InputRecord], writer: ShardWriter,
                    selector: RegionSelector, settings: ExtractionSettings,
                    gt_boxes: Optional[GroundTruthBoxes] = None) -> Dict:
-    """Extract every record not already done; returns the summary counts."""
+    """Extract every record not already done (nor logged as failed by an earlier run); returns the
+    summary counts (`skipped` includes `previously_failed`, the records errors.jsonl lists)."""
     if gt_boxes is not None and gt_boxes.name_of is None:
         gt_boxes.bind(records)  # the CLI binds before anything is written; a library caller here
     recipe = detector.config.recipe
@@ -203,13 +224,15 @@ def run_extraction(detector: BottomUpDetector, records: List[InputRecord], write
             (recipe.box_offset, recipe.threshold_order):
         raise ValueError(f"the region selector's conventions differ from the detector's recipe {recipe.name!r}: "
                          "build it with RegionSelector.for_recipe(detector.config.recipe, ...)")
-    todo, skipped, failed = _plan(records, writer)
+    todo, skipped, failed, previously_failed = _plan(records, writer)
     header = dict(detector=detector.config.name, weights_hash=detector.weights_hash,
                   recipe=detector.config.recipe_name, mode="gt-boxes" if gt_boxes else "detected",
                   attributes=detector.config.use_attributes, precision=precision_name(detector),
                   backend=getattr(detector, "backend_name", "torch"))
     if detector.weights_hash == "random-init":
         header["seed"] = detector.random_seed
+    if gt_boxes is not None:
+        header["gt_boxes_sha256"] = gt_boxes.digest()
     if gt_boxes is None:
         header.update(min_boxes=selector.min_boxes, max_boxes=selector.max_boxes,
                       conf_threshold=selector.conf_threshold,
@@ -269,6 +292,7 @@ def run_extraction(detector: BottomUpDetector, records: List[InputRecord], write
     bar.close()
     writer.close()
     elapsed = time.time() - started
-    return dict(done=done, skipped=skipped, failed=failed, shards_written=writer.shards_written,
+    return dict(done=done, skipped=skipped, failed=failed, previously_failed=previously_failed,
+                shards_written=writer.shards_written,
                 seconds=round(elapsed, 3),
                 images_per_second=round(done / elapsed, 3) if elapsed else 0.0)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from common.names import hashed_key, image_key
+from common.safe_load import regular_file
 from extractor.images import IMAGE_EXTENSIONS
 
 
@@ -56,9 +57,10 @@ def unique_keys(records: List[InputRecord]) -> List[InputRecord]:
 
 def read_caption_tsv(path: str) -> Dict[str, str]:
     """`caption<TAB>url-or-filename` lines -> {name: caption}, the name being a URL's file name or a
-    file's path as written (relative to IMAGES); a header line is skipped."""
+    file's path as written (relative to IMAGES); a header line is skipped, and so is a UTF-8 byte-order
+    mark (spreadsheets write one). ValueError for a FIFO or another file that is not a regular file."""
     captions: Dict[str, str] = {}
-    with open(path, encoding="utf-8", errors="replace") as handle:
+    with open(regular_file(path, "a captions TSV"), encoding="utf-8-sig", errors="replace") as handle:
         for line_number, line in enumerate(handle, 1):
             parts = line.rstrip("\n").split("\t")
             if len(parts) < 2:
@@ -88,13 +90,36 @@ def caption_for(relative: Path, captions: Dict[str, str], images_by_name: Dict[s
 
 
 def _is_under(path: Path, folder: Optional[Path]) -> bool:
-    return folder is not None and (path.resolve() == folder or folder in path.resolve().parents)
+    """`path`, its links resolved, is `folder` (a resolved path) or lies inside it; a link loop never raises."""
+    if folder is None:
+        return False
+    real = Path(os.path.realpath(path))
+    return real == folder or folder in real.parents
+
+
+def _walk_files(root: Path, exclude: Optional[Path]) -> List[Path]:
+    """Every file name under `root`, sorted, following links to folders (`images/coco -> /data/coco`)
+    but entering each real folder once (a link to a folder above it is no loop); the folder `exclude`
+    is not entered. Dangling links are listed: the caller reports them."""
+    found, visited = [], set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in visited or _is_under(Path(folder), exclude):
+            subfolders[:] = []
+            continue
+        visited.add(real)
+        subfolders.sort()
+        found.extend(Path(folder) / name for name in files)
+    return sorted(found)
 
 
 def _folder_records(root: Path, captions: Dict[str, str], exclude: Optional[Path],
-                    captions_source: str = "--captions") -> List[InputRecord]:
+                    captions_source: str = "--captions", files: Optional[List[Path]] = None) -> List[InputRecord]:
+    """The image files under `root` (`files`: its `_walk_files`), captioned from the TSV or a sidecar
+    KEY.txt. A dangling link with an image's name is kept: reading it fails and logs it."""
     records = []
-    paths = [p for p in sorted(root.rglob("*")) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+    files = _walk_files(root, exclude) if files is None else files
+    paths = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS and (p.is_file() or _is_dangling(p))
              and not _is_under(p, exclude)]
     images_by_name: Dict[str, int] = {}
     for path in paths:
@@ -110,10 +135,73 @@ def _folder_records(root: Path, captions: Dict[str, str], exclude: Optional[Path
     return records
 
 
+def _is_dangling(path: Path) -> bool:
+    """A symbolic link whose target does not exist (or a link loop)."""
+    return path.is_symlink() and not path.exists()
+
+
 def _split_member_name(name: str) -> Tuple[str, str]:
+    """'sub/IMG_2020.01.00.jpg' -> ('sub/IMG_2020.01.00', '.jpg'): the extension is the last one, as
+    for the files of a folder. img2dataset's members (KEY.jpg, KEY.txt, KEY.json) have keys without
+    dots, so they split the same way at the first dot or the last. A leading './' (`tar cf x.tar -C
+    dir .`) is not part of the name: './000000042.jpg' keeps the key 000000042."""
+    while name.startswith("./"):
+        name = name[2:]
     directory, base = os.path.split(name)
-    stem, _, extension = base.partition(".")
+    stem, dot, extension = base.rpartition(".")
+    if not dot or not stem:  # no extension ('README', '.jpg')
+        return os.path.join(directory, base), ""
     return os.path.join(directory, stem), "." + extension.lower()
+
+
+@dataclass
+class _TarSample:
+    """The members of one sample of a shard: an image, its caption, its JSON (each once)."""
+    stem: str
+    image: Optional[tarfile.TarInfo] = None
+    caption: Optional[str] = None
+    meta: Optional[Dict] = None
+    occurrence: int = 1  # 2, 3, ...: a later sample of the same key (a shard appended to with tar -rf)
+
+
+def _slot(extension: str) -> Optional[str]:
+    """Which part of a sample a member of this extension is, or None for a member that is no part."""
+    if extension in IMAGE_EXTENSIONS:
+        return "image"
+    return {".txt": "caption", ".json": "meta"}.get(extension)
+
+
+def _read_member(archive: tarfile.TarFile, member: tarfile.TarInfo, slot: str):
+    """The caption (str) or JSON (dict) of a member; {} for a JSON that is not an object."""
+    data = archive.extractfile(member).read()
+    if slot == "caption":
+        return data.decode("utf-8", "replace").strip()
+    try:
+        meta = json.loads(data)
+    except ValueError:
+        meta = {}
+    return meta if isinstance(meta, dict) else {}  # img2dataset writes an object
+
+
+def _tar_samples(archive: tarfile.TarFile, samples: List[_TarSample]) -> None:
+    """Group the members of `archive` into `samples` (appended as read, so that a damaged shard keeps
+    those before the damage): a member joins the latest sample of its key unless that one already has
+    a member of its kind; then it starts the next sample of that key. So a shard with a key twice
+    (`3.jpg 3.txt 3.jpg 3.txt`, after `tar -rf`) gives two samples, each picture with its own caption."""
+    latest: Dict[str, _TarSample] = {}
+    for member in archive:
+        if not member.isfile():
+            continue
+        stem, extension = _split_member_name(member.name)
+        slot = _slot(extension)
+        if slot is None:
+            continue
+        sample = latest.get(stem)
+        if sample is None or getattr(sample, slot) is not None:
+            sample = _TarSample(stem, occurrence=sample.occurrence + 1 if sample else 1)
+            latest[stem] = sample
+            samples.append(sample)
+        setattr(sample, slot, member if slot == "image" else _read_member(archive, member, slot))
 
 
 def _tar_records(tar_path: Path, problems: Optional[List[Tuple[str, str]]] = None,
@@ -121,47 +209,32 @@ def _tar_records(tar_path: Path, problems: Optional[List[Tuple[str, str]]] = Non
     """The images of an img2dataset shard. A shard that is corrupt or truncated keeps the images
     read before the damage; the damage goes to `problems` as (path, reason), or raises ValueError
     when no list is given. `folder`: the shard's folder under IMAGES, the first part of its keys
-    (two img2dataset runs in one input folder both number their keys from 000000000)."""
-    images: Dict[str, tarfile.TarInfo] = {}
-    texts: Dict[str, str] = {}
-    metas: Dict[str, Dict] = {}
-    order: List[str] = []
+    (two img2dataset runs in one input folder both number their keys from 000000000). A key the
+    shard holds twice gives two records of one key (the later is logged as a duplicate); the later's
+    `source` names its occurrence ('shard.tar:3.jpg#2'), so that its error is not the first one's."""
+    samples: List[_TarSample] = []
     try:
         with tarfile.open(tar_path, "r:") as archive:
-            for member in archive:
-                if not member.isfile():
-                    continue
-                stem, extension = _split_member_name(member.name)
-                if extension in IMAGE_EXTENSIONS and stem not in images:
-                    images[stem] = member
-                    order.append(stem)
-                elif extension == ".txt":
-                    texts[stem] = archive.extractfile(member).read().decode("utf-8", "replace").strip()
-                elif extension == ".json":
-                    try:
-                        meta = json.loads(archive.extractfile(member).read())
-                    except ValueError:
-                        meta = {}
-                    metas[stem] = meta if isinstance(meta, dict) else {}  # img2dataset writes an object
+            _tar_samples(archive, samples)
     except (tarfile.TarError, OSError, EOFError) as error:
         reason = (f"not a readable tar shard ({type(error).__name__}: {error}); "
-                  f"the {len(order)} image(s) listed before the damage are still tried")
+                  f"the {sum(s.image is not None for s in samples)} image(s) listed before the damage are still tried")
         if problems is None:
             raise ValueError(f"{tar_path}: {reason}") from None
         problems.append((str(tar_path), reason))
-    return [InputRecord(key=safe_key(os.path.join(folder, stem)), source=f"{tar_path}:{images[stem].name}",
-                        path=str(tar_path), offset=images[stem].offset_data,
-                        size=images[stem].size, caption=texts.get(stem), meta=metas.get(stem, {}),
-                        name=os.path.join(folder, stem))
-            for stem in order]
+    return [InputRecord(key=safe_key(os.path.join(folder, s.stem)), path=str(tar_path),
+                        source=f"{tar_path}:{s.image.name}" + (f"#{s.occurrence}" if s.occurrence > 1 else ""),
+                        offset=s.image.offset_data, size=s.image.size, caption=s.caption, meta=s.meta or {},
+                        name=os.path.join(folder, s.stem))
+            for s in sorted((s for s in samples if s.image is not None), key=lambda s: s.image.offset)]
 
 
 def discover_inputs(images: str, captions_tsv: Optional[str] = None, exclude: Optional[str] = None,
                     problems: Optional[List[Tuple[str, str]]] = None) -> List[InputRecord]:
     """All inputs under `images` (a folder, or one .tar), in a deterministic order; files under
-    `exclude` (the output folder, when it sits inside the input folder) are ignored. Unreadable
-    tar shards go to `problems` as (path, reason) with their readable images kept (without a
-    list: ValueError)."""
+    `exclude` (the output folder, when it sits inside the input folder) are ignored, and links to
+    folders are followed. Unreadable tar shards go to `problems` as (path, reason) with their readable
+    images kept (without a list: ValueError)."""
     excluded = Path(exclude).resolve() if exclude else None
     root = Path(images)
     if not root.exists():
@@ -171,8 +244,9 @@ def discover_inputs(images: str, captions_tsv: Optional[str] = None, exclude: Op
             raise ValueError(f"{images}: expected a folder of images or an img2dataset .tar shard")
         return unique_keys(_tar_records(root, problems))
     captions = read_caption_tsv(captions_tsv) if captions_tsv else {}
-    records = _folder_records(root, captions, excluded, captions_tsv or "--captions")
-    for tar_path in sorted(p for p in root.rglob("*.tar") if p.is_file() and not _is_under(p, excluded)):  # no FIFOs
+    files = _walk_files(root, excluded)
+    records = _folder_records(root, captions, excluded, captions_tsv or "--captions", files)
+    for tar_path in (p for p in files if p.suffix == ".tar" and p.is_file() and not _is_under(p, excluded)):  # no FIFOs
         folder = tar_path.parent.relative_to(root).as_posix()
         records.extend(_tar_records(tar_path, problems, "" if folder == "." else folder))
     return unique_keys(records)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import click
 
+from common.options import FiniteFloat
 from common.outputs import writable_folder
 
 from .demo_data import MARKER, check_demo_folders, feature_dim, prepare_data
@@ -222,7 +223,7 @@ def print_summary(s: dict) -> None:
               help="use the first N held-out scenes (default all)")
 @click.option("--steps", type=click.IntRange(min=1), default=2000, help="pretraining steps")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, help="pretraining batch")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-3, help="pretraining peak learning rate")
+@click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=2e-3, help="pretraining peak learning rate")
 @click.option("--refer-steps", type=click.IntRange(min=0), default=300, help="fine-tuning steps of the referring task")
 @click.option("--device", default="auto", help="auto (cuda when available), cpu, cuda")
 @click.option("--threads", type=click.IntRange(min=0), default=1,

@@ -54,6 +54,9 @@ def plain_split(ctx, param, value):
         if name is None:
             continue
         for part in name.split(",") if param.name == "train_split" else (name,):
+            if not part.strip():
+                raise click.BadParameter(f"{name!r}: a split name is empty" + (" (several are joined by commas, "
+                                         "e.g. train,val)" if "," in name else ""), ctx, param)
             if not plain_name(part):
                 raise click.BadParameter(f"{name!r} is not a plain split name (no path separators, '..' or "
                                          "leading '.')", ctx, param)

@@ -17,6 +17,7 @@ import click
 import torch
 
 from common.devices import check_device
+from common.options import FiniteFloat
 from common.outputs import check_out_outside, writable_folder
 from common.safe_load import regular_file
 from pipelines.eval_checks import (
@@ -38,6 +39,19 @@ from pipelines.train.distributed import resolve_device, setup_distributed, teard
 TASK_OPTIONS = ("gt_features", "refs_file", "eval_on_gt", "hard_targets", "iou_rule", "visualize", "images",
                 "score_head", "max_images", "pair_batch", "karpathy_file", "answers", "num_answers",
                 "min_answer_count", "train_split")
+
+
+def refuse_options_not_read(ctx, task_name: str) -> None:
+    """A task's own option given to a task that does not read it (`--visualize` to nlvr2) is a usage
+    error naming the tasks that read it: it was ignored without a word."""
+    from pipelines.tasks.multitask_config import TASK_EXTRA
+
+    for param in ctx.command.params:
+        if param.name in TASK_OPTIONS and param.name not in TASK_EXTRA[task_name] and \
+                ctx.get_parameter_source(param.name) is click.core.ParameterSource.COMMANDLINE:
+            readers = [name for name, options in TASK_EXTRA.items() if param.name in options]
+            raise click.UsageError(f"{param.opts[0]} is an option of {', '.join(readers)}; --task {task_name} "
+                                   "does not read it")
 
 
 def _per_task(value) -> str:
@@ -117,12 +131,12 @@ class Epochs(click.ParamType):
                    "which must be a multiple of it x processes (default: --batch-size / processes).")
 @click.option("--eval-batch-size", type=click.IntRange(1), default=128,
               help="Evaluation batch size (vcr: input rows, 8 per question).")
-@click.option("--lr", type=click.FloatRange(0, min_open=True),
+@click.option("--lr", type=FiniteFloat(0, min_open=True),
               help="Peak learning rate (AdamW). Default: the official per-task value "
               f"({_per_task(lambda t: f'{t.default_lr:g}')}).")
-@click.option("--warmup", type=click.FloatRange(0, 1), default=0.1,
+@click.option("--warmup", type=FiniteFloat(0, 1), default=0.1,
               help="Linear warmup over this fraction of the steps, then linear decay to 0 (official 0.1).")
-@click.option("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases/LayerNorm).")
+@click.option("--weight-decay", type=FiniteFloat(0), default=0.01, help="AdamW weight decay (not on biases/LayerNorm).")
 @click.option("--val-split", show_default=False, callback=plain_split,
               help="Validated after each epoch; the best epoch by the task's metric is kept in OUT/best and "
                    "evaluated. 'none' = no validation. Default with --epochs: "
@@ -199,6 +213,7 @@ def cli(task_name, checkpoint, official_checkpoint, official_config, init_preset
     logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING, format="%(asctime)s %(message)s")
     kw["device"] = str(resolve_device(kw["device"], info.local_rank))
     torch.manual_seed(kw["seed"])
+    refuse_options_not_read(click.get_current_context(), task_name)
     extra = {k: kw.pop(k) for k in TASK_OPTIONS}
     extra["soft_targets"] = not extra.pop("hard_targets")
     out = Path(kw.pop("out"))
@@ -213,7 +228,8 @@ def cli(task_name, checkpoint, official_checkpoint, official_config, init_preset
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
     opts = TaskOptions(data=Path(kw.pop("data")), features=Path(kw.pop("features")), out=out, compile=compile_model,
-                       tokenizer=Path(kw.pop("tokenizer")), splits=tuple(kw.pop("splits")), extra=extra, **kw)
+                       tokenizer=Path(kw.pop("tokenizer")), splits=tuple(dict.fromkeys(kw.pop("splits"))),  # once each
+                       extra=extra, **kw)
     models = (checkpoint, official_checkpoint, official_config, init_preset)
     try:
         check_out_holds(out, task_name, bool(kw["train_steps"] or kw["epochs"]),

@@ -9,14 +9,15 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import click
 import torch
 
 from common.devices import check_device
-from common.outputs import disk_full, is_disk_full, writable_folder
+from common.options import FiniteFloat
+from common.outputs import check_out_outside, disk_full, is_disk_full, writable_folder
 
 from .data.loader import DataConfig, NoUsableSamples, PretrainingData, PretrainingLoader, make_loader
 from .data.shards import (
@@ -28,6 +29,7 @@ from .data.shards import (
     region_widths,
 )
 from .data.text_corpus import SEQ_LEN, TEXT_RATIO, TextCorpus, TextMixer, TextStream, expand_text_corpus
+from .eval_checks import run_lock
 from .train.checkpoints import list_checkpoints
 from .train.distributed import teardown_distributed
 from .train.trainer import TrainConfig, Trainer
@@ -80,6 +82,16 @@ def _check_eval_shards(eval_shards: str, data: PretrainingData, allow_mixed: boo
                                    f"{widths[0]} and {widths[1]}: evaluate on shards of the same feature recipe")
 
 
+def _local_folder(source: str | None) -> Path | None:
+    """The local folder of a shard source (a folder, a .tar, a brace pattern), or None (a URL, pipe:)."""
+    if not source or "://" in source or source.startswith("pipe:"):
+        return None
+    path = Path(source)
+    if path.is_dir():
+        return path
+    return path.parent if path.is_file() or "{" in path.name else None  # one shard, or a brace pattern
+
+
 def _stream_seed(seed: int, step: int) -> int:
     """A resumed run must not replay the samples it already trained on: seed the stream by step."""
     return seed * 1_000_003 + step
@@ -109,26 +121,26 @@ OPTS = dict(show_default=True)
 @click.option("--text-corpus", default=None, metavar="PATTERN",
               help="objective vlbert: UTF-8 text files ('corpus/*.txt', a directory) trained with MLM in the same "
                    "run, as VL-BERT's general_corpus")
-@click.option("--text-ratio", type=click.FloatRange(0, min_open=True), default=TEXT_RATIO,
+@click.option("--text-ratio", type=FiniteFloat(0, 64, min_open=True), default=TEXT_RATIO,
               help="text-only rows per caption row (official: 1, a batch of each per step)", **OPTS)
 @click.option("--text-seq-len", type=click.IntRange(1), default=SEQ_LEN,
               help="WordPiece tokens per text-only row (official 64)", **OPTS)
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-4, **OPTS)
-@click.option("--bert-lr-scale", type=float, default=0.1,
+@click.option("--lr", type=FiniteFloat(0, min_open=True), default=1e-4, **OPTS)
+@click.option("--bert-lr-scale", type=FiniteFloat(0), default=0.1,
               help="learning-rate factor for BERT-initialised weights", **OPTS)
-@click.option("--weight-decay", type=float, default=0.01, **OPTS)
-@click.option("--warmup", type=click.FloatRange(0, 1), default=0.1, help="fraction of steps with linear warmup", **OPTS)
+@click.option("--weight-decay", type=FiniteFloat(0), default=0.01, **OPTS)
+@click.option("--warmup", type=FiniteFloat(0, 1), default=0.1, help="fraction of steps with linear warmup", **OPTS)
 @click.option("--batch-size", type=click.IntRange(1), default=512,
               help="samples per optimizer step, all processes", **OPTS)
 @click.option("--micro-batch-size", type=click.IntRange(1), default=64,
               help="samples per forward pass and process; gradient accumulation fills --batch-size, which must be a "
                    "multiple of it x processes", **OPTS)
-@click.option("--epochs", type=click.FloatRange(0, min_open=True), default=10.0, **OPTS)
+@click.option("--epochs", type=FiniteFloat(0, min_open=True), default=10.0, **OPTS)
 @click.option("--samples-per-epoch", type=click.IntRange(0), default=0,
               help="virtual epoch size; 0 = the shards' sizes.json", **OPTS)
 @click.option("--max-steps", type=click.IntRange(0), default=0,
               help="stop after this many optimizer steps; 0 = from --epochs", **OPTS)
-@click.option("--clip-grad", type=click.FloatRange(0), default=1.0, help="max gradient norm (0 = off)", **OPTS)
+@click.option("--clip-grad", type=FiniteFloat(0), default=1.0, help="max gradient norm (0 = off)", **OPTS)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
               help="auto: bf16 autocast on GPU, fp32 on CPU "
                    "(bf16 measured 2.2-2.6x faster than fp32 on a CPU with AVX-512 BF16)", **OPTS)
@@ -176,6 +188,7 @@ def cli(shards, out, preset, arch, overrides, bert, tokenizer, objective, text_c
     with user_errors():
         check_device(device)
         writable_folder(out, "--out")
+        check_out_outside(out, {"SHARDS": _local_folder(shards), "--eval-shards": _local_folder(eval_shards)})
     model_overrides = _parse_overrides(overrides)
     if arch:
         model_overrides["arch"] = arch
@@ -209,6 +222,16 @@ def cli(shards, out, preset, arch, overrides, bert, tokenizer, objective, text_c
     )
     with user_errors():
         trainer = Trainer(train_cfg, recipe=data.recipe)
+    with ExitStack() as held:
+        with user_errors():
+            held.enter_context(run_lock(Path(out), trainer.dist, "vilbert-train"))  # one run at a time in OUT
+        return _train(trainer, data, data_cfg, shards, out, text_corpus, text_ratio, text_seq_len, max_seq_len,
+                      resume_from, allow_mixed_recipes, eval_shards, seed)
+
+
+def _train(trainer, data, data_cfg, shards, out, text_corpus, text_ratio, text_seq_len, max_seq_len, resume_from,
+           allow_mixed_recipes, eval_shards, seed):
+    """The checks that need the model, the resume, the training and the held-out pass (OUT locked)."""
     config = trainer.model.config
     data_cfg.objective = trainer.cfg.objective  # resolved for the architecture
     corpus_errors, corpus = ErrorCounter(), None
@@ -228,7 +251,7 @@ def cli(shards, out, preset, arch, overrides, bert, tokenizer, objective, text_c
         raise click.ClickException(f"--max-seq-len {max_seq_len} is longer than the model's "
                                    f"max_position_embeddings {config.max_position_embeddings}")
     if data.widths[1] != config.v_target_size:
-        raise click.ClickException(f"{width_source}: class distributions are {data.widths[1]} wide, the model "
+        raise click.ClickException(f"{data.widths_source}: class distributions are {data.widths[1]} wide, the model "
                                    f"predicts {config.v_target_size} (--set v_target_size={data.widths[1]})")
     if resume_from == "never" and list_checkpoints(trainer.ckpt_root):
         raise click.ClickException(f"{trainer.ckpt_root} holds checkpoints and --resume never was given; "
@@ -250,8 +273,14 @@ def cli(shards, out, preset, arch, overrides, bert, tokenizer, objective, text_c
                             world_size=trainer.dist.world_size)
         batches = TextMixer(stream, text_ratio, start=trainer.step * trainer.accumulation)(batches)
     first_step, skipped_before = trainer.step, trainer.skipped
+    if resumed and trainer.cfg.max_steps and trainer.step >= trainer.cfg.max_steps and trainer.dist.is_main:
+        click.echo(f"note: the run is at step {trainer.step}, --max-steps {trainer.cfg.max_steps}: nothing to train "
+                   "(give a larger --max-steps to continue)", err=True)
     try:
         last = trainer.fit(batches, samples_per_epoch=loader.samples_per_epoch)
+    except FloatingPointError as error:  # --nan-policy stop: the checkpoints saved before it are intact
+        raise click.ClickException(f"{error}: stopped (--nan-policy stop); the checkpoints saved before it are "
+                                   "intact") from None
     except OSError as error:
         if not is_disk_full(error):
             raise

@@ -444,3 +444,25 @@ def one_line_err(capsys) -> str:
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err, err
     return err
+
+
+# every task's dataset at its smallest, for the input checks: name -> maker(root) -> data folder
+SMALL_MAKERS = {
+    "vqa": lambda root: make_vqa(root, n_train=8, n_val=4),
+    "gqa": lambda root: make_gqa(root, n_images=(8, 4, 4)),
+    "nlvr2": lambda root: make_nlvr2(root, n_pairs=(8, 4, 4)),
+    "snli-ve": lambda root: make_snli_ve(root, n_images=(6, 3, 3)),
+    "refcoco+": lambda root: make_refer(root, n_images=(4, 3, 2, 2)),
+    "retrieval": lambda root: make_retrieval(root, n_train=4, n_test=3),
+    "vcr": lambda root: make_vcr(root, n_questions=(6, 4)),
+}
+
+
+def small_datasets(tmp_path_factory, names=tuple(SMALL_MAKERS)) -> dict:
+    """{name: {root, data, vocab}} of SMALL_MAKERS' datasets (VCR's vocabulary holds its words)."""
+    out = {}
+    for name in names:
+        root = tmp_path_factory.mktemp(name.replace("+", "p"))
+        extra = VCR_WORDS if name == "vcr" else []
+        out[name] = {"root": root, "data": SMALL_MAKERS[name](root), "vocab": write_vocab(root, extra)}
+    return out

@@ -7,12 +7,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 ARCHS = ("vilbert", "vlbert")
 FUSIONS = ("mul", "sum")
+
+# Sizes and counts a model cannot be built with below 1 (a width, a table, a head count, a stack).
+POSITIVE_FIELDS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+    "max_position_embeddings", "type_vocab_size", "v_feature_size", "v_target_size", "v_hidden_size",
+    "v_num_hidden_layers", "v_num_attention_heads", "v_intermediate_size", "bi_hidden_size",
+    "bi_num_attention_heads", "bi_intermediate_size", "v_geometry_dim",
+)
+DROPOUT_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "v_hidden_dropout_prob",
+                  "v_attention_probs_dropout_prob")
 
 
 @dataclass
@@ -69,6 +80,7 @@ class ViLBertConfig:
     initializer_range: float = 0.02
 
     def __post_init__(self):
+        self._check_numbers()
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
         if self.fusion_method not in FUSIONS:
@@ -87,6 +99,28 @@ class ViLBertConfig:
                              f"hidden_size ({self.hidden_size})")
         elif self.task_specific_tokens:
             raise ValueError("VL-BERT has no task-specific tokens (task_specific_tokens is for arch vilbert)")
+
+    def _check_numbers(self):
+        """ValueError naming the field, its value and the rule for a number no model can be built or
+        trained with: a size or count below 1, a negative number of task tokens (at least 1 with
+        task_specific_tokens), a dropout outside [0, 1], a LayerNorm eps <= 0, a negative
+        initializer_range, or a float that is NaN or infinite."""
+        rules = [(name, "a whole number >= 1", lambda v: v >= 1) for name in POSITIVE_FIELDS]
+        rules += [(name, "a probability in [0, 1]", lambda v: 0 <= v <= 1) for name in DROPOUT_FIELDS]
+        rules += [("layer_norm_eps", "a number > 0", lambda v: v > 0),
+                  ("initializer_range", "a number >= 0 (the std of the initial weights)", lambda v: v >= 0)]
+        if self.task_specific_tokens:
+            rules.append(("num_task_tokens", "a whole number >= 1 with task_specific_tokens", lambda v: v >= 1))
+        else:
+            rules.append(("num_task_tokens", "a whole number >= 0", lambda v: v >= 0))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type == "float" and _is_number(value) and not math.isfinite(value):
+                raise ValueError(f"config field {f.name}={value!r}: must be a finite number")
+        for name, rule, holds in rules:
+            value = getattr(self, name)
+            if _is_number(value) and not holds(value):
+                raise ValueError(f"config field {name}={value!r}: must be {rule}")
 
     def _check_schedule(self):
         v_ids, t_ids = list(self.v_biattention_id), list(self.t_biattention_id)
@@ -164,6 +198,11 @@ class ViLBertConfig:
 def preset_names() -> list[str]:
     files = resources.files("vilbert") / "presets"
     return sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".json"))
+
+
+def _is_number(value) -> bool:
+    """Whether a value is an int or float (not a bool): the fields the range checks apply to."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _has_type(value, annotation: str) -> bool:

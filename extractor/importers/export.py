@@ -169,6 +169,7 @@ def export(shards, out, fmt: str, distributions: bool = False, progress: bool = 
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out}: exists; remove it or choose another name")
+    _check_out(shards, out)
     shard_files(shards)  # FileNotFoundError before anything is written
     warnings: List[str] = []
     total = _total(shards, warnings)
@@ -199,6 +200,19 @@ def export(shards, out, fmt: str, distributions: bool = False, progress: bool = 
     return dict(format=fmt, out=str(out), exported=exported, skipped=len(skipped), skipped_samples=skipped,
                 unreadable_shards=problems, warnings=warnings, seconds=round(elapsed, 3),
                 samples_per_second=round(exported / elapsed, 1) if elapsed else 0.0)
+
+
+def _check_out(shards, out: Path) -> None:
+    """OUT's folder exists (else FileNotFoundError, one line: the export writes a hidden `.OUT.partial`
+    there first), and OUT is no `*.tar` in the SHARDS folder: a later run would take it for a damaged
+    shard and set it aside (ValueError)."""
+    folder = out.parent
+    if not folder.is_dir():
+        why = "is not a folder" if folder.exists() else "does not exist"
+        raise FileNotFoundError(f"{out}: OUT's folder {folder} {why}")
+    if out.suffix == ".tar" and Path(shards).is_dir() and folder.resolve() == Path(shards).resolve():
+        raise ValueError(f"{out}: an export named *.tar inside SHARDS {shards} would be read as one of its shards "
+                         "(and set aside as damaged by a later run); name it otherwise or write it elsewhere")
 
 
 def _write_all(samples_in: Iterable, write: Callable, forbidden: str, skipped: List[str]) -> int:

@@ -29,6 +29,7 @@ from .shards import (
     read_recipe,
     refuse_without_class_targets,
     region_widths,
+    uncounted,
 )
 from .tokenization import CaptionTokenizer, load_tokenizer
 
@@ -121,7 +122,8 @@ class PretrainingData:
             self.widths, self.widths_source = None, str(error)
         self.samples_per_epoch = cfg.samples_per_epoch or count_samples(self.urls) or 0
         if train and not self.samples_per_epoch:
-            raise ValueError(f"{cfg.shards!r}: no sizes.json lists these shards; pass samples_per_epoch")
+            raise ValueError(f"{cfg.shards!r}: no sample count ({uncounted(self.urls) or 'sizes.json'}); pass "
+                             "--samples-per-epoch")
         self.tokenizer = CaptionTokenizer(load_tokenizer(cfg.tokenizer), cfg.max_seq_len)
         self.errors = ErrorCounter()
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from common.shard_format import PRETRAINING_MEMBERS
 
-from .shards import ErrorCounter, check_recipe
+from .shards import ErrorCounter, check_recipe, json_kind
 from .tario import iter_tar, load_npy, open_shard
 
 
@@ -118,6 +118,17 @@ def _array(raw: dict, name: str, columns: int | None = None) -> np.ndarray:
     return array
 
 
+def _dotted_key_hint(raw: dict, missing: list[str]) -> str:
+    """When the members a sample lacks are there under longer extensions (`v1.synthetic001.json` read
+    as key `v1`, extension `synthetic001.json`), the reason: a key holding a dot; else ""."""
+    found = [ext for ext in raw if not ext.startswith("__") and any(ext.endswith("." + m) for m in missing)]
+    if not found:
+        return ""
+    return (f" (members such as {raw['__key__']}.{found[0]} are there: sample keys may not contain dots, "
+            "as WebDataset splits a member name at its first dot into key and extension; rename the members "
+            "so that their keys have no dot)")
+
+
 def parse_sample(raw: dict, max_regions: int, expected_recipe: dict | None,
                  widths: tuple[int, int] | None = None) -> RegionSample | None:
     """raw webdataset sample (member -> bytes) -> RegionSample; None when its caption is absent or empty.
@@ -126,9 +137,14 @@ def parse_sample(raw: dict, max_regions: int, expected_recipe: dict | None,
     key, url = raw.get("__key__", "?"), raw.get("__url__", "?")
     missing = [name for name in PRETRAINING_MEMBERS if name not in raw]
     if missing:
-        raise SampleError(f"missing member(s) {', '.join(missing)}")
+        raise SampleError(f"missing member(s) {', '.join(missing)}{_dotted_key_hint(raw, missing)}")
     try:
         meta = decode_member("json", raw["json"])
+    except ValueError as error:
+        raise SampleError(f"json: not valid JSON ({error})") from None
+    if not isinstance(meta, dict):
+        raise SampleError(f"json: a JSON {json_kind(meta)}, expected an object")
+    try:
         width, height = float(meta["width"]), float(meta["height"])
     except (ValueError, KeyError, TypeError) as error:
         raise SampleError(f"json: no valid width/height ({type(error).__name__}: {error})") from None

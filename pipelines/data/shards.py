@@ -45,6 +45,11 @@ def expand_shards(source) -> list[str]:
     if special:  # a FIFO or device would block the reader forever
         raise ValueError(f"{special[0]}: not a regular file (a FIFO, device or folder), not a shard")
     missing = [u for u in urls if not _is_url(u) and not Path(u).is_file()]
+    if missing and any(c in missing[0] for c in "*?["):
+        raise FileNotFoundError(
+            f"{missing[0]}: no such shard; glob patterns (*, ?, [...]) are not expanded (a quoted glob reaches "
+            "the program as it is): give the folder of the shards, or a brace pattern such as "
+            "shard-{000000..000009}.tar")
     if missing:
         raise FileNotFoundError(f"{len(missing)} shard(s) not found, e.g. {missing[0]} (from {source!r})")
     return urls
@@ -75,9 +80,54 @@ def count_samples(urls: list[str]) -> int | None:
     return total
 
 
-def recipe_of(meta: dict) -> dict:
-    """The feature-recipe fields of a sample's JSON or a recipe.json (unknown fields ignored)."""
+def uncounted(urls: list[str]) -> str:
+    """Why count_samples gives no count for `urls` (for the error that asks for --samples-per-epoch):
+    remote shards, folders without sizes.json, the shards no sizes.json lists, or counts that are all 0."""
+    if any(_is_url(u) for u in urls):
+        return "remote shards have no sizes.json"
+    unlisted, listed = [], 0
+    for folder, names in _local_dirs(urls).items():
+        path = folder / SIZES_FILE
+        if not path.is_file():
+            return f"{folder} has no {SIZES_FILE}"
+        sizes = read_sizes(path)
+        unlisted += [str(folder / name) for name in names if name not in sizes]
+        listed += sum(sizes.get(name, 0) for name in names)
+    if unlisted:
+        more = f" and {len(unlisted) - 1} more" if len(unlisted) > 1 else ""
+        return f"{SIZES_FILE} does not list {unlisted[0]}{more}"
+    return f"{SIZES_FILE} gives every one of these {len(urls)} shard(s) 0 samples" if not listed else ""
+
+
+def recipe_of(meta) -> dict:
+    """The feature-recipe fields of a sample's JSON (unknown fields ignored); ValueError for one that is
+    not a JSON object, so that such a sample is malformed."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"the sample's json is a JSON {json_kind(meta)}, expected an object")
     return {k: meta[k] for k in RECIPE_FIELDS if k in meta}
+
+
+def json_kind(value) -> str:
+    """JSON's name for the type of a decoded value (null, string, array, ...)."""
+    names = {type(None): "null", bool: "boolean", str: "string", list: "array", dict: "object"}
+    return names.get(type(value), "number")
+
+
+def _recipe_file(path: Path) -> dict:
+    """The recipe fields of a folder's recipe.json; ValueError naming the file unless it is a JSON
+    object holding at least `detector` and `weights_hash` (what every writer records)."""
+    try:
+        recipe = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(recipe, dict):
+        raise ValueError(f"{path}: a JSON {json_kind(recipe)}, expected an object of the feature recipe's "
+                         "fields (detector, weights_hash, ...)")
+    lacking = [name for name in ("detector", "weights_hash") if name not in recipe]
+    if lacking:
+        raise ValueError(f"{path}: no {' or '.join(lacking)}; a recipe.json is the object of the feature "
+                         "recipe's fields (detector, weights_hash, ...) that vilbert-extract writes")
+    return recipe_of(recipe)
 
 
 def _first_member(url: str, suffix: str) -> bytes:
@@ -132,10 +182,7 @@ def read_recipe(urls: list[str], allow_mixed: bool = False) -> dict:
     for folder in _local_dirs(urls):
         path = folder / RECIPE_FILE
         if path.is_file():
-            try:
-                found[str(path)] = recipe_of(json.loads(path.read_text()))
-            except ValueError as error:
-                raise ValueError(f"{path}: not valid JSON ({error})") from None
+            found[str(path)] = _recipe_file(path)
     if not found:  # no recipe.json: the first shard that can tell
         recipe, url = from_first_readable_shard(
             urls, lambda url: recipe_of(json.loads(_first_member(url, ".json"))),

@@ -8,7 +8,9 @@ list of lines (the official `load_corpus` joins its `+`-separated files so). Seq
 line drawn without replacement per pass over the lines (a fresh permutation each pass, as a
 shuffling sampler), takes that line's words and those of the following lines (wrapping at the
 end) until it has `min_words` (64) words, masks whole words (masking.mask_corpus_text) and keeps
-the first `seq_len` (64) WordPieces, with no [CLS]/[SEP] (as the official rows).
+the first `seq_len` (64) WordPieces, with no [CLS]/[SEP] (as the official rows). A long line is cut
+to its first max(min_words, seq_len) whitespace words before it is tokenized: the row is the same, and
+a corpus without newlines no longer costs a whole-line tokenization per row.
 
 A file that cannot be read as UTF-8 text (binary, another encoding, permission denied, a directory,
 a FIFO or other special file: never opened for reading, so never waited on) is skipped with a
@@ -111,8 +113,16 @@ class TextStream:
             self._epoch, self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(n)
         return int(self._order[index % n])
 
+    def _words_needed(self) -> int:
+        """Whitespace words of a line that can reach a row: each gives at least one WordPiece and one
+        word, so the first max(min_words, seq_len) of them fill the row as the whole line would."""
+        return max(self.min_words, self.seq_len)
+
     def _encode(self, line: int) -> tuple[list[int], list[int]]:
-        enc = self.tokenizer.tokenizer(self.lines[line], add_special_tokens=False)
+        text, needed = self.lines[line], self._words_needed()
+        if len(text) > 16 * needed:  # a long line (a dump without newlines): tokenize only what can be kept
+            text = " ".join(text.split(maxsplit=needed)[:needed])
+        enc = self.tokenizer.tokenizer(text, add_special_tokens=False)
         return list(enc["input_ids"]), [w if w is not None else 0 for w in enc.word_ids()]
 
     def sequence(self, index: int) -> tuple[np.ndarray, np.ndarray]:

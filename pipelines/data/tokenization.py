@@ -48,23 +48,55 @@ def _from_vocab_file(path: Path):
 
 
 def load_tokenizer(path: str | os.PathLike):
-    """A BertTokenizerFast (lower-cased) from a directory holding a tokenizer or vocab.txt, or from
-    a vocab.txt file itself."""
-    from transformers import BertTokenizerFast
-
+    """A BertTokenizerFast (lower-cased) from a directory holding a tokenizer.json or vocab.txt (a
+    tokenizer_config.json alone is no vocabulary), or from a vocab.txt file itself; ValueError naming
+    the file or folder for one that is not JSON, not a tokenizer, or of no more than the special tokens."""
     path = Path(path)
     if path.exists() and not path.is_dir():  # a FIFO or a device is one line, never "no such file"
-        return _from_vocab_file(regular_file(path, "a vocab.txt or a tokenizer directory"))
+        return _checked_size(_from_vocab_file(regular_file(path, "a vocab.txt or a tokenizer directory")), path)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
         if path.is_dir() and (path / name).exists():
             regular_file(path / name, f"the tokenizer's {name}")
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such tokenizer directory or vocab file")
-    if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
+    vocab, config = (path / "vocab.txt").is_file(), (path / "tokenizer_config.json").is_file()
+    if (path / "tokenizer.json").is_file() or (vocab and config):
+        if vocab:
+            vocabulary_words(path / "vocab.txt")  # a file of another kind is one line, not a tokenizer error
+        return _checked_size(_from_folder(path), path)
+    if vocab:
+        return _checked_size(_from_vocab_file(path / "vocab.txt"), path)
+    raise FileNotFoundError(f"{path}: holds neither tokenizer.json nor vocab.txt"
+                            + (" (a tokenizer_config.json alone is no vocabulary)" if config else ""))
+
+
+def _from_folder(path: Path):
+    """BertTokenizerFast.from_pretrained of a folder holding tokenizer.json (or vocab.txt with its
+    tokenizer_config.json); ValueError naming the file that is not JSON, or the folder whose files
+    transformers cannot make a tokenizer of."""
+    import json
+
+    from transformers import BertTokenizerFast
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (path / name).is_file():
+            try:
+                json.loads((path / name).read_text(encoding="utf-8"))
+            except (ValueError, OSError) as error:  # UnicodeDecodeError is a ValueError
+                raise ValueError(f"{path / name}: not valid JSON ({error})") from None
+    try:
         return BertTokenizerFast.from_pretrained(str(path), do_lower_case=True, local_files_only=True)
-    if (path / "vocab.txt").is_file():
-        return _from_vocab_file(path / "vocab.txt")
-    raise FileNotFoundError(f"{path}: holds neither tokenizer.json/tokenizer_config.json nor vocab.txt")
+    except Exception as error:  # the tokenizers library raises plain Exceptions (KeyError for `{}`)
+        raise ValueError(f"{path}: not a tokenizer ({type(error).__name__}: {error})") from None
+
+
+def _checked_size(tokenizer, path: Path):
+    """The tokenizer, unless its vocabulary is no more than the 5 special tokens (every word would
+    be [UNK]): ValueError naming `path`."""
+    if len(tokenizer) <= len(SPECIAL_TOKENS):
+        raise ValueError(f"{path}: the tokenizer vocabulary has only {len(tokenizer)} entries "
+                         "(every word would be [UNK])")
+    return tokenizer
 
 
 @dataclass

@@ -273,6 +273,31 @@ def keep_answer_list(path: Path, answers) -> None:
     write_json(path, answers)
 
 
+def split_names(value: str, option: str = "--train-split") -> list[str]:
+    """The split names of `value`, several joined by commas ("train,val"): each one non-empty and named
+    once (a split named twice would be trained on twice); a one-line error naming `option` otherwise."""
+    names = [name.strip() for name in str(value).split(",")]
+    if not all(names):
+        raise ValueError(f"{option} {value!r}: a split name is empty (several are joined by commas, e.g. train,val)")
+    twice = next((name for k, name in enumerate(names) if name in names[:k]), None)
+    if twice is not None:
+        raise ValueError(f"{option} {value!r}: split {twice!r} is named twice (its items would count twice)")
+    return names
+
+
+def first_seen(seen: dict, key, where, what: str, path) -> None:
+    """Record that `key` (an id of the data) is at `where` (a line or record), or raise the one-line
+    error "PATH: WHAT KEY appears twice (FIRST and WHERE)": an id given twice would be counted twice."""
+    if key in seen:
+        raise ValueError(f"{path}: {what} {key!r} appears twice ({seen[key]} and {where}); each must be given once")
+    seen[key] = where
+
+
+def no_items(path, split: str, what: str) -> ValueError:
+    """The error of a split with nothing to evaluate (or train on): it would exit 0 with no metric."""
+    return ValueError(f"{path}: split {split!r} has no {what}")
+
+
 def read_json(path: Path, what: str):
     regular_file(path, what)  # "PATH: WHAT not found"; a FIFO would block the read
     try:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch.nn.functional as F
 
-from .base import answers_settings, keep_answer_list, log, read_json
+from .base import answers_settings, keep_answer_list, log, no_items, read_json, split_names
 from .classification import SentenceImagesTask
 from .distributed import is_main
 from .vqa import load_answer_list
@@ -44,6 +44,12 @@ def load_gqa_split(data: Path, split: str) -> list[dict]:
         if answer is not None and not isinstance(answer, str):
             raise ValueError(f"{path}: question {qid!r}: 'answer' is {answer!r}, expected a string")
         items.append({"id": str(qid), "sentence": q["question"], "images": [str(q["imageId"])], "answer": answer})
+    if not items:  # nothing to evaluate: it would exit 0 with no metric
+        raise no_items(path, split, "questions")
+    unanswered = [it["id"] for it in items if it["answer"] is None]
+    if unanswered and len(unanswered) < len(items):  # GQA's eval.py reads every question's answer
+        raise ValueError(f"{path}: {len(unanswered)} of the {len(items)} questions have no 'answer', e.g. question "
+                         f"{unanswered[0]!r}; a split is labelled whole (val, testdev) or not at all (test)")
     return items
 
 
@@ -61,12 +67,12 @@ class GQATask(SentenceImagesTask):
     def __init__(self, opts):
         super().__init__(opts)
         x = opts.extra
-        self.train_split = x.get("train_split") or "train"
+        self.train_split = ",".join(split_names(x.get("train_split") or "train"))  # "train,val": each once
         if x.get("answers"):
             answers = load_answer_list(Path(x["answers"]))
         else:
             counts = Counter(it["answer"] for split in self.train_split.split(",")
-                             for it in load_gqa_split(self.data, split.strip()) if it["answer"])
+                             for it in load_gqa_split(self.data, split) if it["answer"])
             ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
             answers = [a for a, _ in ranked[: int(x.get("num_answers") or 1533)]]
         if not answers:

@@ -11,6 +11,7 @@ True 1), trained with BCE on the one-hot label; accuracy on dev and test-P (`tes
 """
 from __future__ import annotations
 
+from .base import no_items
 from .classification import SentenceImagesTask
 from .snli_ve import field, read_jsonl
 
@@ -43,4 +44,6 @@ class NLVR2Task(SentenceImagesTask):
                 raise ValueError(f"{path}:{n}: label {label!r} is neither 'True' nor 'False'")
             items.append({"id": identifier, "sentence": field(path, n, row, "sentence"),
                           "images": [f"{stem}-img0", f"{stem}-img1"], "label": self.labels.index(label)})
+        if not items:  # nothing to evaluate: it would exit 0 with no metric
+            raise no_items(path, split, "items")
         return items

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import Task, batched, log, read_json
+from .base import Task, batched, first_seen, log, read_json
 from .distributed import is_main
 from .features import FeatureStore, check_features, pad_regions, with_img_token
 from .metrics import IOU_RULES, check_finite_items, is_hit, rule_iou
@@ -37,14 +37,23 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def load_instances(path: Path) -> tuple[dict, dict]:
-    """COCO instances -> ({annotation id: bbox [x, y, w, h]}, {image id: image record}), each record
-    checked: a bbox of 4 finite numbers with w, h >= 0, an image with a positive width and height."""
+def load_instances(path: Path) -> tuple[dict, dict, dict]:
+    """COCO instances -> ({annotation id: bbox [x, y, w, h]}, {image id: image record}, {annotation id:
+    its image_id, where it gives one}), each record checked: a bbox of 4 finite numbers with w, h >= 0
+    that does not lie wholly outside its image (vilbert-extract rejects such a box), an image with a
+    positive width and height."""
     inst = read_json(path, "COCO instances")
     if not isinstance(inst, dict) or not isinstance(inst.get("annotations"), list) or \
             not isinstance(inst.get("images"), list):
         raise ValueError(f"{path}: expected COCO instances, an object with lists 'images' and 'annotations'")
-    boxes, images = {}, {}
+    boxes, images, ann_images = {}, {}, {}
+    for k, im in enumerate(inst["images"]):
+        if not isinstance(im, dict) or "id" not in im:
+            raise ValueError(f"{path}: image #{k} is not an object with an 'id'")
+        size = (im.get("width"), im.get("height"))
+        if not all(_number(v) and v > 0 for v in size):
+            raise ValueError(f"{path}: image {im['id']!r}: width and height {size} are not positive numbers")
+        images[im["id"]] = im
     for k, a in enumerate(inst["annotations"]):
         bbox = a.get("bbox") if isinstance(a, dict) else None
         if not isinstance(a, dict) or "id" not in a:
@@ -53,32 +62,49 @@ def load_instances(path: Path) -> tuple[dict, dict]:
                 and bbox[2] >= 0 and bbox[3] >= 0):
             raise ValueError(f"{path}: annotation {a['id']!r}: bbox {bbox!r} is not [x, y, w, h] of finite numbers "
                              "with w, h >= 0")
+        if "image_id" in a:
+            ann_images[a["id"]] = a["image_id"]
+            known = isinstance(a["image_id"], (int, str)) and a["image_id"] in images
+            check_inside(path, a, images[a["image_id"]] if known else None)
         boxes[a["id"]] = bbox
-    for k, im in enumerate(inst["images"]):
-        if not isinstance(im, dict) or "id" not in im:
-            raise ValueError(f"{path}: image #{k} is not an object with an 'id'")
-        size = (im.get("width"), im.get("height"))
-        if not all(_number(v) and v > 0 for v in size):
-            raise ValueError(f"{path}: image {im['id']!r}: width and height {size} are not positive numbers")
-        images[im["id"]] = im
-    return boxes, images
+    return boxes, images, ann_images
+
+
+def check_inside(path: Path, annotation: dict, image: dict | None) -> None:
+    """ValueError naming the annotation if its bbox shares no area with its image (a region of nothing:
+    no detection could be a hit); an image instances.json does not list is not checked."""
+    if image is None:
+        return
+    x, y, w, h = annotation["bbox"]
+    width, height = image["width"], image["height"]
+    if x >= width or y >= height or x + w <= 0 or y + h <= 0:
+        raise ValueError(f"{path}: annotation {annotation['id']!r}: bbox {annotation['bbox']!r} lies wholly outside "
+                         f"its {width}x{height} image {annotation['image_id']!r}")
 
 
 def load_refer(data: Path, refs_file: str = "refs(unc).p", instances: tuple | None = None) -> dict[str, list[dict]]:
     """-> {split: [entry]} with one entry per expression: expression, sent_id, ref_id, image_id, box (xyxy).
-    `instances`: what load_instances gave for data/instances.json, when it is read already."""
+    `instances`: what load_instances gave for data/instances.json, when it is read already. A ref whose
+    image is not its annotation's, and a sent_id in two refs (the refer toolkit indexes sentences by
+    it), are one-line errors."""
     refs = load_refs(data / refs_file)
     inst_path = data / "instances.json"
-    boxes, _ = instances or load_instances(inst_path)
+    boxes, _, ann_images = instances or load_instances(inst_path)
     splits: dict[str, list[dict]] = {}
+    sentences: dict = {}
     for ref in refs:
         bbox = boxes.get(ref["ann_id"])
         if bbox is None:
             raise ValueError(f"{inst_path}: no annotation {ref['ann_id']} (ref_id {ref['ref_id']} in {refs_file})")
+        if ann_images.get(ref["ann_id"], ref["image_id"]) != ref["image_id"]:  # scored on another image's regions
+            raise ValueError(f"{data / refs_file}: ref_id {ref['ref_id']} is of image_id {ref['image_id']}, its "
+                             f"annotation {ref['ann_id']} of image_id {ann_images[ref['ann_id']]} in {inst_path.name}")
         x, y, w, h = bbox
         sent_ids = ref.get("sent_ids") or []
         for k, sent in enumerate(ref["sentences"]):
             sent_id = sent["sent_id"] if "sent_id" in sent else (sent_ids[k] if k < len(sent_ids) else None)
+            if sent_id is not None:  # counted once per ref that holds it
+                first_seen(sentences, sent_id, f"ref_id {ref['ref_id']}", "sent_id", data / refs_file)
             splits.setdefault(ref["split"], []).append({
                 "expression": sent["raw"], "sent_id": sent_id,
                 "ref_id": ref["ref_id"], "image_id": ref["image_id"], "box": [x, y, x + w, y + h],
@@ -109,7 +135,7 @@ class RefCOCOTask(Task):
             if store is not None:
                 store.name_images(file_names)
         if x.get("eval_on_gt") and self.gt_store is None:
-            raise ValueError("eval_on_gt needs gt_features (shards extracted with vilbert-extract --gt-boxes)")
+            raise ValueError("--eval-on-gt-boxes needs --gt-boxes (shards extracted with vilbert-extract --gt-boxes)")
         self.soft = x.get("soft_targets", True)
         self.given_iou_rule = x.get("iou_rule")
         if self.given_iou_rule is not None and self.given_iou_rule not in IOU_RULES:

@@ -53,6 +53,7 @@ def load_refs(path: str | Path) -> list[dict]:
     refs = load_plain_pickle(path)
     if not isinstance(refs, list):
         raise ValueError(f"{path}: expected a list of refs, got {type(refs).__name__}")
+    seen: dict = {}
     for i, ref in enumerate(refs):
         if not isinstance(ref, dict) or any(k not in ref for k in REF_KEYS):
             raise ValueError(f"{path}: ref #{i} is not a dict with keys {list(REF_KEYS)}")
@@ -63,4 +64,8 @@ def load_refs(path: str | Path) -> list[dict]:
             if not isinstance(ref[key], int) or isinstance(ref[key], bool):
                 raise ValueError(f"{path}: ref #{i} (ref_id {ref['ref_id']!r}): {key!r} is {ref[key]!r} "
                                  f"({type(ref[key]).__name__}), expected an int as in the refer toolkit")
+        if ref["ref_id"] in seen:  # the toolkit indexes refs by ref_id: a second one would be counted twice
+            raise ValueError(f"{path}: ref #{i}: ref_id {ref['ref_id']} appears twice (first as ref "
+                             f"#{seen[ref['ref_id']]})")
+        seen[ref["ref_id"]] = i
     return refs

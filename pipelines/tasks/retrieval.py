@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from common.safe_load import regular_file
 
-from .base import Task, log, read_json
+from .base import Task, first_seen, log, no_items, read_json
 from .distributed import gather_lists, rank_world, share
 from .features import check_features, image_batch
 from .metrics import recall_at_k
@@ -52,13 +52,23 @@ def karpathy_file(data: Path, name: str | None = None) -> Path | None:
     return found[0] if found else None
 
 
+def image_id_of(value) -> str:
+    """The image id of an `img_path` / Karpathy `filename`: its file stem; TypeError naming the value
+    if it is not a non-empty string (a number is not a file name)."""
+    if not isinstance(value, str) or not value.strip():
+        raise TypeError(f"is {value!r} ({type(value).__name__}), expected a file name string")
+    return Path(value).stem
+
+
 def load_retrieval_split(data: Path, split: str, karpathy: str | None = None) -> list[tuple[str, list[str]]]:
-    """-> [(image id, [captions])], from SPLIT.jsonl / SPLIT.jsonline, else the Karpathy split file."""
+    """-> [(image id, [captions])], from SPLIT.jsonl / SPLIT.jsonline, else the Karpathy split file.
+    Each image once (Flickr30k and COCO list an image once per split: given twice it would be in the
+    gallery twice, and its ties rank worst), and a split with no image is an error."""
     for name in (f"{split}.jsonl", f"{split}.jsonline"):
         path = data / name
         if (path.exists() or path.is_symlink()) and not karpathy:
             regular_file(path, f"retrieval {split} split")  # a FIFO would block the read
-            out = []
+            out, lines = [], {}
             for n, line in enumerate(path.read_text().splitlines(), 1):
                 if not line.strip():
                     continue
@@ -68,20 +78,37 @@ def load_retrieval_split(data: Path, split: str, karpathy: str | None = None) ->
                     if not isinstance(sentences, list) or not all(isinstance(s, str) and s.strip()
                                                                   for s in sentences):
                         raise TypeError(f"'sentences' must be a list of non-empty strings, got {sentences!r:.60}")
-                    out.append((Path(row["img_path"]).stem, list(sentences)))
+                    try:
+                        image = image_id_of(row["img_path"])
+                    except TypeError as e:
+                        raise TypeError(f"'img_path' {e}") from None
                 except (ValueError, KeyError, TypeError) as e:
                     raise ValueError(f"{path}:{n}: expected {{\"img_path\": ..., \"sentences\": [...]}}: {e}") from e
+                first_seen(lines, image, f"line {n}", "image", path)
+                out.append((image, list(sentences)))
+            if not out:
+                raise no_items(path, split, "images")
             log.info("retrieval %s: %s", split, path)
             return out
     path = karpathy_file(data, karpathy)
     if path is not None:
         doc = read_json(path, "Karpathy split file")
         want = {"train", "restval"} if split == "train" else {split}
+        rows, seen = [], {}
         try:
-            rows = [(Path(im["filename"]).stem, [s["raw"] for s in im["sentences"]])
-                    for im in doc["images"] if im["split"] in want]
+            for k, im in enumerate(doc["images"]):
+                if im["split"] not in want:
+                    continue
+                try:
+                    image = image_id_of(im["filename"])
+                except TypeError as e:
+                    raise ValueError(f"{path}: images[{k}]: 'filename' {e}") from None
+                first_seen(seen, image, f"images[{k}]", "image", path)
+                rows.append((image, [s["raw"] for s in im["sentences"]]))
         except (KeyError, TypeError) as e:
             raise ValueError(f"{path}: expected images[] with filename, split, sentences[].raw: {e}") from e
+        if not rows:
+            raise no_items(path, split, "images")
         log.info("retrieval %s: %s (Karpathy split %s)", split, path, "+".join(sorted(want)))
         return rows
     raise FileNotFoundError(f"{data}: no {split}.jsonl, {split}.jsonline or dataset_*.json")
@@ -168,6 +195,8 @@ class RetrievalTask(Task):
 
     def eval_inputs(self, split: str) -> list:
         images = self.split_images(split)
+        if not any(caps for _, caps in images):  # nothing to rank: refused before any fine-tuning
+            raise ValueError(f"{self.data}: split {split!r} has no captions (its {len(images)} images have none)")
         check_features(self.store, [i for i, _ in images], split)
         return images
 
@@ -175,8 +204,6 @@ class RetrievalTask(Task):
     def evaluate(self, model, split):
         images = self.eval_inputs(split)
         caps = [(c, k) for k, (_, cs) in enumerate(images) for c in cs]
-        if not caps:
-            raise ValueError(f"{self.data}: split {split!r} has no captions")
         model.eval()
         scorer = self.scorer(model)
         text = self.to_device(encode(self.tokenizer, [c for c, _ in caps], self.opts.max_seq_length))

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from common.safe_load import regular_file
 
+from .base import first_seen, no_items
 from .classification import SentenceImagesTask
 
 
@@ -55,12 +56,25 @@ class SNLIVETask(SentenceImagesTask):
 
     def load_split(self, split: str) -> list[dict]:
         path = self.data / f"snli_ve_{split}.jsonl"
-        items = []
+        items, lines = [], {}
         for n, row in enumerate(read_jsonl(path, f"SNLI-VE {split} split"), 1):
             gold = field(path, n, row, "gold_label")
             if gold != "-" and gold not in self.labels:
                 raise ValueError(f"{path}:{n}: gold_label {gold!r} is none of {', '.join(self.labels)} or '-'")
+            if "pairID" in row:  # it would be trained on and scored twice
+                first_seen(lines, field(path, n, row, "pairID"), f"line {n}", "pairID", path)
             items.append({"id": row.get("pairID", n - 1), "sentence": field(path, n, row, "sentence2"),
                           "images": [Path(field(path, n, row, "Flikr30kID")).stem],
                           "label": None if gold == "-" else self.labels.index(gold)})
+        if not items:  # nothing to evaluate: it would exit 0 with no metric
+            raise no_items(path, split, "items")
+        return items
+
+    def eval_inputs(self, split: str) -> list[dict]:
+        """As every task's, and a split none of whose items has a gold label is refused: SNLI-VE has no
+        unlabelled split to answer for a leaderboard, so it would give a count and no accuracy."""
+        items = super().eval_inputs(split)
+        if not any(self.scored(it) for it in items):
+            raise ValueError(f"{self.data / f'snli_ve_{split}.jsonl'}: every gold_label of split {split!r} is '-' "
+                             f"(none): none of its {len(items)} items can be scored")
         return items

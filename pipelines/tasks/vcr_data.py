@@ -13,6 +13,7 @@ import numpy as np
 
 from common.safe_load import regular_file
 
+from .base import first_seen
 from .snli_ve import field, read_jsonl
 
 CHOICES = 4
@@ -92,7 +93,7 @@ def load_vcr_split(data: Path, split: str) -> list[dict]:
     """DATA/SPLIT.jsonl -> items {id, img_fn, key, metadata_fn, objects, question, answers,
     rationales, answer_label, rationale_label} (labels None on an unlabelled line)."""
     path = Path(data) / f"{split}.jsonl"
-    items = []
+    items, lines = [], {}
     for n, row in enumerate(read_jsonl(path, f"VCR {split} split"), 1):
         objects = row.get("objects")
         if not isinstance(objects, list) or not all(isinstance(o, str) for o in objects):
@@ -110,12 +111,18 @@ def load_vcr_split(data: Path, split: str) -> list[dict]:
             raise ValueError(f"{path}:{n}: has {'answer' if rationale is None else 'rationale'}_label but not "
                              f"{'rationale' if rationale is None else 'answer'}_label")
         img_fn = field(path, n, row, "img_fn")
-        items.append({"id": str(row.get("annot_id", f"{split}-{n - 1}")), "img_fn": img_fn, "key": image_key(img_fn),
+        annot_id = str(row.get("annot_id", f"{split}-{n - 1}"))
+        first_seen(lines, annot_id, f"line {n}", "annot_id", path)  # it would be trained on and scored twice
+        items.append({"id": annot_id, "img_fn": img_fn, "key": image_key(img_fn),
                       "metadata_fn": row.get("metadata_fn"), "objects": objects, "question": question,
                       "answers": choices["answer_choices"], "rationales": choices["rationale_choices"],
                       "answer_label": answer, "rationale_label": rationale})
     if not items:
         raise ValueError(f"{path}: no questions")
+    unlabelled = [it["id"] for it in items if it["answer_label"] is None]
+    if unlabelled and len(unlabelled) < len(items):  # it would be scored on the labelled ones only
+        raise ValueError(f"{path}: {len(unlabelled)} of the {len(items)} questions have no answer_label, e.g. "
+                         f"annot_id {unlabelled[0]!r}; a split is labelled whole (train, val) or not at all (test)")
     return items
 
 

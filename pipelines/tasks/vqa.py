@@ -27,7 +27,17 @@ import torch.nn.functional as F
 
 from common.safe_load import regular_file
 
-from .base import Task, answers_settings, batched, keep_answer_list, log, read_json
+from .base import (
+    Task,
+    answers_settings,
+    batched,
+    first_seen,
+    keep_answer_list,
+    log,
+    no_items,
+    read_json,
+    split_names,
+)
 from .distributed import is_main
 from .features import check_features, image_batch
 from .metrics import check_finite_items
@@ -67,6 +77,8 @@ def load_vqa_split(data: Path, split: str, need_answers: bool = True) -> list[di
     doc = read_json(qpath, "VQA questions")
     if not isinstance(doc, dict) or not isinstance(doc.get("questions"), list):
         raise ValueError(f"{qpath}: expected {{\"questions\": [...]}}")
+    if not doc["questions"]:  # nothing to evaluate: it would exit 0 with no metric
+        raise no_items(qpath, split, "questions")
     items = {}
     for k, q in enumerate(doc["questions"]):
         _record(qpath, k, q, {"question_id": int, "image_id": (int, str), "question": str})
@@ -91,12 +103,19 @@ def load_vqa_split(data: Path, split: str, need_answers: bool = True) -> list[di
         if not isinstance(a.get("multiple_choice_answer", ""), str):
             raise ValueError(f"{apath}: record #{k} (question {a['question_id']}): 'multiple_choice_answer' is "
                              f"{a['multiple_choice_answer']!r}, expected a string")
+        if not a["answers"]:  # the official evaluator divides by their number
+            raise ValueError(f"{apath}: record #{k} (question {a['question_id']}): 'answers' is empty; the "
+                             "official evaluator cannot score a question without human answers")
         for answer in a["answers"]:
             if not isinstance(answer, dict) or not isinstance(answer.get("answer"), str):
                 raise ValueError(f"{apath}: record #{k} (question {a['question_id']}): each of 'answers' must be "
                                  f"an object with an 'answer' string, got {answer!r}")
         items[a["question_id"]].update(answers=[x["answer"] for x in a["answers"]],
                                        mc_answer=a.get("multiple_choice_answer"), answer_type=a.get("answer_type"))
+    unannotated = [qid for qid, it in items.items() if it["answers"] is None]
+    if unannotated:  # the official evaluator refuses results whose questions its annotations do not cover
+        raise ValueError(f"{apath}: {len(unannotated)} of the {len(items)} questions of {qpath.name} have no "
+                         f"annotation, e.g. question_id {unannotated[0]}; a split is scored whole or not at all")
     return list(items.values())
 
 
@@ -110,6 +129,9 @@ def load_answer_list(path: Path) -> list[str]:
         answers = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers) or not answers:
         raise ValueError(f"{path}: expected a non-empty list of answer strings")
+    seen: dict = {}
+    for k, answer in enumerate(answers):  # two outputs of one answer: the head's classes would not be answers
+        first_seen(seen, answer, f"entry #{k}", "answer", path)
     return answers
 
 
@@ -136,7 +158,8 @@ class VQATask(Task):
         super().__init__(opts)
         self.load_common()
         x = opts.extra
-        self.train_split = x.get("train_split") or "train"
+        self.train_splits = split_names(x.get("train_split") or "train")  # "train,val": each once
+        self.train_split = ",".join(self.train_splits)
         self._train = None
         if x.get("answers"):
             self.answers = load_answer_list(Path(x["answers"]))
@@ -154,7 +177,7 @@ class VQATask(Task):
 
     def load_train(self) -> list[dict]:
         """The training questions: one split or several joined by commas ("train,val")."""
-        items = [it for split in self.train_split.split(",") for it in load_vqa_split(self.data, split.strip())]
+        items = [it for split in self.train_splits for it in load_vqa_split(self.data, split)]
         check_features(self.store, sorted({it["image_id"] for it in items}), self.train_split)
         return items
 
@@ -222,7 +245,7 @@ class VQATask(Task):
         metrics = {"questions": len(items)}
         if scores:  # a split without annotations (test-dev, test): predictions only, for EvalAI
             metrics["accuracy"] = sum(scores) / len(scores)
-            metrics["answered"] = len(scores)
+            metrics["scored"] = len(scores)  # every question of a labelled split (a partial one is refused)
             for kind, values in sorted(by_type.items()):
                 metrics[f"accuracy_{kind}"] = sum(values) / len(values)
         return metrics, preds

@@ -87,7 +87,7 @@ def test_shard_sources_directory_brace_list_and_pipe(tmp_path, vocab):
         expand_shards(tmp_path / "empty")
     piped = eval_keys(config(f"pipe:cat {tmp_path}/shard-{{000000..000002}}.tar", vocab))
     assert sorted(piped) == sorted(eval_keys(config(tmp_path, vocab)))
-    with pytest.raises(ValueError, match="samples_per_epoch"):
+    with pytest.raises(ValueError, match=r"remote shards have no sizes.json\); pass --samples-per-epoch"):
         make_loader(config(f"pipe:cat {paths[0]}", vocab), train=True)
 
 

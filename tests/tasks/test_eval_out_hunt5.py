@@ -140,3 +140,15 @@ def test_a_gt_boxes_store_of_another_width_is_one_line_before_any_work(tmp_path,
         assert status == 1
         assert f"{wide / 'features'} (--gt-boxes): region features are 48 wide, the model reads 32" \
                in one_line_err(capsys)
+
+
+def test_a_task_option_the_task_does_not_read_is_a_usage_error(nlvr2, tmp_path, capsys):
+    for extra, said in ((("--visualize", "3"), "--visualize is an option of refcoco, refcoco+, refcocog; --task "
+                                                "nlvr2 does not read it"),
+                        (("--eval-on-gt-boxes",), "--eval-on-gt-boxes is an option of refcoco"),
+                        (("--min-answer-count", "1"), "--min-answer-count is an option of vqa")):
+        assert run(nlvr2, tmp_path / "out", *extra) == 2  # it was ignored without a word
+        assert said in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert run(nlvr2, tmp_path / "twice", "--split", "dev") == 0  # a split named twice is evaluated once
+    assert capsys.readouterr().out.count("nlvr2 dev:") == 1

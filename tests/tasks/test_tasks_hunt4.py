@@ -21,40 +21,19 @@ from vilbert import ViLBert, load_pretrained, save_pretrained
 
 from tasks_data import (
     VCR_WORDS,
-    make_gqa,
-    make_nlvr2,
-    make_refer,
-    make_retrieval,
-    make_snli_ve,
-    make_vcr,
-    make_vqa,
     run_cli,
+    small_datasets,
     tiny_checkpoint,
     tiny_config,
     vocab_size,
-    write_vocab,
 )
 
-MAKERS = {
-    "vqa": lambda root: make_vqa(root, n_train=8, n_val=4),
-    "gqa": lambda root: make_gqa(root, n_images=(8, 4, 4)),
-    "nlvr2": lambda root: make_nlvr2(root, n_pairs=(8, 4, 4)),
-    "snli-ve": lambda root: make_snli_ve(root, n_images=(6, 3, 3)),
-    "refcoco+": lambda root: make_refer(root, n_images=(4, 3, 2, 2)),
-    "retrieval": lambda root: make_retrieval(root, n_train=4, n_test=3),
-    "vcr": lambda root: make_vcr(root, n_questions=(6, 4)),
-}
 EVAL_SPLIT = {"vqa": "val", "gqa": "val", "nlvr2": "dev", "snli-ve": "dev", "refcoco+": "val", "vcr": "val"}
 
 
 @pytest.fixture(scope="module")
 def datasets(tmp_path_factory):
-    out = {}
-    for name, make in MAKERS.items():
-        root = tmp_path_factory.mktemp(name.replace("+", "p"))
-        extra = VCR_WORDS if name == "vcr" else []
-        out[name] = {"root": root, "data": make(root), "vocab": write_vocab(root, extra)}
-    return out
+    return small_datasets(tmp_path_factory)
 
 
 def options(d, out, **extra):

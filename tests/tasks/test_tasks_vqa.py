@@ -97,7 +97,7 @@ def test_finetune_and_standard_accuracy(vqa, tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert res["train_loss_last"] < res["train_loss_first"]
     m = res["splits"]["val"]
-    assert m["questions"] == 24 and m["answered"] == 24 and m["accuracy_other"] == m["accuracy"]
+    assert m["questions"] == 24 and m["scored"] == 24 and m["accuracy_other"] == m["accuracy"]
     # the reported accuracy is the standard VQA accuracy of the written predictions
     preds = {p["question_id"]: p["answer"] for p in json.loads((out / "predictions_val.json").read_text())}
     val = load_vqa_split(vqa["data"], "val")

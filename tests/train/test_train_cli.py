@@ -225,12 +225,15 @@ def test_an_out_that_is_a_file_or_read_only_is_one_line_before_training(corpus, 
         locked.chmod(0o700)
 
 
-def test_a_run_whose_updates_were_mostly_skipped_fails_and_says_so(tmp_path, capsys):
-    class NaNScenes(SyntheticTask):
-        def regions(self, objects, rng):
-            feats, boxes, probs = super().regions(objects, rng)
-            return np.full_like(feats, np.nan), boxes, probs
+class NaNScenes(SyntheticTask):
+    """Scenes whose region features are all NaN (a broken extraction)."""
 
+    def regions(self, objects, rng):
+        feats, boxes, probs = super().regions(objects, rng)
+        return np.full_like(feats, np.nan), boxes, probs
+
+
+def test_a_run_whose_updates_were_mostly_skipped_fails_and_says_so(tmp_path, capsys):
     write_shards(NaNScenes(feature_size=32), tmp_path / "nan" / "train", 64, seed=0, shard_size=32)
     write_vocab(tmp_path / "nan" / "vocab.txt")
     with pytest.raises(click.ClickException, match="4 of 4 updates were skipped"):
