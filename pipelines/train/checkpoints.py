@@ -161,3 +161,33 @@ def load_checkpoint(path: Path, map_location="cpu") -> tuple[ViLBert, dict]:
     except Exception as error:  # refuse, don't execute
         raise ValueError(refusal(path / STATE_NAME, error)) from None
     return model, state
+
+
+# what a resumed pretraining run must share with the run it continues (the schedule, the batch, the
+# data mix); --max-steps / --epochs may grow, and the device, precision, logging and saving may change
+RESUMED_SETTINGS = ("batch_size", "micro_batch_size", "lr", "bert_lr_scale", "weight_decay", "warmup", "clip_grad",
+                    "samples_per_epoch", "text_ratio", "text_seq_len")
+
+
+def check_resumed_settings(ckpt: Path, metadata: dict, now: dict) -> None:
+    """ValueError naming what differs when this run's RESUMED_SETTINGS (`now`: its TrainConfig as JSON),
+    or whether it has a text corpus, are not the checkpoint's `train_config`; settings an earlier
+    version did not record are not compared."""
+    saved = dict(metadata.get("train_config") or {})
+    pairs = {k: (saved[k], now.get(k)) for k in RESUMED_SETTINGS if k in saved}
+    if "text_corpus" in saved:  # the corpus may have moved; whether there is one may not change
+        pairs["text corpus"] = (saved["text_corpus"] is not None, now.get("text_corpus") is not None)
+    differ = [f"{k}: {a!r} then, {b!r} now" for k, (a, b) in pairs.items() if a != b]
+    if differ:
+        raise ValueError(f"{ckpt}: trained with other settings than this run's (" + "; ".join(differ)
+                         + "); re-run with the same options to resume, or give another --out")
+
+
+def refuse_later_checkpoints(root: Path, path: Path, step: int) -> None:
+    """ValueError for a resume from `path` (at `step`) while `root` holds later checkpoints: the next
+    --resume auto would take up that old history again (and --keep-last would prune the new one)."""
+    later = [c.name for c in list_checkpoints(root) if c.resolve() != path.resolve() and
+             int(c.name.rsplit("-", 1)[1]) > step]
+    if later:
+        raise ValueError(f"--resume {path}: {root} holds later checkpoints ({', '.join(later[:4])}) of the history "
+                         "it would branch from; move them away, or resume into another --out")

@@ -21,7 +21,15 @@ from tqdm import tqdm
 from vilbert import ViLBert, load_bert_weights, load_preset
 from vilbert.pretraining import default_capacity, predicted_positions
 
-from .checkpoints import list_checkpoints, newest_resumable, read_resumable, rng_state, save_checkpoint, set_rng_state
+from .checkpoints import (
+    check_resumed_settings,
+    newest_resumable,
+    read_resumable,
+    refuse_later_checkpoints,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from .distributed import resolve_device, setup_distributed, split_batch, wrap_model
 from .metrics import (
     LOSS_SUMS,
@@ -38,10 +46,6 @@ from .optim import build_optimizer, build_scheduler
 
 log = logging.getLogger("vilbert.train")
 RESUME_KEYS = ("optimizer", "scaler", "step", "samples", "skipped", "scheduler", "rng")
-# what a resumed run must share with the run it continues (the schedule, the batch and the data mix);
-# --max-steps / --epochs may grow, and the device, precision, logging and saving may change
-RESUMED_SETTINGS = ("batch_size", "micro_batch_size", "lr", "bert_lr_scale", "weight_decay", "warmup", "clip_grad",
-                    "samples_per_epoch", "text_ratio", "text_seq_len")
 
 
 @dataclass
@@ -143,7 +147,7 @@ class Trainer:
             found = read_resumable(Path(path), RESUME_KEYS, self.device)
             if isinstance(found, str):
                 raise ValueError(found)
-            self._refuse_later_checkpoints(Path(path), int(found[2]["step"]))
+            refuse_later_checkpoints(self.ckpt_root, Path(path), int(found[2]["step"]))
         else:
             found = newest_resumable(self.ckpt_root, RESUME_KEYS, self.device, log)
             if found is None:
@@ -156,7 +160,7 @@ class Trainer:
             raise ValueError(f"{ckpt}: the checkpoint's model config differs from this run's ("
                              + "; ".join(differ) + "); use the same --preset/--set, or another --out")
         check_resumed_objective(ckpt, getattr(model, "checkpoint_metadata", {}), self.cfg.objective)
-        self._check_resumed_settings(ckpt, getattr(model, "checkpoint_metadata", {}))
+        check_resumed_settings(ckpt, getattr(model, "checkpoint_metadata", {}), self.cfg.to_json_dict())
         self.model.load_state_dict(model.state_dict())
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -167,28 +171,6 @@ class Trainer:
         if self.dist.is_main:
             log.info("resumed from %s (step %d)", ckpt, self.step)
         return True
-
-    def _check_resumed_settings(self, ckpt: Path, metadata: dict) -> None:
-        """ValueError naming what differs when this run's RESUMED_SETTINGS (and whether it has a text
-        corpus) are not the checkpoint's; settings an earlier version did not record are not compared."""
-        saved = dict(metadata.get("train_config") or {})
-        now = self.cfg.to_json_dict()
-        pairs = {k: (saved[k], now.get(k)) for k in RESUMED_SETTINGS if k in saved}
-        if "text_corpus" in saved:  # the corpus may have moved; whether there is one may not change
-            pairs["text corpus"] = (saved["text_corpus"] is not None, now.get("text_corpus") is not None)
-        differ = [f"{k}: {a!r} then, {b!r} now" for k, (a, b) in pairs.items() if a != b]
-        if differ:
-            raise ValueError(f"{ckpt}: trained with other settings than this run's (" + "; ".join(differ)
-                             + "); re-run with the same options to resume, or give another --out")
-
-    def _refuse_later_checkpoints(self, path: Path, step: int) -> None:
-        """--resume DIR of an earlier step while OUT/checkpoints holds later ones: the next --resume
-        auto would take up the old history again (and --keep-last would prune the new one)."""
-        later = [c.name for c in list_checkpoints(self.ckpt_root)
-                 if c.resolve() != path.resolve() and int(c.name.rsplit("-", 1)[1]) > step]
-        if later:
-            raise ValueError(f"--resume {path}: {self.ckpt_root} holds later checkpoints ({', '.join(later[:4])}) of "
-                             "the history it would branch from; move them away, or resume into another --out")
 
     # ---- one optimizer step -----------------------------------------------------------------
     def _forward(self, model, batch: dict):
