@@ -222,15 +222,17 @@ def extract(images, out, weights, config_name, attributes, recipe, backend, devi
         raise click.BadParameter(f"--min-boxes {min_boxes} > --max-boxes {max_boxes}")
     rank, world = _rank_and_world(rank, num_workers)
     _refuse_images_inside_out(images, out)
-    problems = []  # unreadable input shards: (path, reason)
+    problems, notes = [], []  # unreadable input shards: (path, reason); what the captions TSV says of itself
     try:
         device = check_device(device)
         _check_input_files(weights=weights, captions=captions, gt_boxes=gt_boxes, class_names=class_names)
         writable_folder(out, "OUT")
         boxes = GroundTruthBoxes.from_file(gt_boxes) if gt_boxes else None
-        inputs = discover_inputs(images, captions, exclude=out, problems=problems)
+        inputs = discover_inputs(images, captions, exclude=out, problems=problems, notes=notes)
     except (FileNotFoundError, ValueError) as error:
         raise click.ClickException(str(error)) from error
+    for note in notes:
+        click.echo(f"warning: {note}", err=True)
     if not inputs and not problems:
         raise click.ClickException(f"{images}: no images found (image files, or img2dataset .tar shards)")
     if boxes is not None:

@@ -47,9 +47,12 @@ def import_features(src, out, fmt, captions, shard_size, prefix, quiet):
         if not module.matches(source):
             raise ValueError(f"{src}: not in the {fmt} format ({module.__doc__.strip().splitlines()[0]})")
         total = module.count(source)
-        index = Captions(read_caption_tsv(captions)) if captions else None
+        notes = []
+        index = Captions(read_caption_tsv(captions, notes)) if captions else None
     except (FileNotFoundError, ValueError, ImportError) as error:
         raise click.ClickException(str(error)) from error
+    for note in notes:
+        click.echo(f"warning: {note}", err=True)
     before = folder_entries(out)
     try:
         writer = ShardWriter(out, prefix=prefix, shard_size=shard_size)

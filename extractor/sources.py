@@ -55,14 +55,23 @@ def unique_keys(records: List[InputRecord]) -> List[InputRecord]:
     return records
 
 
-def read_caption_tsv(path: str) -> Dict[str, str]:
+def read_caption_tsv(path: str, notes: Optional[List[str]] = None) -> Dict[str, str]:
     """`caption<TAB>url-or-filename` lines -> {name: caption}, the name being a URL's file name or a
-    file's path as written (relative to IMAGES); a header line is skipped, and so is a UTF-8 byte-order
-    mark (spreadsheets write one). ValueError for a FIFO or another file that is not a regular file."""
+    file's path as written (relative to IMAGES, or absolute); a header line is skipped, and so is a
+    UTF-8 byte-order mark (spreadsheets write one). ValueError for a FIFO or another file that is not
+    a regular file, and for a line that is not UTF-8 (naming it: replacement characters would pass
+    into the captions). A name given two different captions keeps the last (shards hold one caption
+    an image); `notes` gets one line saying how many, with an example."""
     captions: Dict[str, str] = {}
-    with open(regular_file(path, "a captions TSV"), encoding="utf-8-sig", errors="replace") as handle:
-        for line_number, line in enumerate(handle, 1):
-            parts = line.rstrip("\n").split("\t")
+    repeated: Dict[str, int] = {}
+    with open(regular_file(path, "a captions TSV"), "rb") as handle:
+        for line_number, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{path}: line {line_number} is not UTF-8 ({error.reason} at byte {error.start}); "
+                                 "convert the file, e.g. iconv -f latin1 -t utf-8") from None
+            parts = line.rstrip("\r\n").split("\t")
             if len(parts) < 2:
                 continue
             caption, target = parts[0].strip(), parts[1].strip()
@@ -72,8 +81,25 @@ def read_caption_tsv(path: str) -> Dict[str, str]:
                 name = os.path.basename(target.split("?")[0])
             else:
                 name = Path(os.path.normpath(target)).as_posix()
+            if captions.get(name, caption) != caption:
+                repeated.setdefault(name, line_number)
             captions[name] = caption
+    if repeated and notes is not None:
+        name, line_number = next(iter(repeated.items()))
+        notes.append(f"{path}: {len(repeated)} image(s) are given more than one caption, e.g. {name!r} again at "
+                     f"line {line_number}; a shard holds one caption an image: each keeps its last")
     return captions
+
+
+def _relative_names(captions: Dict[str, str], root: Path) -> Dict[str, str]:
+    """The captions with absolute names under `root` as paths relative to it (how images are looked up)."""
+    base = os.path.realpath(root)
+    out = {}
+    for name, caption in captions.items():
+        if os.path.isabs(name) and (os.path.realpath(name) + os.sep).startswith(base + os.sep):
+            name = Path(os.path.relpath(os.path.realpath(name), base)).as_posix()
+        out[name] = caption
+    return out
 
 
 def caption_for(relative: Path, captions: Dict[str, str], images_by_name: Dict[str, int], source: str):
@@ -204,6 +230,14 @@ def _tar_samples(archive: tarfile.TarFile, samples: List[_TarSample]) -> None:
         setattr(sample, slot, member if slot == "image" else _read_member(archive, member, slot))
 
 
+def _caption_of(sample: _TarSample) -> Optional[str]:
+    """A tar sample's caption: its KEY.txt, else the `caption` of its img2dataset KEY.json."""
+    if sample.caption is not None:
+        return sample.caption
+    caption = (sample.meta or {}).get("caption")
+    return caption.strip() if isinstance(caption, str) and caption.strip() else None
+
+
 def _tar_records(tar_path: Path, problems: Optional[List[Tuple[str, str]]] = None,
                  folder: str = "") -> List[InputRecord]:
     """The images of an img2dataset shard. A shard that is corrupt or truncated keeps the images
@@ -224,17 +258,18 @@ def _tar_records(tar_path: Path, problems: Optional[List[Tuple[str, str]]] = Non
         problems.append((str(tar_path), reason))
     return [InputRecord(key=safe_key(os.path.join(folder, s.stem)), path=str(tar_path),
                         source=f"{tar_path}:{s.image.name}" + (f"#{s.occurrence}" if s.occurrence > 1 else ""),
-                        offset=s.image.offset_data, size=s.image.size, caption=s.caption, meta=s.meta or {},
+                        offset=s.image.offset_data, size=s.image.size, caption=_caption_of(s), meta=s.meta or {},
                         name=os.path.join(folder, s.stem))
             for s in sorted((s for s in samples if s.image is not None), key=lambda s: s.image.offset)]
 
 
 def discover_inputs(images: str, captions_tsv: Optional[str] = None, exclude: Optional[str] = None,
-                    problems: Optional[List[Tuple[str, str]]] = None) -> List[InputRecord]:
+                    problems: Optional[List[Tuple[str, str]]] = None,
+                    notes: Optional[List[str]] = None) -> List[InputRecord]:
     """All inputs under `images` (a folder, or one .tar), in a deterministic order; files under
     `exclude` (the output folder, when it sits inside the input folder) are ignored, and links to
     folders are followed. Unreadable tar shards go to `problems` as (path, reason) with their readable
-    images kept (without a list: ValueError)."""
+    images kept (without a list: ValueError); what the captions TSV says of itself goes to `notes`."""
     excluded = Path(exclude).resolve() if exclude else None
     root = Path(images)
     if not root.exists():
@@ -243,7 +278,7 @@ def discover_inputs(images: str, captions_tsv: Optional[str] = None, exclude: Op
         if root.suffix != ".tar":
             raise ValueError(f"{images}: expected a folder of images or an img2dataset .tar shard")
         return unique_keys(_tar_records(root, problems))
-    captions = read_caption_tsv(captions_tsv) if captions_tsv else {}
+    captions = _relative_names(read_caption_tsv(captions_tsv, notes), root) if captions_tsv else {}
     files = _walk_files(root, excluded)
     records = _folder_records(root, captions, excluded, captions_tsv or "--captions", files)
     for tar_path in (p for p in files if p.suffix == ".tar" and p.is_file() and not _is_under(p, excluded)):  # no FIFOs

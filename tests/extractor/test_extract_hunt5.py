@@ -264,3 +264,29 @@ def test_import_captions_that_match_no_record_are_a_warning(tmp_path, capsys):
     assert (summary["done"], summary["captioned"]) == (2, 0)
     err = capsys.readouterr().err
     assert f"warning: none of the 2 records imported matched a caption in {tsv}" in err
+
+
+def test_a_captions_tsv_that_is_not_utf8_is_one_line_naming_the_line(tmp_path):
+    images = write_images(tmp_path / "images", 1, captions=False)
+    tsv = tmp_path / "captions.tsv"
+    tsv.write_bytes("a caf\u00e9 au lait\timg000.jpg\n".encode("latin-1"))  # was 'caf\ufffd au lait'
+    with pytest.raises(click.ClickException, match=r"captions.tsv: line 1 is not UTF-8 .*iconv -f latin1"):
+        main([str(images), str(tmp_path / "out"), *TINY, "--captions", str(tsv)])
+    assert not (tmp_path / "out").exists()
+
+
+def test_repeated_and_absolute_caption_names_and_json_captions(tmp_path, capsys):
+    images = write_images(tmp_path / "images", 3, captions=False)
+    tsv = tmp_path / "captions.tsv"
+    tsv.write_text(f"first\timg000.jpg\nsecond\timg000.jpg\nby its path\t{images / 'img001.jpg'}\n")
+    main([str(images), str(tmp_path / "out"), *TINY, "--captions", str(tsv)])
+    err = capsys.readouterr().err
+    assert "captions.tsv: 1 image(s) are given more than one caption, e.g. 'img000.jpg' again at line 2" in err
+    samples = read_shards(tmp_path / "out")
+    assert samples["img000"]["txt"] == "second" and samples["img001"]["txt"] == "by its path"  # absolute: matched
+    shard = tmp_path / "i2d.tar"  # img2dataset with the caption in KEY.json only
+    with tarfile.open(shard, "w") as archive:
+        _add(archive, "000000000.jpg", _jpeg(64, 48, 0))
+        _add(archive, "000000000.json", json.dumps({"key": "000000000", "caption": "from the json"}).encode())
+    main([str(shard), str(tmp_path / "o2"), *TINY])
+    assert read_shards(tmp_path / "o2")["000000000"]["txt"] == "from the json"
