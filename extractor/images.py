@@ -28,7 +28,13 @@ def _to_8bit_rgb(image: Image.Image) -> np.ndarray:
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit / 32-bit grayscale: scale, not clip
         values = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+        if not np.isfinite(values).all():
+            raise ImageRejected(f"a {mode} image with NaN or infinite pixel values")
+        peak = values.max(initial=0)
+        if mode == "F" and peak <= 1.0:  # a floating-point image in [0, 1] (it was taken for 0..255: black)
+            top = 1.0
+        else:
+            top = 65535.0 if mode.startswith("I;16") or peak > 255 else 255.0
         gray = np.clip(values / top * 255.0, 0, 255).round().astype(np.uint8)
         return np.repeat(gray[:, :, None], 3, axis=2)
     if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):

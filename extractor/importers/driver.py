@@ -181,6 +181,16 @@ def _distribution(values, n: int, columns: int, name: str) -> np.ndarray:
     return prob
 
 
+def _float64_hint(features: np.ndarray) -> str:
+    """For float32 features that make no sense: whether their bytes read as float64 do (a file written
+    with float64 arrays where its format has float32, as BUTD's TSV)."""
+    if features.dtype != np.float32 or features.size % 2:
+        return ""
+    wide = np.ascontiguousarray(features).view(np.float64)
+    sound = np.isfinite(wide).all() and np.abs(wide).max(initial=0) <= FLOAT16_MAX
+    return "; read as float64 its bytes are sound values: float64 data in a format of float32?" if sound else ""
+
+
 def check(record: Record, carries: Carries, id_hint: str = "") -> Dict[str, np.ndarray]:
     """The record's arrays as the shards store them, or BadRecord with the first problem found."""
     features = np.asarray(record.features)
@@ -191,9 +201,10 @@ def check(record: Record, carries: Carries, id_hint: str = "") -> Dict[str, np.n
         raise BadRecord(f"features {features.shape[1]} wide, the source's first record {carries.feature_dim}")
     features = features.astype(np.float32, copy=False)
     if not np.isfinite(features).all():
-        raise BadRecord("NaN or infinite features")
+        raise BadRecord("NaN or infinite features" + _float64_hint(features))
     if np.abs(features).max() > FLOAT16_MAX:
-        raise BadRecord(f"features beyond float16's range ({FLOAT16_MAX:.0f}), the shards' dtype")
+        raise BadRecord(f"features beyond float16's range ({FLOAT16_MAX:.0f}), the shards' dtype"
+                        + _float64_hint(features))
     boxes = np.asarray(record.boxes, dtype=np.float32)
     if boxes.shape != (n, 4):
         raise BadRecord(f"boxes of shape {boxes.shape}, expected ({n}, 4) for {n} feature rows")

@@ -110,6 +110,9 @@ def decode(group) -> Record:
     if not isinstance(group, h5py.Group):
         raise BadRecord("a dataset where an image's group was expected")
     item = {name: group[name][()] for name in group if isinstance(group[name], h5py.Dataset)}
+    if not item and any(isinstance(group[name], h5py.Group) for name in group):
+        raise BadRecord(f"a group of {len(group)} groups, not an image's datasets: volta's files hold one group "
+                        "per image at their top (this one nests them, e.g. by split); not supported")
     return Record(width=pick(item, "img_w", "image_w"), height=pick(item, "img_h", "image_h"),
                   features=np.asarray(pick(item, "features")), boxes=np.asarray(pick(item, "boxes")),
                   cls_prob=item.get("cls_prob"), objects_id=item.get("obj_id"),

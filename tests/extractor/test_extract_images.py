@@ -54,6 +54,16 @@ def test_16_bit_png_is_scaled_not_clipped():
     assert (decoded.pixels == 128).all()  # 32768 / 65535 * 255 = 127.5 -> 128, not 255
 
 
+def test_a_floating_point_tiff_in_0_1_is_scaled_by_255_and_nan_pixels_are_refused():
+    values = np.full((8, 8), 0.5, dtype=np.float32)  # mode F, in [0, 1]: it was divided by 255 (black)
+    decoded = decode_image(_encode(Image.fromarray(values, mode="F"), "TIFF"))
+    assert decoded.original_mode == "F" and (decoded.pixels == 128).all()
+    assert (decode_image(_encode(Image.fromarray(values * 200, mode="F"), "TIFF")).pixels == 100).all()  # 0..255
+    values[0, 0] = np.nan
+    with pytest.raises(ImageRejected, match="a F image with NaN or infinite pixel values"):
+        decode_image(_encode(Image.fromarray(values, mode="F"), "TIFF"))
+
+
 def test_alpha_is_composited_on_white():
     image = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # fully transparent red
     image.putpixel((0, 0), (0, 0, 255, 255))

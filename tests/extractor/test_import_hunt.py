@@ -17,6 +17,7 @@ from extractor.importers import tsv as tsv_reader
 from import_helpers import (
     BUTD_FIELDS,
     RunsCode,
+    b64,
     butd_row,
     deny_reading,
     make_images,
@@ -91,6 +92,31 @@ def test_an_h5_with_a_user_block_imports_as_without_one(tmp_path, userblock):
     assert plain["done"] == blocked["done"] == 3 and blocked["failed"] == 0
     a, b = read_shards(tmp_path / "a"), read_shards(tmp_path / "b")
     assert sorted(a) == sorted(b) and all(np.array_equal(a[k]["features.npy"], b[k]["features.npy"]) for k in a)
+
+
+def test_an_h5_that_nests_its_image_groups_says_so(tmp_path):
+    import h5py
+
+    images = make_images(2, dim=8)
+    write_volta_h5(tmp_path / "flat.h5", images)
+    with h5py.File(tmp_path / "flat.h5", "r") as flat, h5py.File(tmp_path / "nested.h5", "w") as nested:
+        for image in images:  # /train/ID/... instead of /ID/...
+            flat.copy(image["image_id"], nested.require_group("train"), name=image["image_id"])
+    with pytest.raises(click.ClickException, match="no record was imported: all 1 records"):
+        run(tmp_path / "nested.h5", tmp_path / "out")
+    [logged] = errors(tmp_path / "out")
+    assert logged["key"] == "train" and "a group of 2 groups, not an image's datasets" in logged["reason"]
+
+
+def test_float64_features_in_a_butd_tsv_are_said_to_be_float64(tmp_path):
+    images = make_images(2, dim=8, numeric_ids=True)
+    rows = [dict(butd_row(image), features=b64(image["features"].astype(np.float64) * 3.7)) for image in images]
+    write_tsv(tmp_path / "f64.tsv", rows, BUTD_FIELDS)
+    with pytest.raises(click.ClickException, match="no record was imported"):
+        run(tmp_path / "f64.tsv", tmp_path / "out")
+    reasons = {e["reason"] for e in errors(tmp_path / "out")}
+    assert reasons and all("read as float64 its bytes are sound values: float64 data in a format of float32" in r
+                           for r in reasons), reasons
 
 
 def test_a_data_mdb_that_is_not_an_lmdb_is_one_line(tmp_path):
