@@ -50,9 +50,18 @@ class MetricsLogger:
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """The rows of metrics.csv; a whole number (step, samples) stays an int, so that a resumed run
+    rewrites its earlier rows as they were written ("16", not "16.0")."""
     with open(path, newline="") as f:
-        return [{k: (float(v) if k != "step" else int(float(v))) for k, v in r.items() if v not in ("", None)}
+        return [{k: (_number(v) if k != "step" else int(float(v))) for k, v in r.items() if v not in ("", None)}
                 for r in csv.DictReader(f)]
+
+
+def _number(text: str):
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
 
 
 def plot_losses(csv_path: Path, png_path: Path) -> Path:

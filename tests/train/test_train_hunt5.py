@@ -36,6 +36,11 @@ def test_a_resume_with_other_settings_is_refused_naming_them(corpus, tmp_path): 
             main(args(corpus, out, "--max-steps", "6", *extra))
     main(args(corpus, out, "--max-steps", "6"))  # the same options (and a larger --max-steps) resume
     assert list_checkpoints(out / "checkpoints")[-1].name == "step-00000006"
+    import csv
+
+    with open(out / "metrics.csv", newline="") as f:  # the rows before the resume are rewritten as written
+        rows = list(csv.DictReader(f))
+    assert [r["samples"] for r in rows] == [str(16 * int(r["step"])) for r in rows]  # "32", never "32.0"
 
 
 def test_resuming_an_earlier_step_of_the_runs_own_history_is_refused(corpus, tmp_path):  # noqa: F811
