@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,8 +111,14 @@ def _plan(records: List[InputRecord], writer: ShardWriter):
     logged. Skipped: already in OUT's shards, or failed in an earlier run (in errors.jsonl, not retried:
     the previously failed ones, counted also on their own)."""
     seen, todo, skipped, failed, previously_failed = set(), [], 0, 0, 0
+    sources = _done_sources(writer.out_dir, {r.key for r in records if r.shared and r.key in writer.done_keys})
     for record in records:
-        if record.key in writer.done_keys:
+        if record.key in sources and _file_name(sources[record.key]) != _file_name(record.source):
+            writer.log_error(record.key, record.source, f"OUT holds the key {record.key!r} with the features of "
+                             f"{sources[record.key]}, from a run before this image shared its key; extract this "
+                             "folder into a new OUT")
+            failed += 1
+        elif record.key in writer.done_keys:
             skipped += 1
         elif record.source in writer.error_sources:
             skipped += 1
@@ -123,6 +130,29 @@ def _plan(records: List[InputRecord], writer: ShardWriter):
             seen.add(record.key)
             todo.append(record)
     return todo, skipped, failed, previously_failed
+
+
+def _done_sources(out_dir: Path, keys: set) -> Dict[str, str]:
+    """The `source` each done sample of `keys` records in its JSON, read from OUT's complete shards
+    (only for keys that names share, so rarely read at all)."""
+    found: Dict[str, str] = {}
+    for shard in sorted(Path(out_dir).glob("*.tar")) if keys else []:
+        try:
+            with tarfile.open(shard, "r:") as archive:
+                for member in archive:
+                    key, _, suffix = member.name.partition(".")
+                    if suffix == "json" and key in keys and member.isfile():
+                        info = json.loads(archive.extractfile(member).read())
+                        if isinstance(info, dict) and isinstance(info.get("source"), str):
+                            found.setdefault(key, info["source"])
+        except (tarfile.TarError, OSError, ValueError):
+            continue  # the writer's resume scan reports a damaged shard
+    return found
+
+
+def _file_name(source: str) -> str:
+    """The file name of a source ('photos/a b.jpg', 'shard.tar:a b.jpg#2' -> 'a b.jpg')."""
+    return os.path.basename(source.rsplit(":", 1)[-1].split("#", 1)[0])
 
 
 def _given_boxes(gt_boxes: GroundTruthBoxes, record: InputRecord, pixels: np.ndarray):

@@ -25,6 +25,7 @@ class InputRecord:
     caption: Optional[str] = None
     meta: Dict = field(default_factory=dict)
     name: str = ""  # the name the key was made from (its path under IMAGES, without the extension)
+    shared: bool = False  # its name shares its safe key with another's (unique_keys): it keeps the plain key
 
     def read_bytes(self) -> bytes:
         with open(self.path, "rb") as handle:
@@ -52,6 +53,8 @@ def unique_keys(records: List[InputRecord]) -> List[InputRecord]:
             for record in group:
                 if record.name != key:
                     record.key = hashed_key(key, record.name)
+                else:
+                    record.shared = True  # OUT may hold its key from a run before the others came
     return records
 
 

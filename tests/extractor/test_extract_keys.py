@@ -110,3 +110,19 @@ def test_numbers_match_only_coco_file_names_never_another_datasets_digits(tmp_pa
     assert store.key_for(9) == "000000000009" and store.key_for("flickr_7") == "flickr_7"
     for other in (7, 123, "img_123", "x_42"):  # digits of another dataset's names are not COCO ids
         assert store.key_for(other) is None
+
+
+def test_a_name_added_later_that_takes_a_key_out_holds_for_another_image_is_refused(tmp_path):
+    from common.names import hashed_key
+
+    images = tmp_path / "images"
+    images.mkdir()
+    make_image(64, 48, seed=0).save(images / "a b.jpg")
+    main([str(images), str(tmp_path / "out"), *TINY])  # alone, 'a b.jpg' has the plain key a_b
+    make_image(64, 48, seed=1).save(images / "a_b.jpg")  # now a_b.jpg keeps a_b, and 'a b.jpg' is hashed
+    again = main([str(images), str(tmp_path / "out"), *TINY])
+    assert (again["done"], again["failed"]) == (1, 1)  # a_b.jpg is not taken for done with the other's features
+    reasons = [json.loads(line) for line in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
+    assert [r["key"] for r in reasons] == ["a_b"] and "with the features of" in reasons[0]["reason"] \
+        and "a b.jpg" in reasons[0]["reason"]
+    assert hashed_key("a_b", "a b") in read_shards(tmp_path / "out")
