@@ -16,7 +16,7 @@ def safe_name(text, max_length: int = 80) -> str:
     name = _UNSAFE.sub("_", text)[:max_length]
     if name == text and name:
         return name
-    return f"{name}-{hashlib.sha1(text.encode('utf-8', 'surrogatepass')).hexdigest()[:10]}"
+    return hashed_key(name, text)
 
 
 def image_key(name: str) -> str:

@@ -150,6 +150,12 @@ def _npy_header(data: bytes) -> tuple[int, tuple[tuple, bool, np.dtype]]:
     return start, parsed
 
 
+def npy_shape(data: bytes | memoryview) -> tuple:
+    """The array shape a .npy's header gives: its first bytes (the header) are enough; ValueError for
+    a header that does not read (cut, not .npy, an object array)."""
+    return _npy_header(data)[1][0]
+
+
 def load_npy(data: bytes | memoryview) -> np.ndarray:
     """np.load(BytesIO(data), allow_pickle=False) without the copy: a read-only view of `data`."""
     start, (shape, fortran, dtype) = _npy_header(data)

@@ -25,6 +25,7 @@ import torch
 
 from common.names import coco_number, hashed_key, image_key
 from common.shard_format import FINETUNING_MEMBERS
+from pipelines.data.tario import npy_shape
 
 
 @dataclass
@@ -145,7 +146,7 @@ class FeatureStore:
         extension dropped; a hash added where the name shared its key with another)."""
         if s in self.members:
             return s
-        name = s.rsplit(".", 1)[0] if "." in s.rpartition("/")[2] else s
+        name = _without_extension(s)
         key = image_key(name)
         return next((k for k in (hashed_key(key, name), key) if k in self.members), None)
 
@@ -158,7 +159,7 @@ class FeatureStore:
         if found is None and s in self.file_names:
             found = self._key_of_name(self.file_names[s])
         if found is None:
-            n = coco_number(image_key(s.rsplit(".", 1)[0] if "." in s.rpartition("/")[2] else s))
+            n = coco_number(image_key(_without_extension(s)))
             found = self.by_number.get(n) if n is not None else None
         return found
 
@@ -197,12 +198,9 @@ class FeatureStore:
     def _npy_shape(self, key: str, suffix: str) -> tuple:
         """A member's array shape from its .npy header alone (a few hundred bytes, not the array)."""
         path = self.members[key][suffix][0]
-        head = io.BytesIO(self._read(key, suffix, 4096))
         try:
-            version = np.lib.format.read_magic(head)
-            reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            return reader(head)[0]
-        except (ValueError, SyntaxError, EOFError) as e:
+            return npy_shape(self._read(key, suffix, 4096))
+        except ValueError as e:
             raise ValueError(f"{path}: member {key}.{suffix} has no readable .npy header: {e}") from None
 
     def _check_width(self, key: str, width: int) -> None:
@@ -270,6 +268,11 @@ class FeatureStore:
     def feature_size(self) -> int:
         """The features' width: of the samples checked so far, else of the first sample."""
         return self.width if self.width is not None else self.get(next(iter(self.members))).features.shape[1]
+
+
+def _without_extension(name: str) -> str:
+    """'x/COCO_val2014_000000000042.jpg' -> 'x/COCO_val2014_000000000042' (a dot in a folder is kept)."""
+    return name.rsplit(".", 1)[0] if "." in name.rpartition("/")[2] else name
 
 
 def _positive_whole(value) -> bool:

@@ -157,3 +157,11 @@ def test_eval_of_nan_features_is_one_line_not_an_accuracy(vqa, tmp_path, capsys)
     key = name.split(".")[0]
     assert status == 1 and f"{shard}: sample {key}: 1 of its {features.size} feature values are NaN" in err
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_a_cut_npy_header_is_one_line_naming_the_member_before_any_work(tmp_path):
+    cut = _sample()
+    cut["features.npy"] = cut["features.npy"][:30]  # inside the header's dict literal (tokenize.TokenError)
+    store = _store(tmp_path, {"0001": _sample(), "0002": cut})
+    with pytest.raises(ValueError, match=r"feat-000000.tar: member 0002.features.npy has no readable .npy header"):
+        check_features(store, [1, 2], "val")
