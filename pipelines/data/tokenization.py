@@ -52,22 +52,30 @@ def load_tokenizer(path: str | os.PathLike):
     tokenizer_config.json alone is no vocabulary), or from a vocab.txt file itself; ValueError naming
     the file or folder for one that is not JSON, not a tokenizer, or of no more than the special tokens."""
     path = Path(path)
-    if path.exists() and not path.is_dir():  # a FIFO or a device is one line, never "no such file"
-        return _checked_size(_from_vocab_file(regular_file(path, "a vocab.txt or a tokenizer directory")), path)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
-        if path.is_dir() and (path / name).exists():
-            regular_file(path / name, f"the tokenizer's {name}")
+    check_tokenizer_files(path)
+    if path.is_file():
+        return checked_size(_from_vocab_file(path), path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such tokenizer directory or vocab file")
     vocab, config = (path / "vocab.txt").is_file(), (path / "tokenizer_config.json").is_file()
     if (path / "tokenizer.json").is_file() or (vocab and config):
         if vocab:
             vocabulary_words(path / "vocab.txt")  # a file of another kind is one line, not a tokenizer error
-        return _checked_size(_from_folder(path), path)
+        return checked_size(_from_folder(path), path)
     if vocab:
-        return _checked_size(_from_vocab_file(path / "vocab.txt"), path)
+        return checked_size(_from_vocab_file(path / "vocab.txt"), path)
     raise FileNotFoundError(f"{path}: holds neither tokenizer.json nor vocab.txt"
                             + (" (a tokenizer_config.json alone is no vocabulary)" if config else ""))
+
+
+def check_tokenizer_files(path: Path) -> None:
+    """ValueError naming the file when `path`, or a tokenizer file in the folder `path`, is there but
+    is no regular file (a FIFO would block the read forever; it was reported as missing)."""
+    if path.exists() and not path.is_dir():
+        regular_file(path, "a vocab.txt or a tokenizer directory")
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+        if path.is_dir() and (path / name).exists():
+            regular_file(path / name, f"the tokenizer's {name}")
 
 
 def _from_folder(path: Path):
@@ -90,7 +98,7 @@ def _from_folder(path: Path):
         raise ValueError(f"{path}: not a tokenizer ({type(error).__name__}: {error})") from None
 
 
-def _checked_size(tokenizer, path: Path):
+def checked_size(tokenizer, path: Path):
     """The tokenizer, unless its vocabulary is no more than the 5 special tokens (every word would
     be [UNK]): ValueError naming `path`."""
     if len(tokenizer) <= len(SPECIAL_TOKENS):

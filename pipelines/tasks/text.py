@@ -5,8 +5,7 @@ from pathlib import Path
 
 import torch
 
-from common.safe_load import regular_file
-from pipelines.data.tokenization import vocabulary_words
+from pipelines.data.tokenization import check_tokenizer_files, checked_size, vocabulary_words
 
 
 def load_tokenizer(path: str | Path, lower_case: bool = True):
@@ -14,11 +13,7 @@ def load_tokenizer(path: str | Path, lower_case: bool = True):
     from transformers import BertTokenizerFast
 
     path = Path(path)
-    if path.exists() and not path.is_dir():  # a FIFO or a device is one line, never "no vocab.txt"
-        regular_file(path, "a vocab.txt or a tokenizer directory")
-    for name in ("vocab.txt", "tokenizer.json"):
-        if path.is_dir() and (path / name).exists():
-            regular_file(path / name, f"the tokenizer's {name}")
+    check_tokenizer_files(path)  # a FIFO is one line, never "no vocab.txt"
     folder = path.parent if path.is_file() and path.name == "vocab.txt" else path
     if path.is_file() and path.name != "vocab.txt":
         raise ValueError(f"{path}: a vocabulary file must be named vocab.txt (or pass its directory)")
@@ -29,9 +24,8 @@ def load_tokenizer(path: str | Path, lower_case: bool = True):
         vocabulary_words(folder / "vocab.txt")  # a file of another kind is one line, not a tokenizer error
     # transformers 5 ignores `vocab_file=` in the constructor; from_pretrained reads the folder
     tok = BertTokenizerFast.from_pretrained(str(folder), local_files_only=True, do_lower_case=lower_case)
-    if len(tok) <= 5:
-        raise ValueError(f"{folder}: the tokenizer vocabulary has only {len(tok)} entries")
-    return tok
+    return checked_size(tok, folder)
+
 
 def encode(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
     """[CLS] text [SEP], truncated to max_length, padded to the longest -> input_ids, attention_mask,
