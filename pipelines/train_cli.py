@@ -24,6 +24,7 @@ from .data.shards import (
     ErrorCounter,
     RecipeMismatch,
     expand_shards,
+    local_dirs,
     read_recipe,
     refuse_without_class_targets,
     region_widths,
@@ -60,7 +61,7 @@ def user_errors():
         raise click.ClickException(str(error)) from error
 
 
-def _check_eval_shards(eval_shards: str, data: PretrainingData, allow_mixed: bool) -> None:
+def _check_eval_shards(eval_shards: str, data: PretrainingData, allow_mixed: bool, out) -> None:
     """--eval-shards that exist, carry class distributions and have the training shards' feature and
     class-distribution widths (the held-out pass would skip every sample of other widths) and, unless
     --allow-mixed-recipes, their feature recipe (numbers of other features would pass for these)."""
@@ -72,6 +73,9 @@ def _check_eval_shards(eval_shards: str, data: PretrainingData, allow_mixed: boo
         recipe = None if allow_mixed else read_recipe(urls)
     except (FileNotFoundError, ValueError) as error:
         raise click.ClickException(f"--eval-shards: {error}") from error
+    with user_errors():
+        for folder in local_dirs(urls):
+            check_out_outside(out, {"--eval-shards": folder})
     if recipe is not None and recipe != data.recipe:
         raise click.ClickException(f"--eval-shards: {eval_shards}: feature recipe {recipe}, but the training "
                                    f"shards' is {data.recipe}: evaluate on features made the same way (or pass "
@@ -80,16 +84,6 @@ def _check_eval_shards(eval_shards: str, data: PretrainingData, allow_mixed: boo
         raise click.ClickException(f"--eval-shards: {source}: region features {found[0]} wide and class "
                                    f"distributions {found[1]}, but the training shards' ({widths_source}) are "
                                    f"{widths[0]} and {widths[1]}: evaluate on shards of the same feature recipe")
-
-
-def _local_folder(source: str | None) -> Path | None:
-    """The local folder of a shard source (a folder, a .tar, a brace pattern), or None (a URL, pipe:)."""
-    if not source or "://" in source or source.startswith("pipe:"):
-        return None
-    path = Path(source)
-    if path.is_dir():
-        return path
-    return path.parent if path.is_file() or "{" in path.name else None  # one shard, or a brace pattern
 
 
 def _stream_seed(seed: int, step: int) -> int:
@@ -188,7 +182,6 @@ def cli(shards, out, preset, arch, overrides, bert, tokenizer, objective, text_c
     with user_errors():
         check_device(device)
         writable_folder(out, "--out")
-        check_out_outside(out, {"SHARDS": _local_folder(shards), "--eval-shards": _local_folder(eval_shards)})
     model_overrides = _parse_overrides(overrides)
     if arch:
         model_overrides["arch"] = arch
@@ -201,11 +194,13 @@ def cli(shards, out, preset, arch, overrides, bert, tokenizer, objective, text_c
                           half_features=device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()))
     with user_errors():
         data = PretrainingData(data_cfg, train=True)  # checks shards, recipe and tokenizer before any model is built
+        for folder in local_dirs(data.urls):
+            check_out_outside(out, {"SHARDS": folder})
     if data.widths is None:
         raise click.ClickException(data.widths_source)
     width, width_source = data.widths[0], data.widths_source
     if eval_shards:
-        _check_eval_shards(eval_shards, data, allow_mixed_recipes)  # now, not after days of training
+        _check_eval_shards(eval_shards, data, allow_mixed_recipes, out)  # now, not after days of training
     if not bert and "vocab_size" not in model_overrides:
         model_overrides["vocab_size"] = data.tokenizer.vocab_size
     if model_overrides.setdefault("v_feature_size", width) != width:

@@ -55,7 +55,7 @@ def expand_shards(source) -> list[str]:
     return urls
 
 
-def _local_dirs(urls: list[str]) -> dict[Path, list[str]]:
+def local_dirs(urls: list[str]) -> dict[Path, list[str]]:
     """Folder -> shard file names, for the local shards among urls."""
     folders: dict[Path, list[str]] = {}
     for url in urls:
@@ -69,7 +69,7 @@ def count_samples(urls: list[str]) -> int | None:
     if any(_is_url(u) for u in urls):
         return None
     total = 0
-    for folder, names in _local_dirs(urls).items():
+    for folder, names in local_dirs(urls).items():
         path = folder / SIZES_FILE
         if not path.is_file():
             return None
@@ -86,7 +86,7 @@ def uncounted(urls: list[str]) -> str:
     if any(_is_url(u) for u in urls):
         return "remote shards have no sizes.json"
     unlisted, listed = [], 0
-    for folder, names in _local_dirs(urls).items():
+    for folder, names in local_dirs(urls).items():
         path = folder / SIZES_FILE
         if not path.is_file():
             return f"{folder} has no {SIZES_FILE}"
@@ -179,7 +179,7 @@ def read_recipe(urls: list[str], allow_mixed: bool = False) -> dict:
     sample of the first readable shard. Differing recipes raise RecipeMismatch unless allow_mixed, in
     which case the result is {"mixed": [recipe, ...]}."""
     found: dict[str, dict] = {}
-    for folder in _local_dirs(urls):
+    for folder in local_dirs(urls):
         path = folder / RECIPE_FILE
         if path.is_file():
             found[str(path)] = _recipe_file(path)
@@ -205,7 +205,7 @@ def refuse_without_class_targets(urls: list[str]) -> None:
     """ValueError (one line) when a folder's recipe.json says its samples have no class distributions
     (features imported from a source without them, vilbert-import): the masked-region targets of
     pretraining are those distributions, so such shards serve fine-tuning and evaluation only."""
-    for folder in _local_dirs(urls):
+    for folder in local_dirs(urls):
         path = folder / RECIPE_FILE
         try:
             recipe = json.loads(path.read_text()) if path.is_file() else {}

@@ -75,6 +75,10 @@ def test_nan_policy_stop_is_one_line_and_out_inside_the_shards_is_refused(corpus
     with pytest.raises(click.ClickException, match=r"--out .*train/run lies inside SHARDS"):
         main(args(corpus, inside, "--max-steps", "1"))
     assert not inside.exists()
+    inside = corpus / "val" / "run"
+    with pytest.raises(click.ClickException, match=r"^--out .*val/run lies inside --eval-shards"):
+        main(args(corpus, inside, "--max-steps", "1", "--eval-shards", str(corpus / "val")))
+    assert not inside.exists()
 
 
 def test_a_resume_with_nothing_left_to_train_says_so(corpus, tmp_path, capsys):  # noqa: F811
