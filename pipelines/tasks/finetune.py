@@ -35,6 +35,7 @@ import torch
 from torch.utils.data import Dataset
 
 from pipelines.train.checkpoints import (
+    differences,
     newest_resumable,
     recover_model_dir,
     rng_state,
@@ -118,8 +119,7 @@ def resume_from(root: Path, keys, device, model, optimizer, scheduler, settings:
     now = {**settings, **{f"model {k}": v for k, v in model.config.to_dict().items()}}
     then = {**state["settings"], **{f"model {k}": v for k, v in saved.config.to_dict().items()}}
     unrecorded = sorted(k for k in now if k not in then)  # settings that later versions began to record
-    differ = [f"{k}: {then.get(k)!r} then, {now.get(k)!r} now" for k in sorted(set(now) | set(then))
-              if k not in unrecorded and then.get(k) != now.get(k)]
+    differ = differences(then, now)
     if differ:
         raise ValueError(f"{ckpt}: {made} with other settings than this run's (" + "; ".join(differ[:6])
                          + "); re-run the same command to resume, or choose another --out")

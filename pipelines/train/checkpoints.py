@@ -169,15 +169,21 @@ RESUMED_SETTINGS = ("batch_size", "micro_batch_size", "lr", "bert_lr_scale", "we
                     "samples_per_epoch", "text_ratio", "text_seq_len")
 
 
+def differences(then: dict, now: dict) -> list[str]:
+    """"KEY: THEN then, NOW now" for each setting a checkpoint recorded (`then`) that this run (`now`)
+    has otherwise; a setting it did not record (an earlier version's) is not compared."""
+    return [f"{k}: {then[k]!r} then, {now.get(k)!r} now" for k in sorted(then) if then[k] != now.get(k)]
+
+
 def check_resumed_settings(ckpt: Path, metadata: dict, now: dict) -> None:
     """ValueError naming what differs when this run's RESUMED_SETTINGS (`now`: its TrainConfig as JSON),
     or whether it has a text corpus, are not the checkpoint's `train_config`; settings an earlier
     version did not record are not compared."""
     saved = dict(metadata.get("train_config") or {})
-    pairs = {k: (saved[k], now.get(k)) for k in RESUMED_SETTINGS if k in saved}
+    then = {k: saved[k] for k in RESUMED_SETTINGS if k in saved}
     if "text_corpus" in saved:  # the corpus may have moved; whether there is one may not change
-        pairs["text corpus"] = (saved["text_corpus"] is not None, now.get("text_corpus") is not None)
-    differ = [f"{k}: {a!r} then, {b!r} now" for k, (a, b) in pairs.items() if a != b]
+        then["text corpus"] = saved["text_corpus"] is not None
+    differ = differences(then, {**now, "text corpus": now.get("text_corpus") is not None})
     if differ:
         raise ValueError(f"{ckpt}: trained with other settings than this run's (" + "; ".join(differ)
                          + "); re-run with the same options to resume, or give another --out")
