@@ -48,8 +48,10 @@ def _refuse_images_inside_out(images, out) -> None:
                                    "write the features to a folder outside IMAGES")
 
 
-INPUT_FILES = (("weights", "detector weights (.pkl, .bin, .pth or .pt)"), ("captions", "a captions TSV"),
-               ("gt_boxes", "a ground-truth boxes JSON"), ("class_names", "a text file of class names"))
+# (the captions TSV and the ground-truth boxes are checked so by their readers, read_caption_tsv and
+# GroundTruthBoxes.from_file, which vilbert-import and library callers share)
+INPUT_FILES = (("weights", "detector weights (.pkl, .bin, .pth or .pt)"),
+               ("class_names", "a text file of class names"))
 
 
 def _check_input_files(**paths) -> None:
@@ -225,7 +227,7 @@ def extract(images, out, weights, config_name, attributes, recipe, backend, devi
     problems, notes = [], []  # unreadable input shards: (path, reason); what the captions TSV says of itself
     try:
         device = check_device(device)
-        _check_input_files(weights=weights, captions=captions, gt_boxes=gt_boxes, class_names=class_names)
+        _check_input_files(weights=weights, class_names=class_names)
         writable_folder(out, "OUT")
         boxes = GroundTruthBoxes.from_file(gt_boxes) if gt_boxes else None
         inputs = discover_inputs(images, captions, exclude=out, problems=problems, notes=notes)
