@@ -53,20 +53,17 @@ def test_no_save_drops_only_the_weights_of_its_own_run(nlvr2, tmp_path):
 
 
 def test_an_out_of_another_command_or_task_is_refused_before_any_work(nlvr2, tmp_path, capsys):
-    multitask = tmp_path / "mt"
-    multitask.mkdir()
-    (multitask / "results.json").write_text(json.dumps({"config": "mt.yaml", "model": "x", "tasks": {}}))
-    pretraining = tmp_path / "pre"
-    pretraining.mkdir()
-    (pretraining / "metrics.csv").write_text("step,loss\n")
-    other_task = tmp_path / "snli"
-    other_task.mkdir()
-    (other_task / "results.json").write_text(json.dumps({"task": "snli-ve", "model": "x", "splits": {}}))
-    foreign = tmp_path / "foreign"
-    foreign.mkdir()
-    (foreign / "results.json").write_text("[1, 2]")
-    cases = [(multitask, "holds a vilbert-multitask run"), (pretraining, "holds a vilbert-train run"),
-             (other_task, "holds a snli-ve run"), (foreign, "not the results of a vilbert-eval run")]
+    cases = []
+    for name, file, content, said in (
+            ("mt", "results.json", json.dumps({"config": "mt.yaml", "model": "x", "tasks": {}}),
+             "holds a vilbert-multitask run"),
+            ("pre", "metrics.csv", "step,loss\n", "holds a vilbert-train run"),
+            ("snli", "results.json", json.dumps({"task": "snli-ve", "model": "x", "splits": {}}),
+             "holds a snli-ve run"),
+            ("foreign", "results.json", "[1, 2]", "not the results of a vilbert-eval run")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / file).write_text(content)
+        cases.append((tmp_path / name, said))
     for out, said in cases:
         before = sorted(p.name for p in out.iterdir())
         for extra in ((), ("--train-steps", "2")):
